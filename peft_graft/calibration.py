@@ -1,0 +1,135 @@
+"""`calibrate()`: the explicit data pass that data-driven projections, inits and sparse residuals need.
+
+While it runs, each graft layer of the adapter contributes nothing and instead records what its config asks for:
+Gram matrices of its inputs/outputs (``projection="activation"``) and the weight gradient Σ gᵀu of a causal-LM (or
+any) loss (``projection="gradient"``, ``init_weights="lstsq"/"gradient_diag"``, ``sparse_residual``). The
+statistics then become A/B, Φ₀ and sparse positions in `GraftLayer.apply_calibration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CalibrationRequiredError, GraftConfigError
+from .tuners.graft.config import CALIBRATED_INITS, GraftConfig
+from .tuners.graft.layer import GraftLayer
+
+
+class _Recorder:
+    """Accumulates one layer's calibration statistics in fp32 on the layer's device."""
+
+    def __init__(self, layer: GraftLayer, mode: str, grams: bool, grads: bool) -> None:
+        self.layer, self.mode, self.grams, self.grads = layer, mode, grams, grads
+        self.input_gram: Optional[torch.Tensor] = None
+        self.output_gram: Optional[torch.Tensor] = None
+        self.grad_u: Optional[torch.Tensor] = None
+        self._grad_x: Optional[torch.Tensor] = None
+        self._zero: Optional[torch.Tensor] = None
+
+    @property
+    def grad_x(self) -> torch.Tensor:
+        """Weight gradient w.r.t. the layer input (differs from ``grad_u`` only in output mode)."""
+        return self.grad_u if self.mode == "additive" else self._grad_x
+
+    @staticmethod
+    def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+        return term if total is None else total + term
+
+    def observe(self, x: torch.Tensor, pre_bias: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()  # [N, in]
+        y2 = pre_bias.detach().reshape(-1, pre_bias.shape[-1]).float()  # [N, out]
+        u2 = x2 if self.mode == "additive" else y2
+        if self.grams:
+            self.input_gram = self._add(self.input_gram, u2.T @ u2)
+            self.output_gram = self._add(self.output_gram, y2.T @ y2)
+        if self.grads and torch.is_grad_enabled():
+            if not result.requires_grad:
+                # A frozen base gives outputs without a graph; adding a grad-requiring zero gives them one, so
+                # dL/dy reaches this layer and, through it, every earlier one.
+                if self._zero is None:
+                    self._zero = torch.zeros((), device=result.device, dtype=result.dtype, requires_grad=True)
+                result = result + self._zero
+            result.register_hook(partial(self._on_grad, u2, x2))
+        return result
+
+    def _on_grad(self, u2: torch.Tensor, x2: torch.Tensor, grad: torch.Tensor) -> None:
+        g2 = grad.detach().reshape(-1, grad.shape[-1]).float()  # [N, out]
+        self.grad_u = self._add(self.grad_u, g2.T @ u2)  # [out, d]
+        if self.mode == "output":
+            self._grad_x = self._add(self._grad_x, g2.T @ x2)  # [out, in]
+
+
+def _graft_layers(model: nn.Module, adapter: str) -> list[GraftLayer]:
+    return [m for m in model.modules() if isinstance(m, GraftLayer) and adapter in m.graft_phi]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def calibrate(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    adapter_name: Optional[str] = None,
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+) -> int:
+    """Run ``model`` over ``dataloader`` to fit the data-driven parts of adapter ``adapter_name``.
+
+    Batches are dicts of model inputs; when gradients are needed (gradient projections, ``lstsq``/``gradient_diag``
+    inits, sparse residuals) they must produce a loss, e.g. carry ``labels``. Use data disjoint from your evaluation
+    set. The model runs in eval mode; gradients of other trainable parameters are cleared afterwards. Returns the
+    number of batches used.
+    """
+    adapter = adapter_name or getattr(model, "active_adapter", "default")
+    config = model.peft_config[adapter]
+    if not isinstance(config, GraftConfig):
+        raise GraftConfigError(f"Adapter {adapter!r} is not a graft adapter ({type(config).__name__}).")
+    layers = _graft_layers(model, adapter)
+    if not layers:
+        raise GraftConfigError(f"No graft layers carry adapter {adapter!r}.")
+    if adapter not in layers[0].active_adapters:
+        raise GraftConfigError(f"Adapter {adapter!r} is not active; call model.set_adapter({adapter!r}) first.")
+
+    grams = config.projection == "activation"
+    grads = config.projection == "gradient" or config.init_weights in CALIBRATED_INITS or config.sparse_residual > 0
+    for layer in layers:
+        layer.graft_recorders[adapter] = _Recorder(layer, config.mode, grams, grads)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    used = 0
+    try:
+        for batch in tqdm(dataloader, desc=f"Calibrating graft {adapter!r}", disable=not progress, total=max_batches):
+            if max_batches is not None and used >= max_batches:
+                break
+            batch = _to_device(batch, device)
+            with torch.set_grad_enabled(grads):
+                output = model(**batch)
+                if grads:
+                    loss = getattr(output, "loss", None)
+                    if loss is None:
+                        raise GraftConfigError(
+                            "Calibration needs gradients but the model returned no loss: include `labels` in the "
+                            "calibration batches."
+                        )
+                    loss.backward()
+            used += 1
+        if used == 0:
+            raise CalibrationRequiredError("The calibration dataloader yielded no batches.")
+        for layer in layers:
+            layer.apply_calibration(adapter, config, layer.graft_recorders[adapter])
+    finally:
+        for layer in layers:
+            layer.graft_recorders.pop(adapter, None)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return used

@@ -1,0 +1,159 @@
+"""`GraftConfig`: what a graft ΔW = s·A·Φ·B looks like and where it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ...errors import GraftConfigError
+from ...registration import GRAFT_PEFT_TYPE
+
+PHI_FAMILIES = ("dense", "diagonal", "triangular", "banded", "lowrank", "hadamard")
+PROJECTIONS = ("svd", "orthogonal", "activation", "gradient", "trainable")
+DATA_DRIVEN_PROJECTIONS = ("activation", "gradient")
+MODES = ("additive", "output")
+NAMED_INITS = ("zeros", "lstsq", "gradient_diag")
+# Inits that need a backward pass over calibration data before they can be applied.
+CALIBRATED_INITS = ("lstsq", "gradient_diag")
+
+
+@dataclass
+class GraftConfig(PeftConfig):
+    """
+    Configuration of a graft adapter (see `GraftModel`).
+
+    A graft adds ``ΔW = s · A Φ B`` to a frozen linear map ``W``: ``B`` (r×in) projects the input into an r-dim graft
+    space, ``Φ`` (r×r) is the small trainable operator, ``A`` (out×r) projects back. Only Φ trains unless
+    ``projection="trainable"``, so an adapter costs r² numbers per module instead of LoRA's r·(in+out).
+
+    Args:
+        r (`int`): Dimension of the graft space. Trainable numbers per module grow with r² (dense Φ), so r=32 costs
+            about as much as LoRA r=1 on a 1024-wide layer. Must not exceed ``min(in, out)`` of any target.
+        target_modules (`Union[list[str], str]`): Module names (suffix match) or a regex to graft. ``"all-linear"``
+            targets every linear layer but the output head. Defaults to PEFT's LoRA choice for known model types.
+        exclude_modules (`Union[list[str], str]`): Names or a regex of modules never to graft.
+        phi (`str`): Structure of Φ. ``"dense"`` (r² params), ``"diagonal"`` (r: scales singular directions, SVFT
+            "plain"), ``"triangular"`` (r(r+1)/2), ``"banded"`` (bandwidth ``phi_bandwidth``), ``"lowrank"``
+            (Φ = P Qᵀ, 2·r·``phi_rank``), ``"hadamard"`` (Φ = (P Qᵀ) ⊙ (R Sᵀ), 4·r·``phi_rank``, rank up to
+            ``phi_rank``²).
+        phi_rank (`int`): Inner rank k of the ``lowrank`` and ``hadamard`` families.
+        phi_bandwidth (`int`): Number of off-diagonals on each side kept by the ``banded`` family.
+        projection (`str`): Where A and B come from. ``"svd"``: top-r singular vectors of W (principal subspace,
+            LoRA-XS style); ``"orthogonal"``: seeded random orthonormal matrices regenerated on load, so the artifact
+            stores only Φ; ``"activation"`` / ``"gradient"``: top-r directions of calibration activations / of the
+            calibration weight gradient (needs `calibrate()`); ``"trainable"``: A and B train too (cap them with
+            ``max_trainable_params``).
+        mode (`str`): ``"additive"``: y = Wx + s·AΦBx. ``"output"``: y = Wx + s·AΦB(Wx), i.e. W' = (I + s·AΦB)W, a
+            correction that lives in W's output space. Both merge exactly into W.
+        scaling (`float`): The factor s. With orthonormal A, B, ‖ΔW‖₂ = s·‖Φ‖₂.
+        init_weights (`bool | str`): ``True``/``"zeros"``: the graft starts as the identity (ΔW = 0). ``False``: a
+            random non-zero Φ (for tests, as in PEFT's suites). ``"lstsq"``: the Φ that best reproduces one
+            gradient step of size ``init_lr`` on calibration data. ``"gradient_diag"``: the diagonal of that Φ.
+        init_lr (`float`): Step size of the emulated gradient step used by the ``lstsq`` / ``gradient_diag`` inits.
+        seed (`int`): Seed of every random choice (orthogonal projections, random inits). Projections are generated
+            on the CPU from (seed, module name), so they are identical on every machine with the same torch build.
+        save_projections (`Optional[bool]`): Store A and B in the artifact. ``None`` stores them unless they can be
+            regenerated (``orthogonal``); data-driven, SVD and trainable projections are always stored because they
+            depend on data or on weights that merging changes.
+        sparse_residual (`int`): Number k of individual ΔW entries per module that train on top of A Φ B, chosen by
+            gradient magnitude on calibration data (needs `calibrate()`). 0 disables it.
+        max_trainable_params (`Optional[int]`): Hard cap on the adapter's trainable numbers over all modules; adding
+            the adapter fails (naming the excess) before the model is touched.
+        fan_in_fan_out (`bool`): True if targets store weights as (in, out), e.g. GPT-2's `Conv1D`; set
+            automatically for `Conv1D`.
+        bias (`str`): ``"none"``, ``"all"`` or ``"graft_only"``: which biases train too.
+        modules_to_save (`list[str]`): Extra modules trained in full and saved (e.g. a classifier head).
+        layers_to_transform (`Union[list[int], int]`): Only graft these layer indices.
+        layers_pattern (`Union[list[str], str]`): Name of the layer list, used with ``layers_to_transform``.
+    """
+
+    r: int = field(default=8, metadata={"help": "Graft space dimension."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to graft; 'all-linear' for every linear layer."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to leave alone."}
+    )
+    phi: Literal["dense", "diagonal", "triangular", "banded", "lowrank", "hadamard"] = field(
+        default="dense", metadata={"help": f"Φ family, one of {PHI_FAMILIES}."}
+    )
+    phi_rank: int = field(default=4, metadata={"help": "Inner rank of the lowrank/hadamard Φ families."})
+    phi_bandwidth: int = field(default=2, metadata={"help": "Off-diagonals per side kept by the banded Φ."})
+    projection: Literal["svd", "orthogonal", "activation", "gradient", "trainable"] = field(
+        default="svd", metadata={"help": f"Source of A and B, one of {PROJECTIONS}."}
+    )
+    mode: Literal["additive", "output"] = field(default="additive", metadata={"help": f"One of {MODES}."})
+    scaling: float = field(default=1.0, metadata={"help": "Scale s of ΔW = s·AΦB."})
+    init_weights: Union[bool, str] = field(
+        default=True, metadata={"help": f"True (identity), False (random), or one of {NAMED_INITS}."}
+    )
+    init_lr: float = field(default=1e-3, metadata={"help": "Step size emulated by the lstsq/gradient_diag inits."})
+    seed: int = field(default=0, metadata={"help": "Seed of projections and random inits."})
+    save_projections: Optional[bool] = field(
+        default=None, metadata={"help": "Store A/B in the artifact (None: unless regenerable)."}
+    )
+    sparse_residual: int = field(default=0, metadata={"help": "Trainable individual ΔW entries per module."})
+    max_trainable_params: Optional[int] = field(default=None, metadata={"help": "Cap on trainable numbers."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Targets store weights as (in, out)."})
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'graft_only'."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra fully trained modules."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GRAFT_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def choice(name: str, value: object, allowed: tuple) -> None:
+            if value not in allowed:
+                raise GraftConfigError(f"Unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}.")
+
+        choice("phi", self.phi, PHI_FAMILIES)
+        choice("projection", self.projection, PROJECTIONS)
+        choice("mode", self.mode, MODES)
+        choice("bias", self.bias, ("none", "all", "graft_only"))
+        if not isinstance(self.init_weights, bool):
+            choice("init_weights", self.init_weights, NAMED_INITS)
+        for name in ("r", "phi_rank", "phi_bandwidth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise GraftConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.sparse_residual < 0:
+            raise GraftConfigError(f"sparse_residual must be >= 0, got {self.sparse_residual}.")
+        if self.max_trainable_params is not None and self.max_trainable_params < 1:
+            raise GraftConfigError(f"max_trainable_params must be positive, got {self.max_trainable_params}.")
+        if self.init_weights == "gradient_diag" and self.phi not in ("dense", "diagonal", "triangular", "banded"):
+            raise GraftConfigError(
+                f"init_weights='gradient_diag' sets Φ's diagonal directly; phi={self.phi!r} has no free diagonal. "
+                "Use phi='diagonal'/'dense'/'triangular'/'banded' or init_weights='lstsq'."
+            )
+        if self.save_projections is False and self.projection != "orthogonal":
+            raise GraftConfigError(
+                f"projection={self.projection!r} cannot be regenerated on load (it depends on data or on weights "
+                "that merging changes), so save_projections=False would make the artifact unloadable. Leave "
+                "save_projections unset, or use projection='orthogonal'."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise GraftConfigError("layers_pattern only has an effect together with layers_to_transform.")
+
+    @property
+    def stores_projections(self) -> bool:
+        """Whether A and B go into the saved artifact."""
+        return self.projection != "orthogonal" or bool(self.save_projections)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `calibrate()` must run before the adapter can be used."""
+        return (
+            self.projection in DATA_DRIVEN_PROJECTIONS
+            or self.init_weights in CALIBRATED_INITS
+            or self.sparse_residual > 0
+        )

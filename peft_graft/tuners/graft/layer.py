@@ -1,0 +1,296 @@
+"""Graft layers: the per-adapter state of one wrapped linear map and the math of ΔW = s·A Φ B.
+
+The forward never materialises ΔW (out×in): it runs x → B → Φ → A, i.e. O(r·(in+out)) extra work per token.
+ΔW is only built to merge into (or unmerge from) the base weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from ...errors import CalibrationRequiredError, NonFiniteWeightsError, UnsupportedLayerError
+from .bnb import resolve_backend
+from .config import GraftConfig
+from .phi import build_phi
+from .projections import (
+    GraftProjection,
+    activation_projections,
+    derived_seed,
+    gradient_projections,
+    orthogonal_projections,
+    svd_projections,
+)
+
+
+class SparseResidual(nn.Module):
+    """k individually trainable entries of ΔW at fixed (row, col) positions chosen during calibration."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.values = nn.Parameter(torch.zeros(k))
+        self.register_buffer("rows", torch.zeros(k, dtype=torch.int64))
+        self.register_buffer("cols", torch.zeros(k, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        contributions = x[..., self.cols] * self.values  # [..., k]
+        return x.new_zeros(*x.shape[:-1], out_features).index_add(-1, self.rows, contributions)
+
+    def dense(self, out_features: int, in_features: int) -> torch.Tensor:
+        dense = self.values.new_zeros(out_features, in_features)
+        return dense.index_put((self.rows, self.cols), self.values, accumulate=True)
+
+
+class GraftLayer(BaseTunerLayer):
+    adapter_layer_names = ("graft_phi", "graft_proj", "graft_sparse")
+    other_param_names = ("graft_scaling", "graft_mode", "graft_pending", "graft_recorders")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.graft_phi = nn.ModuleDict({})
+        self.graft_proj = nn.ModuleDict({})
+        self.graft_sparse = nn.ModuleDict({})
+        self.graft_scaling: dict[str, float] = {}
+        self.graft_mode: dict[str, str] = {}
+        # adapter -> what still needs calibration data (empty once calibrated or loaded)
+        self.graft_pending: dict[str, tuple[str, ...]] = {}
+        # adapter -> recorder collecting statistics while `calibrate()` runs
+        self.graft_recorders: dict[str, Any] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        self.quantization_backend = resolve_backend(base)
+        in_features, out_features = _get_in_out_features(base)
+        if in_features is None:
+            raise UnsupportedLayerError(f"Cannot graft a {type(base).__name__}: its input/output sizes are unknown.")
+        self.in_features, self.out_features = in_features, out_features
+        self.module_name = ""
+        self._register_load_state_dict_pre_hook(self._mark_loaded_adapters)
+
+    # ------------------------------------------------------------------ creation
+
+    def update_layer(self, adapter_name: str, config: GraftConfig, module_name: str) -> None:
+        """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``."""
+        self.module_name = module_name
+        r, out_f = config.r, self.out_features
+        d = self.in_features if config.mode == "additive" else out_f
+        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, module_name))
+
+        phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
+        phi.reset(identity=config.init_weights is not False, generator=generator)
+
+        if config.projection == "svd":
+            A, B = svd_projections(self._base_weight_out_in(), r, config.mode)
+        elif config.projection in ("orthogonal", "trainable"):
+            A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
+        else:  # data-driven: placeholders until `calibrate()` or a checkpoint fills them
+            A, B = torch.zeros(out_f, r), torch.zeros(r, d)
+        self.graft_proj[adapter_name] = GraftProjection(
+            A,
+            B,
+            base_shape=(out_f, self.in_features),
+            trainable=config.projection == "trainable",
+            stored=config.stores_projections,
+        )
+        self.graft_phi[adapter_name] = phi
+        if config.sparse_residual:
+            self.graft_sparse[adapter_name] = SparseResidual(config.sparse_residual)
+        self.graft_scaling[adapter_name] = config.scaling
+        self.graft_mode[adapter_name] = config.mode
+        pending = []
+        if config.projection in ("activation", "gradient"):
+            pending.append(f"projection={config.projection!r}")
+        if config.init_weights in ("lstsq", "gradient_diag"):
+            pending.append(f"init_weights={config.init_weights!r}")
+        if config.sparse_residual:
+            pending.append(f"sparse_residual={config.sparse_residual}")
+        self.graft_pending[adapter_name] = tuple(pending)
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        return transpose(self.get_base_weight(), self.fan_in_fan_out)
+
+    def _mark_loaded_adapters(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """An adapter whose Φ comes from a checkpoint no longer needs calibration: its state is complete."""
+        for adapter, phi in self.graft_phi.items():
+            first_param = next(iter(phi._parameters))
+            if f"{prefix}graft_phi.{adapter}.{first_param}" in state_dict:
+                self.graft_pending[adapter] = ()
+
+    def _check_ready(self, adapter: str) -> None:
+        if self.graft_pending.get(adapter):
+            raise CalibrationRequiredError(
+                f"Graft adapter {adapter!r} on {self.module_name!r} uses {', '.join(self.graft_pending[adapter])}, "
+                "which needs calibration data. Run `peft_graft.calibrate(model, dataloader)` before training, "
+                "inference or merging."
+            )
+
+    # ------------------------------------------------------------------ calibration
+
+    @torch.no_grad()
+    def apply_calibration(self, adapter: str, config: GraftConfig, stats: Any) -> None:
+        """Turn recorded statistics into projections, an initial Φ and sparse positions."""
+        proj, phi, r = self.graft_proj[adapter], self.graft_phi[adapter], config.r
+        if config.projection == "activation":
+            proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r))
+        elif config.projection == "gradient":
+            proj.assign(*gradient_projections(stats.grad_u, r))
+        if config.init_weights in ("lstsq", "gradient_diag"):
+            step = -config.init_lr * stats.grad_u.to(proj.A.device)  # ΔW of one gradient step, in graft input space
+            A, B = proj.A.float(), proj.B.float()
+            target = torch.linalg.pinv(A) @ step @ torch.linalg.pinv(B) / self.graft_scaling[adapter]
+            if config.init_weights == "gradient_diag":
+                target = torch.diag(torch.diagonal(target))
+            phi.fit(target.to(phi.matrix().dtype))
+        if adapter in self.graft_sparse:
+            sparse = self.graft_sparse[adapter]
+            flat = stats.grad_x.abs().flatten().topk(sparse.values.numel()).indices
+            sparse.rows.copy_(flat // self.in_features)
+            sparse.cols.copy_(flat % self.in_features)
+            sparse.values.zero_()
+        self.graft_pending[adapter] = ()
+
+    # ------------------------------------------------------------------ math
+
+    def _graft_delta(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """s·A Φ B u (+ sparse), with u = x (additive) or the current pre-bias output (output mode)."""
+        phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
+        dtype = proj.A.dtype if proj.trainable else next(phi.parameters()).dtype
+        x = self._cast_input_dtype(x, dtype)
+        u = x if self.graft_mode[adapter] == "additive" else self._pre_bias(current).to(dtype)
+        h = F.linear(u, proj.B.to(dtype))  # [..., r]
+        h = phi(h)
+        delta = F.linear(h, proj.A.to(dtype)) * self.graft_scaling[adapter]  # [..., out]
+        if adapter in self.graft_sparse:
+            delta = delta + self.graft_sparse[adapter](x, self.out_features)
+        return delta
+
+    def _pre_bias(self, output: torch.Tensor) -> torch.Tensor:
+        bias = self.get_base_layer().bias
+        return output if bias is None else output - bias
+
+    def get_delta_weight(self, adapter: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ΔW (out×in, fp32) of ``adapter`` relative to ``weight`` (default: the current base weight)."""
+        phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
+        A, B, Phi = proj.A.float(), proj.B.float(), phi.matrix().float()
+        s = self.graft_scaling[adapter]
+        if self.graft_mode[adapter] == "additive":
+            delta = s * (A @ Phi @ B)
+        else:
+            W = self._base_weight_out_in().float() if weight is None else weight
+            delta = s * (A @ (Phi @ (B @ W)))
+        if adapter in self.graft_sparse:
+            delta = delta + self.graft_sparse[adapter].dense(self.out_features, self.in_features).float()
+        return delta
+
+    def _remove_delta(self, adapter: str, merged: torch.Tensor) -> torch.Tensor:
+        """Invert the merge of ``adapter`` from the merged weight (out×in, fp32)."""
+        if adapter in self.graft_sparse:
+            merged = merged - self.graft_sparse[adapter].dense(self.out_features, self.in_features).float()
+        phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
+        A, B, Phi = proj.A.double(), proj.B.double(), phi.matrix().double()
+        s = self.graft_scaling[adapter]
+        if self.graft_mode[adapter] == "additive":
+            return merged - (s * (A @ Phi @ B)).to(merged.dtype)
+        # W' = (I + s·AΦB) W  ⇒  W = W' − A (I + s·ΦBA)⁻¹ s·Φ B W'   (Woodbury; only r×r is inverted)
+        core = torch.eye(Phi.shape[0], dtype=Phi.dtype, device=Phi.device) + s * Phi @ B @ A
+        try:
+            solved = torch.linalg.solve(core, s * Phi @ (B @ merged.double()))
+        except RuntimeError as err:  # singular core: (I + s·AΦB) has no inverse
+            raise NonFiniteWeightsError(
+                f"Cannot unmerge output-mode graft {adapter!r} from {self.module_name!r}: I + s·AΦB is singular. "
+                "Reload the base weights instead."
+            ) from err
+        return (merged.double() - A @ solved).to(merged.dtype)
+
+
+class Linear(nn.Module, GraftLayer):
+    """A graft on `nn.Linear`, transformers' `Conv1D` or a bitsandbytes `Linear4bit` / `Linear8bitLt`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: GraftConfig,
+        module_name: str,
+        fan_in_fan_out: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        GraftLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    # ------------------------------------------------------------------ merge / unmerge / forward
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the active (or named) adapters into the base weight, in order.
+
+        With ``safe_merge`` the merged weight is computed on a copy and checked for NaN/Inf first; the base weight is
+        only replaced when it is finite. Quantized (bitsandbytes) bases are dequantized, merged and requantized,
+        which is lossy for 4-bit: use `peft_graft.merge_and_dequantize` for an exact merge.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.graft_phi:
+                continue
+            self._check_ready(adapter)
+            base = self.get_base_weight()
+            W = transpose(base, self.fan_in_fan_out).float()
+            merged = W + self.get_delta_weight(adapter, W)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise NonFiniteWeightsError(
+                    f"Merging graft adapter {adapter!r} into {self.module_name!r} would write NaN/Inf into the base "
+                    "weights; nothing was changed. The adapter's weights are broken: check Φ for NaN/Inf and "
+                    "retrain or reload it."
+                )
+            self.set_base_weight(transpose(merged, self.fan_in_fan_out).to(base.dtype).contiguous())
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.graft_phi:
+                continue
+            base = self.get_base_weight()
+            W = self._remove_delta(adapter, transpose(base, self.fan_in_fan_out).float())
+            self.set_base_weight(transpose(W, self.fan_in_fan_out).to(base.dtype).contiguous())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.graft_phi:
+                continue
+            if adapter in self.graft_recorders:  # calibrating: observe, contribute nothing
+                result = self.graft_recorders[adapter].observe(x, self._pre_bias(result), result)
+                continue
+            self._check_ready(adapter)
+            result = result + self._graft_delta(adapter, x, result).to(result_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "graft." + super().__repr__()

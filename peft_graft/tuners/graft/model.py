@@ -1,0 +1,153 @@
+"""`GraftModel`: decides where graft layers go; the math lives in `layer.py`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
+from ...registration import GRAFT_PREFIX
+from .bnb import dequantized_linear, resolve_backend
+from .config import GraftConfig
+from .layer import GraftLayer, Linear
+from .phi import phi_num_params
+
+# Grafts go where LoRA goes by default; our own backbone is added by drm_transformer.
+GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+GRAFT_TARGET_MODULES_MAPPING["drm"] = ["q_proj", "v_proj"]
+
+
+class GraftModel(BaseTuner):
+    """
+    Adds graft adapters (ΔW = s·A Φ B, see `GraftConfig`) to a transformers model.
+
+    Use it through PEFT: ``get_peft_model(model, GraftConfig(...))``, ``PeftModel.from_pretrained(base, path)``.
+    Everything LoRA supports at the model level works the same way: several adapters, ``set_adapter``,
+    ``merge_and_unload``, ``unload``, ``delete_adapter``, ``disable_adapter``, bitsandbytes 4/8-bit bases.
+
+    Example:
+        ```py
+        >>> import peft_graft  # registers GRAFT with PEFT
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, peft_graft.GraftConfig(r=16, phi="dense", projection="svd"))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = GRAFT_PREFIX
+    tuner_layer_cls = GraftLayer
+    target_module_mapping = GRAFT_TARGET_MODULES_MAPPING
+
+    def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
+        """Check every target before any module is replaced, so a bad config leaves the model untouched."""
+        peft_config = _maybe_include_all_linear_layers(peft_config, model)
+        total = 0
+        for key, module in model.named_modules():
+            matched = check_target_module_exists(peft_config, key)
+            if not matched or isinstance(matched, _ExcludedModule):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            in_f, out_f = _get_in_out_features(base)
+            if in_f is None:
+                continue
+            d = in_f if peft_config.mode == "additive" else out_f
+            limit = min(out_f, d)
+            if peft_config.r > limit:
+                raise GraftRankError(
+                    f"r={peft_config.r} is too large for {key!r} (weight {out_f}×{in_f}, mode={peft_config.mode!r}): "
+                    f"the graft space cannot exceed {limit}. Lower r or exclude the module with exclude_modules."
+                )
+            total += self._module_trainable_params(peft_config, out_f, d)
+        cap = peft_config.max_trainable_params
+        if cap is not None and total > cap:
+            raise ParameterBudgetExceededError(
+                f"This graft adapter would train {total:,} parameters, {total - cap:,} more than "
+                f"max_trainable_params={cap:,}. Lower r, pick a smaller phi family, target fewer modules, or raise "
+                "the cap."
+            )
+
+    @staticmethod
+    def _module_trainable_params(config: GraftConfig, out_f: int, d: int) -> int:
+        n = phi_num_params(config.phi, config.r, config.phi_rank, config.phi_bandwidth) + config.sparse_residual
+        if config.projection == "trainable":
+            n += config.r * (out_f + d)
+        return n
+
+    def _create_and_replace(
+        self,
+        graft_config: GraftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        if isinstance(target, GraftLayer):
+            target.update_layer(adapter_name, graft_config, current_key)
+            return
+        new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            fan_in_fan_out = True
+        elif isinstance(base, nn.Linear) or resolve_backend(base) is not None:
+            if config.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out=True but {key!r} is a Linear layer; using fan_in_fan_out=False.")
+            fan_in_fan_out = False
+        else:
+            raise UnsupportedLayerError(
+                f"Cannot graft {key!r} of type {type(base).__name__}: grafts wrap torch.nn.Linear, transformers' "
+                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
+            )
+        return Linear(target, adapter_name, config=config, module_name=key, fan_in_fan_out=fan_in_fan_out)
+
+    def merge_and_dequantize(
+        self,
+        dtype: torch.dtype = torch.float32,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
+        """Exact merge for quantized bases: a plain (unquantized) model equal to base + grafts.
+
+        ``merge_and_unload`` on a 4-bit base requantizes W + ΔW, which loses most of a small ΔW. Here every graft
+        layer first gets an exact ``dtype`` copy of the weights its quantized layer computes with, the grafts are
+        merged into those, and the remaining quantized layers are dequantized the same way. Save the result with
+        ``save_pretrained`` to export it.
+        """
+        for module in self.model.modules():
+            if isinstance(module, GraftLayer) and module.quantization_backend is not None:
+                module.base_layer = dequantized_linear(module.get_base_layer(), module.quantization_backend, dtype)
+                module.quantization_backend = None
+        merged = self.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        for name, module in list(merged.named_modules()):
+            backend = resolve_backend(module)
+            if backend is None:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, dequantized_linear(module, backend, dtype))
+        quantizer = getattr(merged, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(merged)
+        return merged.to(dtype)

@@ -1,0 +1,204 @@
+"""The Φ families: structured r×r operators acting in graft space.
+
+Each family holds its trainable numbers as direct parameters (no sub-modules), so PEFT's state-dict key mapping
+``<layer>.graft_phi.<adapter>.<param>`` → ``<layer>.graft_phi.<param>`` applies unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Phi(nn.Module):
+    """Base class: ``forward(h)`` applies Φ to the last dim of ``h``; ``matrix()`` materialises the r×r Φ."""
+
+    # Std of random entries; factored families use larger factors so their product is not vanishingly small.
+    init_std = 0.1
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def matrix(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.matrix())
+
+    @torch.no_grad()
+    def reset(self, identity: bool, generator: torch.Generator) -> None:
+        """Identity graft (ΔW = 0) when ``identity``, else a random non-zero Φ."""
+        for p in self.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * self.init_std)
+        if identity:
+            self._zero_for_identity()
+
+    def _zero_for_identity(self) -> None:
+        for p in self.parameters():
+            p.zero_()
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        """Set Φ to the member of the family closest to ``target`` (r×r) in Frobenius norm."""
+        raise NotImplementedError
+
+
+class DensePhi(Phi):
+    def __init__(self, r: int) -> None:
+        super().__init__(r)
+        self.weight = nn.Parameter(torch.zeros(r, r))
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        self.weight.copy_(target)
+
+
+class DiagonalPhi(Phi):
+    """Scales each graft direction independently (SVFT "plain" with SVD projections)."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__(r)
+        self.weight = nn.Parameter(torch.zeros(r))
+
+    def matrix(self) -> torch.Tensor:
+        return torch.diag(self.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.weight
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        self.weight.copy_(torch.diagonal(target))
+
+
+class PackedPhi(Phi):
+    """Φ restricted to a fixed sparsity pattern; only the pattern's entries are stored and trained."""
+
+    def __init__(self, r: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        super().__init__(r)
+        self.weight = nn.Parameter(torch.zeros(rows.numel()))
+        # The pattern is derived from the config, so it is not saved.
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def matrix(self) -> torch.Tensor:
+        dense = self.weight.new_zeros(self.r, self.r)
+        return dense.index_put((self.rows, self.cols), self.weight)
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        self.weight.copy_(target[self.rows, self.cols])
+
+
+class TriangularPhi(PackedPhi):
+    def __init__(self, r: int) -> None:
+        rows, cols = torch.triu_indices(r, r)
+        super().__init__(r, rows, cols)
+
+
+class BandedPhi(PackedPhi):
+    def __init__(self, r: int, bandwidth: int) -> None:
+        rows, cols = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
+        keep = (rows - cols).abs() <= bandwidth
+        super().__init__(r, rows[keep], cols[keep])
+
+
+class LowRankPhi(Phi):
+    """Φ = P Qᵀ with inner rank k; P starts at zero so the graft starts as the identity."""
+
+    init_std = 0.5
+
+    def __init__(self, r: int, rank: int) -> None:
+        super().__init__(r)
+        self.P = nn.Parameter(torch.zeros(r, rank))
+        self.Q = nn.Parameter(torch.zeros(r, rank))
+
+    def matrix(self) -> torch.Tensor:
+        return self.P @ self.Q.T
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(h, self.Q.T), self.P)
+
+    def _zero_for_identity(self) -> None:
+        self.P.zero_()
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        k = self.P.shape[1]
+        U, S, Vh = torch.linalg.svd(target.float())
+        root = S[:k].sqrt()
+        self.P.copy_(U[:, :k] * root)
+        self.Q.copy_(Vh[:k].T * root)
+
+
+class HadamardPhi(Phi):
+    """Φ = (P Qᵀ) ⊙ (R Sᵀ): 4·r·k numbers for rank up to k² (the LoHa construction)."""
+
+    init_std = 0.7
+
+    def __init__(self, r: int, rank: int) -> None:
+        super().__init__(r)
+        self.P = nn.Parameter(torch.zeros(r, rank))
+        self.Q = nn.Parameter(torch.zeros(r, rank))
+        self.R = nn.Parameter(torch.zeros(r, rank))
+        self.S = nn.Parameter(torch.zeros(r, rank))
+
+    def matrix(self) -> torch.Tensor:
+        return (self.P @ self.Q.T) * (self.R @ self.S.T)
+
+    def _zero_for_identity(self) -> None:
+        self.P.zero_()
+
+    @torch.no_grad()
+    def fit(self, target: torch.Tensor) -> None:
+        # With R Sᵀ = all-ones, Φ reduces to the best rank-k P Qᵀ.
+        k = self.P.shape[1]
+        U, S, Vh = torch.linalg.svd(target.float())
+        root = S[:k].sqrt()
+        self.P.copy_(U[:, :k] * root)
+        self.Q.copy_(Vh[:k].T * root)
+        self.R.zero_()
+        self.S.zero_()
+        self.R[:, 0] = 1.0
+        self.S[:, 0] = 1.0
+
+
+def build_phi(family: str, r: int, rank: int, bandwidth: int) -> Phi:
+    """Instantiate the Φ family named in `GraftConfig.phi`."""
+    if family == "dense":
+        return DensePhi(r)
+    if family == "diagonal":
+        return DiagonalPhi(r)
+    if family == "triangular":
+        return TriangularPhi(r)
+    if family == "banded":
+        return BandedPhi(r, bandwidth)
+    if family == "lowrank":
+        return LowRankPhi(r, rank)
+    if family == "hadamard":
+        return HadamardPhi(r, rank)
+    raise ValueError(f"unknown Φ family {family!r}")
+
+
+def phi_num_params(family: str, r: int, rank: int, bandwidth: int) -> int:
+    """Trainable numbers of one Φ, computed without building it (used to enforce budgets up front)."""
+    if family == "dense":
+        return r * r
+    if family == "diagonal":
+        return r
+    if family == "triangular":
+        return r * (r + 1) // 2
+    if family == "banded":
+        b = min(bandwidth, r - 1)
+        return r + 2 * sum(r - o for o in range(1, b + 1))
+    if family == "lowrank":
+        return 2 * r * rank
+    if family == "hadamard":
+        return 4 * r * rank
+    raise ValueError(f"unknown Φ family {family!r}")
+
