@@ -41,4 +41,5 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedLayerError",
     "calibrate",
+    "register_graft_method",
 ]

@@ -34,12 +34,14 @@ GRAFT_PEFT_TYPE = _extend_peft_type(GRAFT_NAME.upper())
 
 
 def register_graft_method() -> None:
-    """Register `GraftConfig` / `GraftModel` with PEFT (no-op when already registered)."""
+    """Register `GraftConfig` / `GraftModel` with PEFT and install the save/load hooks (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from . import integration
     from .tuners.graft import GraftConfig, GraftModel
 
+    integration.install()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(GRAFT_PEFT_TYPE) is GraftModel:
         return
     register_peft_method(name=GRAFT_NAME, config_cls=GraftConfig, model_cls=GraftModel, prefix=GRAFT_PREFIX)

@@ -51,6 +51,11 @@ class GraftModel(BaseTuner):
     tuner_layer_cls = GraftLayer
     target_module_mapping = GRAFT_TARGET_MODULES_MAPPING
 
+    def _post_injection_hook(self, model: nn.Module, config: GraftConfig, adapter_name: str) -> None:
+        # Tags end up in the model card PEFT writes on save_pretrained.
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["peft-graft", "graft"])
+
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
         """Check every target before any module is replaced, so a bad config leaves the model untouched."""
         peft_config = _maybe_include_all_linear_layers(peft_config, model)

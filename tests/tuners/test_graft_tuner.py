@@ -1,0 +1,243 @@
+"""PEFT's generic tuner contract, checked for the GRAFT method on a tiny Llama."""
+
+import itertools
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+
+import peft_graft
+from peft_graft import GraftConfig, GraftLayer, NonFiniteWeightsError
+from peft_graft.tuners.graft.config import MODES, PHI_FAMILIES
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+FROZEN_PROJECTIONS = ("svd", "orthogonal", "trainable")
+
+
+def graft(model, **kwargs):
+    kwargs.setdefault("target_modules", TARGETS)
+    kwargs.setdefault("r", 4)
+    return get_peft_model(model, GraftConfig(**kwargs))
+
+
+def calibration_batches(n=2):
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": (ids := torch.randint(0, 128, (2, 12), generator=g)), "labels": ids} for _ in range(n)]
+
+
+def graft_layers(model):
+    return [m for m in model.modules() if isinstance(m, GraftLayer)]
+
+
+@pytest.mark.parametrize("phi", PHI_FAMILIES)
+@pytest.mark.parametrize("projection", FROZEN_PROJECTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_at_init(tiny_llama, tokens, phi, projection, mode):
+    base = tiny_llama()
+    expected = base(tokens).logits
+    model = graft(base, phi=phi, projection=projection, mode=mode)
+    assert torch.equal(model(tokens).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "phi,projection,mode",
+    list(itertools.product(PHI_FAMILIES, ("svd", "orthogonal", "trainable", "activation", "gradient"), MODES)),
+)
+def test_merge_unmerge_match_unmerged_outputs(tiny_llama, tokens, phi, projection, mode):
+    base = tiny_llama()
+    base_logits = base(tokens).logits
+    weights_before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = graft(base, phi=phi, projection=projection, mode=mode, init_weights=False)
+    if projection in ("activation", "gradient"):
+        peft_graft.calibrate(model, calibration_batches(), progress=False)
+    unmerged = model(tokens).logits
+    assert not torch.allclose(unmerged, base_logits, atol=1e-4), "random Φ must change the outputs"
+
+    model.merge_adapter()
+    torch.testing.assert_close(model(tokens).logits, unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(tokens).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+    merged = model.merge_and_unload()
+    assert not graft_layers(merged)
+    torch.testing.assert_close(merged(tokens).logits, unmerged, atol=1e-5, rtol=1e-5)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, weights_before[k])]
+    assert changed and all(any(t in k for t in TARGETS) for k in changed)
+
+
+def test_sparse_residual_merges_exactly(tiny_llama, tokens):
+    model = graft(tiny_llama(), sparse_residual=16, init_weights=False, mode="output")
+    peft_graft.calibrate(model, calibration_batches(), progress=False)
+    layer = graft_layers(model)[0]
+    with torch.no_grad():
+        layer.graft_sparse["default"].values.normal_()
+    unmerged = model(tokens).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(tokens).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_never_materialises_delta_weight(tiny_llama, tokens, monkeypatch):
+    model = graft(tiny_llama(), init_weights=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("forward built the out×in ΔW")
+
+    monkeypatch.setattr(GraftLayer, "get_delta_weight", forbidden)
+    assert model(tokens).logits.isfinite().all()
+    with pytest.raises(AssertionError, match="ΔW"):
+        model.merge_adapter()
+
+
+@pytest.mark.parametrize("projection", FROZEN_PROJECTIONS)
+def test_save_load_round_trip_without_missing_keys(tiny_llama, tokens, tmp_path, projection):
+    model = graft(tiny_llama(), projection=projection, init_weights=False)
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(tmp_path))
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=0, rtol=0)
+    result = loaded.load_adapter(tmp_path, adapter_name="again")
+    assert not [k for k in result.missing_keys if "graft_" in k]
+    assert not result.unexpected_keys
+
+
+def test_orthogonal_artifact_holds_only_phi(tiny_llama, tmp_path):
+    r = 8
+    model = graft(tiny_llama(), projection="orthogonal", r=r, phi="dense")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    n_modules = len(graft_layers(model))
+    phi_keys = [k for k in tensors if ".graft_phi." in k]
+    assert len(phi_keys) == n_modules
+    assert not [k for k in tensors if k.endswith((".A", ".B"))], "projections must be regenerated, not stored"
+    data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    phi_bytes = n_modules * r * r * 4
+    verification_bytes = n_modules * (2 + 1) * 8  # base shape (out, in) + projection fingerprint, int64
+    assert data_bytes == phi_bytes + verification_bytes
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size == 8 + header + data_bytes
+    print(f"orthogonal r={r} artifact: {path.stat().st_size} B on disk, {phi_bytes} B of Φ, {n_modules} modules")
+
+
+def test_load_adapter_twice_and_switch(tiny_llama, tokens, tmp_path):
+    first = graft(tiny_llama(), init_weights=False, seed=1)
+    first.save_pretrained(tmp_path / "a")
+    expected_a = first(tokens).logits
+    second = graft(tiny_llama(), init_weights=False, seed=2, phi="lowrank")
+    second.save_pretrained(tmp_path / "b")
+    expected_b = second(tokens).logits
+
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    torch.testing.assert_close(model(tokens).logits, expected_a, atol=0, rtol=0)
+    model.set_adapter("b")
+    torch.testing.assert_close(model(tokens).logits, expected_b, atol=0, rtol=0)
+
+
+def test_low_cpu_mem_usage_load(tiny_llama, tokens, tmp_path):
+    model = graft(tiny_llama(), init_weights=False)
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=0, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_and_keeps_base(tiny_llama):
+    model = graft(tiny_llama(), init_weights=False)
+    layer = graft_layers(model)[0]
+    with torch.no_grad():
+        layer.graft_phi["default"].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
+    with pytest.raises(NonFiniteWeightsError, match="NaN/Inf"):
+        model.merge_adapter(safe_merge=True)
+    after = model.get_base_model().state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not layer.merged
+
+
+def test_several_adapters_active_at_once(tiny_llama, tokens):
+    model = graft(tiny_llama(), init_weights=False, seed=1)
+    model.add_adapter("other", GraftConfig(r=4, target_modules=TARGETS, init_weights=False, seed=2, phi="diagonal"))
+    only_default = model(tokens).logits
+    model.base_model.set_adapter(["default", "other"])
+    both = model(tokens).logits
+    assert not torch.allclose(both, only_default, atol=1e-4)
+    model.merge_adapter(["default", "other"])
+    torch.testing.assert_close(model(tokens).logits, both, atol=1e-5, rtol=1e-5)
+
+
+def test_delete_adapter_leaves_nothing_behind(tiny_llama):
+    model = graft(tiny_llama())
+    model.add_adapter("extra", GraftConfig(r=2, target_modules=TARGETS, sparse_residual=4))
+    model.delete_adapter("extra")
+    assert "extra" not in model.peft_config
+    assert not [k for k in model.state_dict() if ".extra." in k or k.endswith(".extra")]
+    for layer in graft_layers(model):
+        for name in layer.adapter_layer_names + layer.other_param_names:
+            assert "extra" not in getattr(layer, name), name
+
+
+def test_disable_adapter_and_unload_restore_base(tiny_llama, tokens):
+    base = tiny_llama()
+    expected = base(tokens).logits
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = graft(base, init_weights=False)
+    with model.disable_adapter():
+        assert torch.equal(model(tokens).logits, expected)
+    assert not torch.equal(model(tokens).logits, expected)
+    restored = model.unload()
+    assert not graft_layers(restored)
+    assert all(torch.equal(v, weights[k]) for k, v in restored.state_dict().items())
+    assert torch.equal(restored(tokens).logits, expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("projection", ["svd", "trainable"])
+def test_only_adapter_tensors_get_gradients(tiny_llama, tokens, checkpointing, projection):
+    base = tiny_llama()
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        base.enable_input_require_grads()
+    model = graft(base, projection=projection)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert with_grad and all("graft_" in n for n in with_grad)
+    assert any("graft_phi" in n for n in with_grad)
+    assert any("graft_proj" in n for n in with_grad) == (projection == "trainable")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_autocast(tiny_llama, tokens, dtype, autocast):
+    base = tiny_llama().to(dtype)
+    model = get_peft_model(
+        base, GraftConfig(r=4, target_modules=TARGETS, init_weights=False), autocast_adapter_dtype=autocast
+    )
+    phi_dtypes = {p.dtype for n, p in model.named_parameters() if "graft_phi" in n}
+    assert phi_dtypes == {torch.float32 if autocast else dtype}
+    logits = model(tokens).logits
+    assert logits.dtype == dtype and logits.isfinite().all()
+
+
+def test_model_card_explains_how_to_load(tiny_llama, tmp_path):
+    graft(tiny_llama()).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "import peft_graft" in card and "KeyError" in card
+    assert "peft-graft" in card  # tag
+
+
+def test_register_is_idempotent():
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    peft_graft.register_graft_method()
+    peft_graft.register_graft_method()
+    assert PEFT_TYPE_TO_TUNER_MAPPING[peft_graft.GRAFT_PEFT_TYPE] is peft_graft.GraftModel
