@@ -122,7 +122,7 @@ class GraftProjection(nn.Module):
         self.fingerprint.copy_(fingerprint(A, B))
 
     def _verify_incoming(self, state_dict: dict, prefix: str, *args) -> None:
-        module = prefix.rstrip(".").removeprefix("base_model.model.")
+        module = prefix.removeprefix("base_model.model.").rpartition(".graft_proj.")[0]
         incoming_shape = state_dict.get(prefix + "shape")
         if incoming_shape is not None and not torch.equal(incoming_shape.cpu(), self.shape.cpu()):
             raise ShapeMismatchError(

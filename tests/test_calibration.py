@@ -1,0 +1,116 @@
+"""`calibrate()` against independent references computed with plain autograd and hooks on the base model."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import peft_graft
+from peft_graft import CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
+
+TARGET = "model.layers.1.self_attn.q_proj"
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(3)
+    return [{"input_ids": (ids := torch.randint(0, 128, (2, 16), generator=g)), "labels": ids} for _ in range(n)]
+
+
+def reference_weight_grad(model):
+    """Σ over batches of dL/dW for the target layer, by autograd on an unadapted copy."""
+    weight = model.get_submodule(TARGET).weight
+    weight.requires_grad_(True)
+    for batch in batches():
+        model(**batch).loss.backward()
+    return weight.grad.detach()
+
+
+def reference_input_gram(model):
+    grams = []
+    hook = model.get_submodule(TARGET).register_forward_hook(
+        lambda m, args, out: grams.append(args[0].reshape(-1, args[0].shape[-1]).T @ args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in batches():
+            model(**batch)
+    hook.remove()
+    return sum(grams)
+
+
+def layer_of(model) -> GraftLayer:
+    return model.base_model.model.get_submodule(TARGET)
+
+
+def subspace_gap(X, Y):
+    """‖P_X − P_Y‖ for matrices with orthonormal columns."""
+    return torch.linalg.matrix_norm(X @ X.T - Y @ Y.T, ord=2).item()
+
+
+def calibrated(model_factory, **kwargs):
+    model = get_peft_model(model_factory(), GraftConfig(r=4, target_modules=["q_proj"], **kwargs))
+    used = peft_graft.calibrate(model, batches(), progress=False)
+    assert used == 3
+    return model
+
+
+def test_activation_projection_spans_top_input_directions(tiny_llama):
+    gram = reference_input_gram(tiny_llama())
+    top = torch.linalg.eigh(gram.double()).eigenvectors[:, -4:].float()
+    proj = layer_of(calibrated(tiny_llama, projection="activation")).graft_proj["default"]
+    torch.testing.assert_close(proj.B @ proj.B.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert subspace_gap(proj.B.T, top) < 1e-3
+
+
+def test_gradient_projection_spans_top_weight_gradient_directions(tiny_llama):
+    grad = reference_weight_grad(tiny_llama())
+    U, _, Vh = torch.linalg.svd(grad.double())
+    proj = layer_of(calibrated(tiny_llama, projection="gradient")).graft_proj["default"]
+    assert subspace_gap(proj.A, U[:, :4].float()) < 1e-3
+    assert subspace_gap(proj.B.T, Vh[:4].T.float()) < 1e-3
+
+
+def test_lstsq_init_reproduces_projected_gradient_step(tiny_llama):
+    lr = 0.5
+    grad = reference_weight_grad(tiny_llama())
+    model = calibrated(tiny_llama, init_weights="lstsq", init_lr=lr)
+    layer = layer_of(model)
+    A, B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
+    torch.testing.assert_close(layer.graft_phi["default"].weight, -lr * A.T @ grad @ B.T, atol=1e-5, rtol=1e-4)
+
+
+def test_lstsq_init_lowers_the_calibration_loss(tiny_llama):
+    base_loss = sum(tiny_llama()(**b).loss.item() for b in batches())
+    model = get_peft_model(tiny_llama(), GraftConfig(r=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                     init_weights="lstsq", init_lr=1.0))
+    peft_graft.calibrate(model, batches(), progress=False)
+    with torch.no_grad():
+        assert sum(model(**b).loss.item() for b in batches()) < base_loss
+
+
+def test_sparse_residual_picks_largest_gradient_entries(tiny_llama):
+    grad = reference_weight_grad(tiny_llama())
+    sparse = layer_of(calibrated(tiny_llama, sparse_residual=10)).graft_sparse["default"]
+    expected = set(grad.abs().flatten().topk(10).indices.tolist())
+    chosen = set((sparse.rows * grad.shape[1] + sparse.cols).tolist())
+    assert chosen == expected
+
+
+def test_calibrated_adapter_round_trips_without_recalibration(tiny_llama, tmp_path):
+    model = calibrated(tiny_llama, projection="gradient", init_weights="lstsq", sparse_residual=4)
+    tokens = batches(1)[0]["input_ids"]
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=0, rtol=0)
+
+
+def test_gradient_calibration_needs_labels(tiny_llama):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="gradient"))
+    with pytest.raises(GraftConfigError, match="include `labels`"):
+        peft_graft.calibrate(model, [{"input_ids": batches(1)[0]["input_ids"]}], progress=False)
+    assert not layer_of(model).graft_recorders  # recorders removed even on failure
+
+
+def test_empty_dataloader_is_an_error(tiny_llama):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="activation"))
+    with pytest.raises(CalibrationRequiredError, match="no batches"):
+        peft_graft.calibrate(model, [], progress=False)

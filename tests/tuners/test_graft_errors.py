@@ -1,0 +1,139 @@
+"""Bad input gets a typed error with an actionable message, and changes nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import peft_graft
+from peft_graft import (
+    AdapterFileError,
+    CalibrationRequiredError,
+    GraftConfig,
+    GraftConfigError,
+    GraftLayer,
+    GraftRankError,
+    ParameterBudgetExceededError,
+    ProjectionMismatchError,
+    ShapeMismatchError,
+)
+
+
+def has_grafts(model):
+    return any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "field,value", [("phi", "circulant"), ("projection", "random"), ("mode", "multiplicative"), ("init_weights", "x")]
+)
+def test_unknown_choice_names_the_alternatives(field, value):
+    with pytest.raises(GraftConfigError, match=rf"Unknown {field}='{value}'; choose one of"):
+        GraftConfig(**{field: value})
+
+
+def test_save_projections_false_only_for_regenerable_projections():
+    with pytest.raises(GraftConfigError, match="cannot be regenerated"):
+        GraftConfig(projection="svd", save_projections=False)
+    assert not GraftConfig(projection="orthogonal").stores_projections
+
+
+def test_rank_too_large_names_module_and_shape_and_changes_nothing(tiny_llama):
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(GraftRankError, match=r"r=40 is too large for 'model.layers.0.self_attn.k_proj' \(weight 32×64"):
+        get_peft_model(base, GraftConfig(r=40, target_modules=["k_proj"]))
+    assert not has_grafts(base)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_parameter_budget_is_enforced_with_the_excess(tiny_llama):
+    base = tiny_llama()
+    # 2 layers × 2 modules × r² = 4 × 64 = 256 trainable numbers
+    with pytest.raises(ParameterBudgetExceededError, match=r"would train 256 parameters, 56 more than max_trainable_params=200"):
+        get_peft_model(base, GraftConfig(r=8, target_modules=["q_proj", "v_proj"], max_trainable_params=200))
+    assert not has_grafts(base)
+    model = get_peft_model(base, GraftConfig(r=8, target_modules=["q_proj", "v_proj"], max_trainable_params=256))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 256
+
+
+def test_trainable_projections_count_against_the_budget(tiny_llama):
+    # q_proj: 64→64, v_proj: 64→32; per layer r² + r(out+in) for both = 2·4 + 2·(64+64) + 2·(32+64) = 456
+    with pytest.raises(ParameterBudgetExceededError, match="would train 912 parameters"):
+        get_peft_model(
+            tiny_llama(),
+            GraftConfig(r=2, projection="trainable", target_modules=["q_proj", "v_proj"], max_trainable_params=900),
+        )
+
+
+def test_loading_onto_a_different_base_names_module_and_shapes(tiny_llama, tmp_path):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="orthogonal")).save_pretrained(
+        tmp_path
+    )
+    other = tiny_llama(hidden_size=96, intermediate_size=128)
+    with pytest.raises(ShapeMismatchError, match=r"'model.layers.0.self_attn.q_proj' has weight shape \(64, 64\).*this base has \(96, 96\)"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_regenerated_projection_mismatch_fails_loudly(tiny_llama, tmp_path):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="orthogonal")).save_pretrained(
+        tmp_path
+    )
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("fingerprint"))
+    tensors[key] = tensors[key] + 1  # as if another torch build generated other numbers
+    save_file(tensors, path)
+    with pytest.raises(ProjectionMismatchError, match="save_projections=True"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_missing_weights_file(tiny_llama, tmp_path):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is missing"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_truncated_weights_file(tiny_llama, tmp_path):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,what",
+    [
+        ({"projection": "activation"}, "projection='activation'"),
+        ({"projection": "gradient"}, "projection='gradient'"),
+        ({"init_weights": "lstsq"}, "init_weights='lstsq'"),
+        ({"sparse_residual": 8}, "sparse_residual=8"),
+    ],
+)
+def test_data_driven_parts_require_calibration(tiny_llama, tokens, kwargs, what):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], **kwargs))
+    with pytest.raises(CalibrationRequiredError, match=rf"uses {what}.*peft_graft.calibrate"):
+        model(tokens)
+    with pytest.raises(CalibrationRequiredError):
+        model.merge_adapter()
+
+
+def test_loading_without_the_plugin_fails_with_key_error_and_card_says_why(tiny_llama, tmp_path):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GRAFT"
+    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "KeyError: 'GRAFT'" in proc.stderr
+    fixed = subprocess.run([sys.executable, "-c", "import peft_graft; " + code], capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "import peft_graft" in (tmp_path / "README.md").read_text()
+
+
+def test_unsupported_layer_type(tiny_llama):
+    with pytest.raises(peft_graft.UnsupportedLayerError, match="Embedding"):
+        get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["embed_tokens"]))
