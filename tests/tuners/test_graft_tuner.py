@@ -241,3 +241,19 @@ def test_register_is_idempotent():
     peft_graft.register_graft_method()
     peft_graft.register_graft_method()
     assert PEFT_TYPE_TO_TUNER_MAPPING[peft_graft.GRAFT_PEFT_TYPE] is peft_graft.GraftModel
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+         {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}),
+        ({"target_modules": "all-linear", "exclude_modules": ["down_proj", "up_proj", "gate_proj", "o_proj", "k_proj"]},
+         {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}),
+        ({"target_modules": None}, {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}),
+    ],
+)
+def test_module_selection(tiny_llama, kwargs, expected):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=2, **kwargs))
+    grafted = {n for n, m in model.base_model.model.named_modules() if isinstance(m, GraftLayer)}
+    assert grafted == expected

@@ -165,7 +165,7 @@ class GraftLayer(BaseTunerLayer):
     def _graft_delta(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """s·A Φ B u (+ sparse), with u = x (additive) or the current pre-bias output (output mode)."""
         phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
-        dtype = proj.A.dtype if proj.trainable else next(phi.parameters()).dtype
+        dtype = next(phi.parameters()).dtype  # fp32 when PEFT autocasts adapters on a half-precision base
         x = self._cast_input_dtype(x, dtype)
         u = x if self.graft_mode[adapter] == "additive" else self._pre_bias(current).to(dtype)
         h = F.linear(u, proj.B.to(dtype))  # [..., r]
