@@ -22,7 +22,7 @@ TINY_LLAMA = dict(
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_llama():
     """A fresh tiny Llama (eval mode, fixed weights) per call of the returned factory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,0 +1,111 @@
+"""Deterministic gates: user behaviour checks, parameter budget, finite weights, exact recomposition."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..tuners.graft.layer import GraftLayer
+from .context import GateContext, composed
+from .core import Decision, Gate, GateResult
+
+CheckOutcome = Union[bool, tuple[bool, dict]]
+
+
+def _candidate_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GraftLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter in container:
+                    for key, t in container[adapter].state_dict().items():
+                        tensors[f"{name}.{attr}.{key}"] = t
+    return tensors
+
+
+@dataclass
+class BehaviourCheck(Gate):
+    """A user-supplied safety/behaviour check run on the composed model with the candidate active.
+
+    ``check(model)`` returns True/False, or (passed, evidence). An exception counts as a failure.
+    """
+
+    check: Callable[[nn.Module], CheckOutcome]
+    name: str = "behaviour"
+
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        try:
+            with composed(ctx.model, ctx.accepted + [ctx.candidate]), torch.no_grad():
+                outcome = self.check(ctx.model)
+        except Exception as err:  # a crashing check must not let a graft through
+            return GateResult(self.name, Decision.REJECT, f"check raised {type(err).__name__}: {err}")
+        passed, evidence = outcome if isinstance(outcome, tuple) else (outcome, {})
+        verdict = Decision.ACCEPT if passed else Decision.REJECT
+        return GateResult(self.name, verdict, "passed" if passed else "failed", dict(evidence))
+
+
+@dataclass
+class ParameterBudget(Gate):
+    """The candidate's trainable numbers stay within ``max_params``."""
+
+    max_params: int
+    name: str = "parameter_budget"
+
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        count = sum(
+            p.numel() for n, p in ctx.model.named_parameters() if f".{ctx.candidate}." in f"{n}." and "graft_" in n
+        )
+        evidence = {"params": count, "max_params": self.max_params}
+        verdict = Decision.ACCEPT if count <= self.max_params else Decision.REJECT
+        return GateResult(self.name, verdict, f"{count:,} trainable numbers (max {self.max_params:,})", evidence)
+
+
+@dataclass
+class FiniteWeights(Gate):
+    """Every tensor of the candidate is finite (NaN/Inf would poison the base on merge)."""
+
+    name: str = "finite_weights"
+
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        tensors = _candidate_tensors(ctx.model, ctx.candidate)
+        bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        if not tensors:
+            return GateResult(self.name, Decision.REJECT, f"no tensors found for adapter {ctx.candidate!r}")
+        verdict = Decision.REJECT if bad else Decision.ACCEPT
+        return GateResult(self.name, verdict, f"{len(bad)} non-finite tensors", {"non_finite": bad[:20]})
+
+
+@dataclass
+class ExactRecomposition(Gate):
+    """Merging the composition reproduces the unmerged outputs, and unmerging restores them (fp32: ≤ ``atol``)."""
+
+    atol: float = 1e-5
+    probe_examples: int = 4
+    name: str = "exact_recomposition"
+
+    @torch.no_grad()
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        probe = ctx.data.acceptance[: self.probe_examples].to(next(ctx.model.parameters()).device)
+        adapters = ctx.accepted + [ctx.candidate]
+        was_training = ctx.model.training
+        ctx.model.eval()
+        with composed(ctx.model, adapters):
+            unmerged = ctx.model(input_ids=probe).logits
+            ctx.model.merge_adapter(adapters)
+            try:
+                merged = ctx.model(input_ids=probe).logits
+            finally:
+                ctx.model.unmerge_adapter()
+            restored = ctx.model(input_ids=probe).logits
+        ctx.model.train(was_training)
+        merge_error = (merged - unmerged).abs().max().item()
+        unmerge_error = (restored - unmerged).abs().max().item()
+        evidence = {"max_merge_error": merge_error, "max_unmerge_error": unmerge_error, "atol": self.atol}
+        ok = merge_error <= self.atol and unmerge_error <= self.atol
+        text = f"merge error {merge_error:.2e}, unmerge error {unmerge_error:.2e} (atol {self.atol:.0e})"
+        return GateResult(self.name, Decision.ACCEPT if ok else Decision.REJECT, text, evidence)

@@ -1,0 +1,123 @@
+"""What a gate sees: the composed model, the candidate, and data splits whose roles are explicit."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GraftConfigError
+
+
+class LeakageError(GraftConfigError):
+    """An evaluation split shares examples with data used for training, early stopping or ranking."""
+
+
+def _row_hashes(blocks: Optional[torch.Tensor]) -> set[bytes]:
+    if blocks is None:
+        return set()
+    return {hashlib.sha256(row.cpu().numpy().tobytes()).digest() for row in blocks.to(torch.int64)}
+
+
+@dataclass(frozen=True)
+class GrowthData:
+    """Token blocks ([N, T] input ids) by role. The roles that judge a graft must not overlap the ones that shaped it.
+
+    ``acceptance`` (new-domain evaluation) and ``retention`` (old-domain evaluation) are checked to share no example
+    with ``train``, ``early_stopping`` or ``ranking``; a shared example raises `LeakageError` at construction.
+    """
+
+    train: torch.Tensor
+    acceptance: torch.Tensor
+    retention: Optional[torch.Tensor] = None
+    early_stopping: Optional[torch.Tensor] = None
+    ranking: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        used = _row_hashes(self.train) | _row_hashes(self.early_stopping) | _row_hashes(self.ranking)
+        for role in ("acceptance", "retention"):
+            shared = len(_row_hashes(getattr(self, role)) & used)
+            if shared:
+                raise LeakageError(
+                    f"{shared} {role} examples also appear in the train/early-stopping/ranking data. The {role} set "
+                    "must be held out from everything that shaped the candidate: split your data disjointly."
+                )
+
+
+def causal_lm_example_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token loss of each block ([N] fp32), the unit the paired bootstrap resamples."""
+    device = next(model.parameters()).device
+    losses = []
+    for batch in blocks.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]
+        losses.append(nll.mean(-1).cpu())
+    return torch.cat(losses)
+
+
+ExampleLosses = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def composed(model: nn.Module, adapters: list[str]) -> Iterator[None]:
+    """Run ``model`` (a PeftModel) with exactly ``adapters`` active; trainability and activity restored after."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    previous = list(model.base_model.active_adapters)
+    try:
+        if adapters:
+            model.base_model.set_adapter(adapters, inference_mode=True)
+            yield
+        else:
+            with model.disable_adapter():
+                yield
+    finally:
+        model.base_model.set_adapter(previous)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+@dataclass
+class GateContext:
+    """A candidate graft on top of already-accepted ones, with cached per-example losses.
+
+    ``replicas`` are further adapters trained from the same recipe with other seeds (data order and init): gain
+    evidence pools over them, so a lucky seed alone cannot pass.
+    """
+
+    model: nn.Module
+    candidate: str
+    data: GrowthData
+    accepted: list[str] = field(default_factory=list)
+    replicas: list[str] = field(default_factory=list)
+    example_losses: ExampleLosses = causal_lm_example_losses
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def candidates(self) -> list[str]:
+        return [self.candidate, *self.replicas]
+
+    @torch.no_grad()
+    def losses(self, split: str, candidate: Optional[str]) -> torch.Tensor:
+        """Per-example losses on ``split`` with the accepted grafts plus ``candidate`` (None: without any)."""
+        key = (split, candidate)
+        if key not in self._cache:
+            blocks = getattr(self.data, split)
+            adapters = self.accepted + ([candidate] if candidate else [])
+            was_training = self.model.training
+            self.model.eval()
+            with composed(self.model, adapters):
+                self._cache[key] = self.example_losses(self.model, blocks)
+            self.model.train(was_training)
+        return self._cache[key]
+
+    def deltas(self, split: str) -> torch.Tensor:
+        """loss(without) − loss(with candidate), [replicas, N]: positive means the candidate helps."""
+        without = self.losses(split, None)
+        return torch.stack([without - self.losses(split, c) for c in self.candidates])

@@ -1,0 +1,76 @@
+"""Gate protocol and how individual verdicts combine into one decision."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from .context import GateContext
+
+
+class Decision(str, enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    DEFER = "defer"  # inconclusive: retry with more steps or data, never drop silently
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    verdict: Decision
+    message: str
+    evidence: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"gate": self.gate, "verdict": self.verdict.value, "message": self.message, "evidence": self.evidence}
+
+
+class Gate(ABC):
+    """One explicit criterion. ``evaluate`` returns ACCEPT (passed), REJECT (failed) or DEFER (inconclusive)."""
+
+    name: str = "gate"
+
+    @abstractmethod
+    def evaluate(self, ctx: GateContext) -> GateResult: ...
+
+
+@dataclass(frozen=True)
+class GateReport:
+    candidate: str
+    decision: Decision
+    results: tuple[GateResult, ...]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{r.gate}: {r.message}" for r in self.results if r.verdict is not Decision.ACCEPT]
+
+    def as_dict(self) -> dict:
+        return {
+            "candidate": self.candidate,
+            "decision": self.decision.value,
+            "results": [r.as_dict() for r in self.results],
+        }
+
+
+class GateSet:
+    """All gates must pass to accept; any failure rejects; otherwise any inconclusive gate defers.
+
+    Every gate runs even after a failure, so the report carries the full evidence.
+    """
+
+    def __init__(self, gates: list[Gate]) -> None:
+        if not gates:
+            raise ValueError("a GateSet needs at least one gate")
+        self.gates = list(gates)
+
+    def decide(self, ctx: GateContext) -> GateReport:
+        results = tuple(gate.evaluate(ctx) for gate in self.gates)
+        verdicts = {r.verdict for r in results}
+        if Decision.REJECT in verdicts:
+            decision = Decision.REJECT
+        elif Decision.DEFER in verdicts:
+            decision = Decision.DEFER
+        else:
+            decision = Decision.ACCEPT
+        return GateReport(ctx.candidate, decision, results)

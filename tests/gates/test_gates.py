@@ -1,0 +1,153 @@
+"""Gates judge candidates on the composed model, with explicit data roles."""
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_graft import GraftConfig
+from peft_graft.gates import (
+    BehaviourCheck,
+    Decision,
+    ExactRecomposition,
+    FiniteWeights,
+    GateContext,
+    GateSet,
+    GrowthData,
+    MinimumGain,
+    ParameterBudget,
+    Retention,
+    paired_bootstrap_ci,
+)
+from peft_graft.gates.context import LeakageError
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def motif_blocks(seed, n, vocab_lo, vocab_hi, length=16):
+    """A learnable 'domain': within [vocab_lo, vocab_hi) the next token is usually the previous one plus one."""
+    g = torch.Generator().manual_seed(seed)
+    width = vocab_hi - vocab_lo
+    steps = torch.where(torch.rand(n, length, generator=g) < 0.85, 1, torch.randint(0, width, (n, length), generator=g))
+    steps[:, 0] = torch.randint(0, width, (n,), generator=g)
+    return vocab_lo + steps.cumsum(1) % width
+
+
+def train_adapter(model, adapter, blocks, steps=40, lr=5e-2):
+    model.base_model.set_adapter(adapter)
+    params = [p for n, p in model.named_parameters() if f".{adapter}." in n and p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = blocks[(step * 8) % len(blocks):][:8]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama):
+    """A model with an accepted graft for the old domain and a trained candidate for the new one (built once)."""
+    old_train, old_eval = motif_blocks(1, 64, 0, 64), motif_blocks(2, 24, 0, 64)
+    new_train, new_eval = motif_blocks(3, 64, 64, 128), motif_blocks(4, 24, 64, 128)
+    model = get_peft_model(tiny_llama(), GraftConfig(r=16, target_modules=TARGETS), adapter_name="old")
+    train_adapter(model, "old", old_train)
+    model.add_adapter("new", GraftConfig(r=16, target_modules=TARGETS))
+    train_adapter(model, "new", new_train)
+    data = GrowthData(train=new_train, acceptance=new_eval, retention=old_eval)
+    return model, data
+
+
+@pytest.fixture
+def grown(trained):
+    model, data = trained
+    return copy.deepcopy(model), data
+
+
+def test_bootstrap_interval_brackets_the_mean_and_pairs_seeds():
+    deltas = torch.randn(3, 200, generator=torch.Generator().manual_seed(0)) + 0.5
+    ci = paired_bootstrap_ci(deltas, confidence=0.95)
+    assert ci.low < ci.mean < ci.high and ci.n_seeds == 3 and ci.n_examples == 200
+    assert ci.low > 0.3 and ci.high < 0.7
+    assert paired_bootstrap_ci(torch.zeros(50)).high == 0.0
+
+
+def test_trained_candidate_is_accepted_with_evidence(grown):
+    model, data = grown
+    gates = GateSet([MinimumGain(min_gain=0.05), Retention(max_regression=0.5), FiniteWeights(),
+                     ParameterBudget(max_params=10_000), ExactRecomposition(atol=1e-4)])
+    ctx = GateContext(model, candidate="new", accepted=["old"], data=data)
+    report = gates.decide(ctx)
+    assert report.decision is Decision.ACCEPT, report.reasons
+    gain = report.results[0].evidence["gain"]
+    assert gain["low"] > 0.05 and gain["n_examples"] == 24
+    assert report.as_dict()["results"][3]["evidence"]["params"] == 2 * 4 * 16 * 16
+
+
+def test_candidate_that_hurts_the_old_domain_is_rejected(grown):
+    model, data = grown
+    # A candidate trained on the *old* domain's vocabulary with a huge step: it wrecks old-domain predictions.
+    model.add_adapter("harmful", GraftConfig(r=16, target_modules=TARGETS, init_weights=False, scaling=30.0))
+    ctx = GateContext(model, candidate="harmful", accepted=["old"], data=data)
+    report = GateSet([MinimumGain(), Retention(max_regression=0.05)]).decide(ctx)
+    assert report.decision is Decision.REJECT
+    retention = report.results[1]
+    assert retention.verdict is Decision.REJECT and retention.evidence["regression"]["mean"] > 0.05
+
+
+def test_inconclusive_gain_defers(grown):
+    model, data = grown
+    model.add_adapter("noop", GraftConfig(r=2, target_modules=["q_proj"]))  # identity graft: zero gain
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".noop." in n:
+                p.add_(1e-6)
+    report = GateSet([MinimumGain(min_gain=0.0)]).decide(GateContext(model, "noop", data, accepted=["old"]))
+    assert report.decision is Decision.DEFER
+
+
+def test_behaviour_check_sees_the_composed_model_and_failures_reject(grown):
+    model, data = grown
+    seen = []
+
+    def check(m):
+        seen.append(list(m.base_model.active_adapters))
+        return False, {"why": "refuses"}
+
+    report = GateSet([BehaviourCheck(check), BehaviourCheck(lambda m: 1 / 0, name="crashes")]).decide(
+        GateContext(model, "new", data, accepted=["old"])
+    )
+    assert seen == [["old", "new"]]
+    assert report.decision is Decision.REJECT and len(report.reasons) == 2
+    assert "ZeroDivisionError" in report.results[1].message
+
+
+def test_non_finite_candidate_is_rejected(grown):
+    model, data = grown
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if ".new." in n).fill_(float("inf"))
+    report = GateSet([FiniteWeights()]).decide(GateContext(model, "new", data, accepted=["old"]))
+    assert report.decision is Decision.REJECT and report.results[0].evidence["non_finite"]
+
+
+def test_gates_leave_activity_and_trainability_as_they_were(grown):
+    model, data = grown
+    model.base_model.set_adapter("new")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    GateSet([MinimumGain(), ExactRecomposition(atol=1e-4)]).decide(GateContext(model, "new", data, accepted=["old"]))
+    assert model.base_model.active_adapters == ["new"]
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_acceptance_data_must_be_held_out():
+    train = motif_blocks(0, 16, 0, 64)
+    with pytest.raises(LeakageError, match="3 acceptance examples"):
+        GrowthData(train=train, acceptance=torch.cat([train[:3], motif_blocks(5, 4, 0, 64)]))
+    with pytest.raises(LeakageError, match="retention"):
+        GrowthData(train=train, acceptance=motif_blocks(5, 4, 0, 64), retention=train[:1],
+                   early_stopping=motif_blocks(6, 4, 0, 64))
+    with pytest.raises(LeakageError):
+        GrowthData(train=train, acceptance=motif_blocks(5, 4, 0, 64), ranking=motif_blocks(5, 4, 0, 64)[:2])
