@@ -16,7 +16,7 @@ from peft.utils.other import transpose
 from torch import nn
 
 from ...errors import CalibrationRequiredError, NonFiniteWeightsError, UnsupportedLayerError
-from .bnb import resolve_backend
+from .bnb import CpuSafeBnb4bitBackend, resolve_backend
 from .config import GraftConfig
 from .phi import build_phi
 from .projections import (
@@ -68,6 +68,8 @@ class GraftLayer(BaseTunerLayer):
 
         base = self.get_base_layer()
         self.quantization_backend = resolve_backend(base)
+        if isinstance(self.quantization_backend, CpuSafeBnb4bitBackend):
+            self.quantization_backend.prepare(base)
         in_features, out_features = _get_in_out_features(base)
         if in_features is None:
             raise UnsupportedLayerError(f"Cannot graft a {type(base).__name__}: its input/output sizes are unknown.")
