@@ -56,7 +56,7 @@ def _decoder_kwargs() -> dict[str, Any]:
     )
 
 
-def tiny_llama(hidden: int = HIDDEN) -> transformers.PreTrainedModel:
+def _tiny_llama(hidden: int = HIDDEN) -> transformers.PreTrainedModel:
     kwargs = _decoder_kwargs() | dict(hidden_size=hidden, intermediate_size=2 * hidden)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
 
@@ -107,7 +107,7 @@ _DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 ARCHS: dict[str, TinyArch] = {
     arch.name: arch
     for arch in (
-        TinyArch("llama", tiny_llama, "causal", _DECODER_TARGETS),
+        TinyArch("llama", _tiny_llama, "causal", _DECODER_TARGETS),
         TinyArch("qwen2", _tiny_qwen2, "causal", _DECODER_TARGETS),
         TinyArch("mistral", _tiny_mistral, "causal", _DECODER_TARGETS),
         # GPT-2's c_attn / c_proj / c_fc are transformers Conv1D: weights stored (in, out).
@@ -142,6 +142,6 @@ def make_tiny_llama() -> Callable[..., transformers.PreTrainedModel]:
 
     def make(hidden: int = HIDDEN, seed: int = 0) -> transformers.PreTrainedModel:
         torch.manual_seed(seed)
-        return tiny_llama(hidden).eval()
+        return _tiny_llama(hidden).eval()
 
     return make
