@@ -18,6 +18,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from drm_transformer import DRM_GRAFT_TARGET_MODULES
+
 from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
 from ...registration import GRAFT_PREFIX
 from .bnb import dequantized_linear, resolve_backend
@@ -25,9 +27,11 @@ from .config import GraftConfig
 from .layer import GraftLayer, Linear
 from .phi import phi_num_params
 
-# Grafts go where LoRA goes by default; our own backbone is added by drm_transformer.
-GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = dict(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
-GRAFT_TARGET_MODULES_MAPPING["drm"] = ["q_proj", "v_proj"]
+# Grafts go where LoRA goes by default, plus our own DRM backbone.
+GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "drm": list(DRM_GRAFT_TARGET_MODULES),
+}
 
 
 class GraftModel(BaseTuner):
