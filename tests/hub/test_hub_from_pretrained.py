@@ -1,0 +1,73 @@
+"""`PeftModel.from_pretrained(base, "org/name")` straight from the Hub, as a user would load a published graft."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from peft import PeftModel
+
+from peft_graft.hub import push_graft
+
+
+def test_from_pretrained_repo_id_gives_identical_logits(
+    local_hub, repo_id, save_graft, accepted_record, metrics, tiny_llama, tokens
+):
+    adapter = save_graft()
+    push_graft(adapter, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
+
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(tiny_llama(), adapter).eval()(tokens).logits
+        from_hub = PeftModel.from_pretrained(tiny_llama(), repo_id).eval()(tokens).logits
+    assert torch.equal(from_hub, expected)
+
+
+# A fresh interpreter configured only through the environment, with the same loopback guard as conftest.py.
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch, huggingface_hub, peft_graft
+    from huggingface_hub.utils import _http
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def loopback_only():
+        client = _http.default_client_factory()
+        client.event_hooks["request"].insert(0, lambda r: None if r.url.host == "127.0.0.1" else sys.exit(str(r.url)))
+        return client
+
+    huggingface_hub.set_client_factory(loopback_only)
+    repo_id, config_file, tokens_file = sys.argv[1:4]
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig.from_json_file(config_file)).eval()
+    model = PeftModel.from_pretrained(base, repo_id).eval()
+    with torch.no_grad():
+        torch.save(model(torch.load(tokens_file)).logits, tokens_file + ".logits")
+    """
+)
+
+
+def test_hf_endpoint_in_the_environment_is_all_a_user_needs(
+    local_hub, repo_id, save_graft, accepted_record, metrics, tiny_llama, tokens, tmp_path
+):
+    adapter = save_graft()
+    push_graft(adapter, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
+    base = tiny_llama()
+    base.config.to_json_file(tmp_path / "config.json")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": local_hub.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    args = [repo_id, str(tmp_path / "config.json"), str(tmp_path / "tokens.pt")]
+    subprocess.run([sys.executable, "-c", _CHILD, *args], env=env, check=True, timeout=180)
+
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, adapter).eval()(tokens).logits
+    assert torch.equal(torch.load(tmp_path / "tokens.pt.logits"), expected)
