@@ -11,6 +11,18 @@ import torch  # noqa: E402
 
 import peft_graft  # noqa: E402,F401  (registers GRAFT)
 
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import httpx2  # noqa: E402
+import huggingface_hub  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
+from huggingface_hub.utils import _http  # noqa: E402
+
+from peft_graft.hub import use_hub_endpoint  # noqa: E402
+from peft_graft.hub.local_server import serve_local_hub  # noqa: E402
+from peft_graft.hub.local_store import LocalRepoStore  # noqa: E402
+
 TINY_LLAMA = dict(
     vocab_size=128,
     hidden_size=64,
@@ -32,6 +44,42 @@ def tiny_llama():
         return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
 
     return make
+
+
+# A local Hub per test module, and the real `huggingface_hub` client pointed at it and at nothing else. The suite runs
+# with HF_HUB_OFFLINE; under this fixture the client goes online again, but only towards 127.0.0.1: every request
+# first passes a hook that fails the test if it leaves the loopback address, so a code path that ignored our
+# endpoint shows up as a failure instead of a call to huggingface.co.
+def _refuse_non_loopback(request: httpx2.Request) -> None:
+    if request.url.host != "127.0.0.1":
+        raise AssertionError(f"Test tried to reach {request.url}; only the local Hub on 127.0.0.1 is allowed.")
+
+
+def _loopback_only_client() -> httpx2.Client:
+    client = _http.default_client_factory()
+    client.event_hooks["request"] = [_refuse_non_loopback, *client.event_hooks["request"]]
+    return client
+
+
+@dataclass(frozen=True)
+class LocalHub:
+    endpoint: str
+    store: LocalRepoStore  # the server's storage, for tests that tamper with it
+
+
+@pytest.fixture(scope="module")
+def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """Serve a fresh Hub for this module; default-endpoint calls (PEFT's included) go to it, online."""
+    root = tmp_path_factory.mktemp("hub")
+    previous_factory = _http._GLOBAL_CLIENT_FACTORY
+    huggingface_hub.set_client_factory(_loopback_only_client)
+    try:
+        with serve_local_hub(root / "repos") as url, use_hub_endpoint(url), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(constants, "HF_HUB_OFFLINE", False)
+            mp.setattr(constants, "HF_HUB_CACHE", str(root / "cache"))
+            yield LocalHub(url, LocalRepoStore(root / "repos"))
+    finally:
+        huggingface_hub.set_client_factory(previous_factory)
 
 
 @pytest.fixture

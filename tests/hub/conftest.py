@@ -1,60 +1,14 @@
-"""A local Hub per test module, and the real `huggingface_hub` client pointed at it and at nothing else.
-
-tests/conftest.py turns on HF_HUB_OFFLINE for the whole suite; here the client goes online again, but only towards
-127.0.0.1: every request first passes a hook that fails the test if it leaves the loopback address, so a code path
-that ignored our endpoint would show up as a failure instead of a call to huggingface.co.
-"""
+"""Fixtures of the Hub tests (the `local_hub` server fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
-import huggingface_hub
 import pytest
-from huggingface_hub import constants
-from huggingface_hub.utils import _http
 from peft import get_peft_model
 
 import peft_graft
-from peft_graft.hub import use_hub_endpoint
-from peft_graft.hub.local_server import serve_local_hub
-from peft_graft.hub.local_store import LocalRepoStore
-
-
-def _refuse_non_loopback(request: httpx2.Request) -> None:
-    if request.url.host != "127.0.0.1":
-        raise AssertionError(f"Test tried to reach {request.url}; only the local Hub on 127.0.0.1 is allowed.")
-
-
-def _loopback_only_client() -> httpx2.Client:
-    client = _http.default_client_factory()
-    client.event_hooks["request"] = [_refuse_non_loopback, *client.event_hooks["request"]]
-    return client
-
-
-@dataclass(frozen=True)
-class LocalHub:
-    endpoint: str
-    store: LocalRepoStore  # the server's storage, for tests that tamper with it
-
-
-@pytest.fixture(scope="module")
-def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
-    """Serve a fresh Hub for this module; default-endpoint calls (PEFT's included) go to it, online."""
-    root = tmp_path_factory.mktemp("hub")
-    previous_factory = _http._GLOBAL_CLIENT_FACTORY
-    huggingface_hub.set_client_factory(_loopback_only_client)
-    try:
-        with serve_local_hub(root / "repos") as url, use_hub_endpoint(url), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(constants, "HF_HUB_OFFLINE", False)
-            mp.setattr(constants, "HF_HUB_CACHE", str(root / "cache"))
-            yield LocalHub(url, LocalRepoStore(root / "repos"))
-    finally:
-        huggingface_hub.set_client_factory(previous_factory)
 
 
 _repo_numbers = itertools.count()

@@ -1,0 +1,21 @@
+"""Validation-gated growth: the Trainer callback, publishing, rollback and consolidation."""
+
+from .callback import GraftGateCallback, save_adapter, train_until_decided
+from .errors import BaseMismatchError, DriftError, NotAcceptedError
+from .lifecycle import Consolidation, compose, consolidate, rollback
+from .publish import HubTarget, push_accepted
+
+__all__ = [
+    "BaseMismatchError",
+    "Consolidation",
+    "DriftError",
+    "GraftGateCallback",
+    "HubTarget",
+    "NotAcceptedError",
+    "compose",
+    "consolidate",
+    "push_accepted",
+    "rollback",
+    "save_adapter",
+    "train_until_decided",
+]

@@ -1,0 +1,37 @@
+"""Pushing to the Hub is allowed only for grafts the registry holds as accepted, with a verified artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..registry import GraftRegistry, GraftStatus
+from .errors import NotAcceptedError
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    repo_id: str
+    endpoint: Optional[str] = None
+    token: Optional[str] = None
+    private: bool = False
+
+
+def push_accepted(registry: GraftRegistry, graft_id: str, hub: HubTarget) -> str:
+    """Upload an accepted graft (adapter files, registry metadata, model card); returns the commit sha."""
+    from ..hub import push_graft
+
+    record = registry.get(graft_id)
+    if record.status is not GraftStatus.ACCEPTED:
+        raise NotAcceptedError(
+            f"Graft {graft_id[:12]} is {record.status.value}, not accepted: only grafts that passed the gates may "
+            "be pushed."
+        )
+    folder = registry.artifact_dir(graft_id, verify=True)
+    commit = push_graft(
+        folder, hub.repo_id, metadata=record.to_dict(), metrics=record.metrics,
+        base_model=record.config.get("base_model_name_or_path"), endpoint=hub.endpoint, token=hub.token,
+        private=hub.private,
+    )
+    registry.audit.append("pushed", {"graft_id": graft_id, "repo_id": hub.repo_id, "commit": commit})
+    return commit

@@ -1,0 +1,222 @@
+"""`GraftRegistry`: which grafts exist, what they were trained on, and what was decided about them.
+
+Layout of ``root``: ``registry.sqlite`` (metadata, status history, audit trail) and ``artifacts/<graft_id>/``
+(the adapter files, content-addressed). Several processes may use one root at the same time.
+
+Ordering guarantees that nothing partial is ever visible: the artifact folder is published atomically *before* the
+database row commits, and the row, its history entry and its audit record commit in one transaction. A process
+killed in between leaves at most an orphan artifact folder, which no row points to: harmless (registering the same
+adapter again reuses it) and removed by `gc`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, utc_now
+from .consistency import check_tables
+from .database import Database
+from .errors import GraftMetadataError, RegistryError, UnknownGraftError
+from .metadata import as_dict, as_status, registration_fields
+from .provenance import git_commit, package_version
+from .record import GraftRecord, StatusChange
+from .status import GraftStatus, check_transition
+from .store import ArtifactStore
+from .tables import (
+    insert_graft,
+    insert_history,
+    select_children,
+    select_graft,
+    select_grafts,
+    select_history,
+    update_status,
+)
+
+_PUBLISH_ATTEMPTS = 3
+
+
+class GraftRegistry:
+    """Registry of grafts under ``root`` (created if missing). ``timeout``: seconds to wait for another writer."""
+
+    def __init__(self, root: str | os.PathLike, *, timeout: float = 30.0):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._store = ArtifactStore(self.root / "artifacts")
+        self._db = Database(self.root / "registry.sqlite", timeout)
+        self.audit = AuditLog(self._db)
+
+    def __repr__(self) -> str:
+        return f"GraftRegistry({str(self.root)!r})"
+
+    def register(
+        self,
+        adapter_dir: str | os.PathLike,
+        *,
+        base_fingerprint: str,
+        targets: list[str],
+        config: dict[str, Any],
+        metrics: dict[str, Any],
+        dataset_fingerprints: dict[str, str],
+        seeds: list[int],
+        status: GraftStatus | str,
+        parents: list[str] | tuple[str, ...] = (),
+        evidence: dict[str, Any] | None = None,
+    ) -> GraftRecord:
+        """Copy the adapter in ``adapter_dir`` into the registry and record it; return its record.
+
+        Idempotent: registering content that is already registered returns the existing record unchanged (the new
+        metadata is ignored; use `set_status` to change the status). Parents must be registered first.
+        """
+        fields = registration_fields(
+            base_fingerprint=base_fingerprint,
+            targets=targets,
+            config=config,
+            metrics=metrics,
+            dataset_fingerprints=dataset_fingerprints,
+            seeds=seeds,
+            status=status,
+            parents=parents,
+            evidence=evidence,
+        )
+        with self._db.transaction(write=False) as conn:  # fail before copying anything; re-checked below
+            missing = [p for p in fields["parents"] if select_graft(conn, p) is None]
+        if missing:
+            raise UnknownGraftError(f"Parent graft {missing[0]} is not registered; register it first.")
+
+        provenance = {"package_version": package_version(), "git_commit": git_commit()}  # not under the lock
+        for _ in range(_PUBLISH_ATTEMPTS):
+            staged = self._store.stage(adapter_dir)
+            self._store.publish(staged)
+            with self._db.transaction(write=True) as conn:
+                existing = select_graft(conn, staged.graft_id)
+                if existing is not None:
+                    return existing
+                if not self._store.path(staged.graft_id).is_dir():
+                    continue  # a concurrent gc() removed it as an orphan before our row existed: publish again
+                for parent in fields["parents"]:
+                    if parent == staged.graft_id:
+                        raise GraftMetadataError(f"Graft {parent} cannot be its own parent.")
+                    if select_graft(conn, parent) is None:
+                        raise UnknownGraftError(f"Parent graft {parent} is not registered; register it first.")
+                now = utc_now()
+                record = GraftRecord(
+                    graft_id=staged.graft_id,
+                    files=staged.files,
+                    **provenance,
+                    created_at=now,
+                    updated_at=now,
+                    **fields,
+                )
+                insert_graft(conn, record)
+                entry = append_record(conn, REGISTERED_EVENT, record.to_dict(), now)
+                insert_history(
+                    conn,
+                    StatusChange(record.graft_id, None, record.status, "registered", record.evidence, now, entry.seq),
+                )
+                return record
+        raise RegistryError(
+            f"The artifact of {adapter_dir} kept disappearing while registering; is another "
+            "process running gc(min_age_s=0) in a loop?"
+        )
+
+    def get(self, graft_id: str) -> GraftRecord:
+        with self._db.transaction(write=False) as conn:
+            record = select_graft(conn, graft_id)
+        if record is None:
+            raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
+        return record
+
+    def __contains__(self, graft_id: object) -> bool:
+        with self._db.transaction(write=False) as conn:
+            return isinstance(graft_id, str) and select_graft(conn, graft_id) is not None
+
+    def list(self, status: GraftStatus | str | None = None, base_fingerprint: str | None = None) -> list[GraftRecord]:
+        """Grafts in registration order, optionally only one status and/or one base model."""
+        status = None if status is None else as_status(status)
+        with self._db.transaction(write=False) as conn:
+            return select_grafts(conn, status, base_fingerprint)
+
+    def children(self, graft_id: str) -> list[str]:
+        """Ids of the grafts registered with ``graft_id`` as a parent (what a rollback may affect)."""
+        with self._db.transaction(write=False) as conn:
+            return select_children(conn, graft_id)
+
+    def history(self, graft_id: str) -> list[StatusChange]:
+        """Every status the graft has had, oldest first (the first entry is its registration)."""
+        with self._db.transaction(write=False) as conn:
+            changes = select_history(conn, graft_id)
+        if not changes:
+            raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
+        return changes
+
+    def set_status(
+        self, graft_id: str, new_status: GraftStatus | str, reason: str, evidence: dict[str, Any] | None = None
+    ) -> GraftRecord:
+        """Change a graft's status if the life cycle allows it (see status.py); return the updated record."""
+        new_status = as_status(new_status)
+        if not isinstance(reason, str) or not reason.strip():
+            raise GraftMetadataError("set_status needs a non-empty reason (it goes into the audit trail).")
+        evidence = as_dict("evidence", evidence, optional=True)
+        with self._db.transaction(write=True) as conn:
+            record = select_graft(conn, graft_id)
+            if record is None:
+                raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
+            check_transition(graft_id, record.status, new_status)
+            now = utc_now()
+            update_status(conn, graft_id, new_status, now)
+            payload = {
+                "graft_id": graft_id,
+                "from": record.status.value,
+                "to": new_status.value,
+                "reason": reason,
+                "evidence": evidence,
+                "at": now,
+            }
+            entry = append_record(conn, STATUS_EVENT, payload, now)
+            insert_history(conn, StatusChange(graft_id, record.status, new_status, reason, evidence, now, entry.seq))
+        return replace(record, status=new_status, updated_at=now)
+
+    def artifact_dir(self, graft_id: str, verify: bool = True) -> Path:
+        """Folder to load the graft from (``PeftModel.from_pretrained(base, path)``); re-hashed unless told not to.
+
+        Raises `ArtifactIntegrityError` naming the file and both hashes if anything changed since registration.
+        """
+        record = self.get(graft_id)
+        if verify:
+            return self._store.verify(graft_id, record.files)
+        return self._store.path(graft_id)
+
+    def verify(self, artifacts: bool = False) -> int:
+        """Check the audit chain and that the tables match it (and, with ``artifacts``, every artifact's bytes).
+
+        Returns the number of audit records; raises `AuditTamperedError` / `ArtifactIntegrityError`.
+        """
+        with self._db.transaction(write=False) as conn:
+            count = check_tables(conn)
+            records = select_grafts(conn)
+        if artifacts:
+            for record in records:
+                self._store.verify(record.graft_id, record.files)
+        return count
+
+    def gc(self, min_age_s: float = 3600.0) -> list[Path]:
+        """Remove orphan artifact folders (no row) and temp folders of killed processes older than ``min_age_s``.
+
+        Runs under the write lock, so no graft can commit a row for a folder while it is being removed; the age
+        threshold spares folders another process is still staging or about to register (use ``min_age_s=0`` only
+        when no other process is writing). Returns what was removed.
+        """
+        removed = []
+        for leftover in self._store.stale_temp_dirs(min_age_s):
+            self._store.remove_temp(leftover)
+            removed.append(leftover)
+        with self._db.transaction(write=True) as conn:
+            known = {row[0] for row in conn.execute("SELECT graft_id FROM grafts")}
+            for graft_id in self._store.published_ids():
+                if graft_id not in known and self._store.age_s(graft_id) >= min_age_s:
+                    self._store.unpublish(graft_id)
+                    removed.append(self._store.path(graft_id))
+        return removed

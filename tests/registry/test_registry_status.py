@@ -1,0 +1,74 @@
+"""The graft life cycle: every allowed status change works, every other one is refused and leaves no trace."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from registry_testing import register_kwargs
+
+from peft_graft.registry import ALLOWED_TRANSITIONS, GraftStatus, InvalidTransitionError
+
+S = GraftStatus
+# How to bring a fresh graft into each status: (status at registration, changes after it).
+_REACH = {
+    S.CANDIDATE: (S.CANDIDATE, ()),
+    S.ACCEPTED: (S.ACCEPTED, ()),
+    S.REJECTED: (S.REJECTED, ()),
+    S.DEFERRED: (S.DEFERRED, ()),
+    S.ROLLED_BACK: (S.ACCEPTED, (S.ROLLED_BACK,)),
+    S.CONSOLIDATED: (S.ACCEPTED, (S.CONSOLIDATED,)),
+}
+
+
+def _graft_in(registry, adapter, status: GraftStatus) -> str:
+    initial, changes = _REACH[status]
+    graft_id = registry.register(adapter(1), **register_kwargs(status=initial)).graft_id
+    for new in changes:
+        registry.set_status(graft_id, new, "setup")
+    return graft_id
+
+
+@pytest.mark.parametrize("old,new", list(itertools.product(S, S)), ids=lambda s: s.value)
+def test_transition_table_is_enforced(registry, adapter, old, new):
+    graft_id = _graft_in(registry, adapter, old)
+    audit_before = registry.audit.head()
+
+    if new in ALLOWED_TRANSITIONS[old]:
+        record = registry.set_status(graft_id, new, "because", evidence={"gain": 0.5})
+        assert record.status is new and registry.get(graft_id) == record
+        assert registry.history(graft_id)[-1].to_status is new
+    else:
+        with pytest.raises(InvalidTransitionError, match=f"is {old.value} and cannot become {new.value}"):
+            registry.set_status(graft_id, new, "because")
+        assert registry.get(graft_id).status is old and registry.audit.head() == audit_before
+    assert registry.verify() == registry.audit.head()[0]
+
+
+def test_rejected_graft_never_becomes_accepted(registry, adapter):
+    graft_id = registry.register(adapter(1), **register_kwargs()).graft_id
+    registry.set_status(graft_id, S.DEFERRED, "CI too wide")
+    registry.set_status(graft_id, S.DEFERRED, "still too wide")
+    registry.set_status(graft_id, S.REJECTED, "retention gate failed", evidence={"regression": 0.3})
+
+    with pytest.raises(InvalidTransitionError):
+        registry.set_status(graft_id, S.ACCEPTED, "try again")
+    # Registering the same bytes again cannot resurrect it either.
+    assert registry.register(adapter(1), **register_kwargs(status="ACCEPTED")).status is S.REJECTED
+
+    history = registry.history(graft_id)
+    assert [(h.from_status, h.to_status) for h in history] == [
+        (None, S.CANDIDATE),
+        (S.CANDIDATE, S.DEFERRED),
+        (S.DEFERRED, S.DEFERRED),
+        (S.DEFERRED, S.REJECTED),
+    ]
+    assert history[-1].reason == "retention gate failed" and history[-1].evidence == {"regression": 0.3}
+    assert [r.event for r in registry.audit.records()] == ["graft.registered"] + ["graft.status_changed"] * 3
+    assert [h.audit_seq for h in history] == [1, 2, 3, 4]
+
+
+def test_set_status_needs_a_reason(registry, adapter):
+    graft_id = registry.register(adapter(1), **register_kwargs()).graft_id
+    with pytest.raises(ValueError, match="reason"):
+        registry.set_status(graft_id, S.ACCEPTED, " ")
