@@ -1,55 +1,170 @@
-"""`peft-graft` command line."""
+"""`peft-graft` command line: inspect and verify adapters, and manage a graft registry and its Hub copies."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .artifacts import verify_adapter
 from .errors import PeftGraftError
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    summary = verify_adapter(args.path)
-    config = summary.config
-    report = {
-        "path": str(summary.path),
-        "r": config["r"],
-        "phi": config["phi"],
-        "projection": config["projection"],
-        "mode": config["mode"],
-        "modules": len(summary.modules),
-        "phi_params": summary.num_phi_params,
-        "stores_projections": summary.stores_projections,
-        "file_bytes": summary.file_bytes,
-        "base_model": config.get("base_model_name_or_path"),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
+def _print(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
     else:
         for key, value in report.items():
             print(f"{key:>20}: {value}")
+
+
+def _registry(root: str) -> Any:
+    from .registry import GraftRegistry
+
+    if not (Path(root) / "registry.sqlite").is_file():
+        raise PeftGraftError(f"{root} is not a graft registry (no registry.sqlite); check the path.")
+    return GraftRegistry(root)
+
+
+def _resolve(registry: Any, prefix: str) -> str:
+    """Full graft id from a unique prefix, as git does for commits."""
+    matches = [r.graft_id for r in registry.list() if r.graft_id.startswith(prefix)]
+    if len(matches) != 1:
+        raise PeftGraftError(f"{prefix!r} matches {len(matches)} grafts in {registry.root}; give more characters.")
+    return matches[0]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = verify_adapter(args.path)
+    config = summary.config
+    _print(
+        {
+            "path": str(summary.path),
+            "r": config["r"],
+            "phi": config["phi"],
+            "projection": config["projection"],
+            "mode": config["mode"],
+            "modules": len(summary.modules),
+            "phi_params": summary.num_phi_params,
+            "stores_projections": summary.stores_projections,
+            "file_bytes": summary.file_bytes,
+            "base_model": config.get("base_model_name_or_path"),
+        },
+        args.json,
+    )
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if (Path(args.path) / "registry.sqlite").is_file():
+        count = _registry(args.path).verify(artifacts=True)
+        print(f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it")
+        return 0
     summary = verify_adapter(args.path)
     print(f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)")
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    records = _registry(args.root).list(status=args.status.upper() if args.status else None)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        return 0
+    for r in records:
+        print(f"{r.graft_id[:12]}  {r.status.value:<12} {r.config.get('adapter_name', '?'):<16} {r.created_at}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    registry = _registry(args.root)
+    graft_id = _resolve(registry, args.graft_id)
+    report = registry.get(graft_id).to_dict()
+    report["history"] = [
+        {"from": h.from_status and h.from_status.value, "to": h.to_status.value, "reason": h.reason}
+        for h in registry.history(graft_id)
+    ]
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .growth import rollback
+
+    registry = _registry(args.root)
+    graft_id = _resolve(registry, args.graft_id)
+    rollback(registry, graft_id, reason=args.reason)
+    print(f"rolled back {graft_id[:12]}: `compose` no longer loads it")
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .growth import compose, consolidate
+
+    registry = _registry(args.root)
+    model = compose(AutoModelForCausalLM.from_pretrained(args.base), registry)
+    vocab = model.get_base_model().config.vocab_size
+    probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = consolidate(model, registry, args.out, probe, atol=args.atol)
+    _print({"path": result.path, "base_fingerprint": result.base_fingerprint, "max_drift": result.max_drift,
+            "grafts": [g[:12] for g in result.graft_ids]}, args.json)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .growth import HubTarget, push_accepted
+
+    registry = _registry(args.root)
+    graft_id = _resolve(registry, args.graft_id)
+    commit = push_accepted(registry, graft_id, HubTarget(args.repo_id, endpoint=args.endpoint, token=args.token))
+    print(f"pushed {graft_id[:12]} to {args.repo_id} (commit {commit})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .hub import pull_graft
+
+    path = pull_graft(args.repo_id, args.local_dir, revision=args.revision, endpoint=args.endpoint, token=args.token)
+    print(f"pulled {args.repo_id} into {path} (hashes verified)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect and check graft adapters.")
+    parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect graft adapters and manage a registry.")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="Summarise a saved graft adapter folder.")
-    inspect.add_argument("path")
-    inspect.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
-    inspect.set_defaults(func=_inspect)
-    verify = sub.add_parser("verify", help="Check a saved graft adapter folder is complete and finite.")
-    verify.add_argument("path")
-    verify.set_defaults(func=_verify)
+
+    def command(name: str, func: Any, help: str, *positionals: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        for positional in positionals:
+            p.add_argument(positional)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
+        p.set_defaults(func=func)
+        return p
+
+    command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path", json_flag=True)
+    command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
+    command("list", _list, "List the grafts of a registry.", "root", json_flag=True).add_argument(
+        "--status", help="Only grafts with this status (accepted, rejected, deferred, ...)."
+    )
+    command("show", _show, "Show one graft's record and status history.", "root", "graft_id")
+    command("rollback", _rollback, "Take an accepted graft out of the composition.", "root", "graft_id").add_argument(
+        "--reason", default="rolled back from the command line"
+    )
+    consolidate = command("consolidate", _consolidate, "Merge accepted grafts into a new base.", "root", json_flag=True)
+    consolidate.add_argument("--base", required=True, help="Folder of the base model the grafts were trained on.")
+    consolidate.add_argument("--out", required=True, help="Folder to write the consolidated base to.")
+    consolidate.add_argument("--atol", type=float, default=1e-5, help="Largest allowed |Δlogit| vs unmerged.")
+    push = command("push", _push, "Push an accepted graft to the Hub.", "root", "graft_id", "repo_id")
+    pull = command("pull", _pull, "Download a graft from the Hub and verify it.", "repo_id", "local_dir")
+    pull.add_argument("--revision")
+    for p in (push, pull):
+        p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
+        p.add_argument("--token")
     return parser
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
 from peft import get_peft_model
 
 from peft_graft import GraftConfig
@@ -37,3 +38,65 @@ def test_verify_fails_on_a_truncated_file(tiny_llama, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-64])
     bad = subprocess.run([sys.executable, "-m", "peft_graft.cli", "verify", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 1 and "truncated or corrupt" in bad.stderr
+
+
+@pytest.fixture
+def registry_with_two(tiny_llama, tmp_path):
+    """A registry with one accepted and one rejected graft for a saved tiny base."""
+    from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    registry = GraftRegistry(tmp_path / "registry")
+    ids = {}
+    for name, status, seed in (("good", GraftStatus.ACCEPTED, 1), ("bad", GraftStatus.REJECTED, 2)):
+        model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], init_weights=False, seed=seed),
+                               adapter_name=name)
+        model.save_pretrained(tmp_path / "adapters")
+        ids[name] = registry.register(
+            tmp_path / "adapters" / name if name != "default" else tmp_path / "adapters",
+            base_fingerprint=base_model_fingerprint(tiny_llama()), targets=["q_proj"],
+            config={**model.peft_config[name].to_dict(), "adapter_name": name}, metrics={"gain": 0.1},
+            dataset_fingerprints={}, seeds=[seed], status=status,
+        ).graft_id
+    return registry, base_dir, ids
+
+
+def test_registry_commands(registry_with_two, tmp_path, capsys, local_hub):
+    registry, base_dir, ids = registry_with_two
+    root = str(registry.root)
+    assert main(["list", root, "--json"]) == 0
+    listed = {r["graft_id"]: r["status"] for r in json.loads(capsys.readouterr().out)}
+    assert listed == {ids["good"]: "ACCEPTED", ids["bad"]: "REJECTED"}
+    assert main(["show", root, ids["bad"][:10]]) == 0
+    assert json.loads(capsys.readouterr().out)["history"][0]["to"] == "REJECTED"
+    assert main(["verify", root]) == 0 and "audit chain" in capsys.readouterr().out
+
+    assert main(["push", root, ids["bad"][:10], "grafts/bad", "--endpoint", local_hub.endpoint]) == 1
+    assert "not accepted" in capsys.readouterr().err
+    assert main(["push", root, ids["good"][:10], "grafts/good", "--endpoint", local_hub.endpoint]) == 0
+    assert main(["pull", "grafts/good", str(tmp_path / "pulled"), "--endpoint", local_hub.endpoint]) == 0
+    assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (
+        registry.artifact_dir(ids["good"]) / "adapter_model.safetensors"
+    ).read_bytes()
+    capsys.readouterr()
+
+    assert main(["consolidate", root, "--base", str(base_dir), "--out", str(tmp_path / "v2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_drift"] <= 1e-5
+    assert (tmp_path / "v2" / "config.json").is_file()
+    assert registry.get(ids["good"]).status.value == "CONSOLIDATED"
+    assert main(["rollback", root, ids["bad"][:10]]) == 1
+
+
+def test_verify_detects_an_edited_audit_record(registry_with_two, capsys):
+    import sqlite3
+
+    registry, _, _ = registry_with_two
+    with sqlite3.connect(registry.root / "registry.sqlite") as conn:
+        tables = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
+        audit = next(t for t in tables if "audit" in t)
+        for (trigger,) in conn.execute("select name from sqlite_master where type='trigger'").fetchall():
+            conn.execute(f"drop trigger {trigger}")  # a tamperer with file access can drop the append-only guard
+        conn.execute(f"update {audit} set payload = replace(payload, 'REJECTED', 'ACCEPTED')")
+    assert main(["verify", str(registry.root)]) == 1
+    assert "audit" in capsys.readouterr().err.lower()

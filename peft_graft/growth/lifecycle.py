@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -54,14 +54,16 @@ def compose(base: Any, registry: GraftRegistry, verify: bool = True) -> Any:
     return model
 
 
-def rollback(model: Any, registry: GraftRegistry, graft_id: str, reason: str = "rolled back") -> None:
-    """Remove accepted graft ``graft_id`` from ``model`` (a PeftModel) and mark it rolled back.
+def rollback(registry: GraftRegistry, graft_id: str, model: Optional[Any] = None, reason: str = "rolled back") -> None:
+    """Take accepted graft ``graft_id`` out of the composition: mark it rolled back, and remove it from ``model``.
 
-    Unmerged, the model then computes exactly what it computed before the graft was added. If adapters were merged,
-    they are unmerged first and the remaining ones re-merged (float rounding applies: ~1e-6 relative in fp32).
+    The registry decides what `compose` loads, so a rollback without a model (e.g. from the CLI) already takes
+    effect the next time the model is composed. With ``model`` (a PeftModel), the unmerged model then computes
+    exactly what it computed before the graft was added; if adapters were merged they are unmerged first and the
+    others re-merged (float rounding applies: ~1e-6 relative in fp32).
     """
     adapter = _accepted_record(registry, graft_id).config["adapter_name"]
-    if adapter in model.peft_config:
+    if model is not None and adapter in model.peft_config:
         merged = sorted({a for m in model.modules() for a in getattr(m, "merged_adapters", [])})
         if merged:
             model.unmerge_adapter()

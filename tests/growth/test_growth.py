@@ -128,13 +128,13 @@ def test_trainer_callback_accepts_then_rollback_restores_exactly(grown, tmp_path
         pulled = PeftModel.from_pretrained(copy.deepcopy(model.get_base_model()), "grafts/new-domain")
     assert pulled is not None
 
-    rollback(model, registry, new_id)
+    rollback(registry, new_id, model)
     model.base_model.set_adapter("old")
     assert torch.equal(model(input_ids=probe).logits, before)
     assert registry.get(new_id).status is GraftStatus.ROLLED_BACK
     assert "new" not in model.peft_config
     with pytest.raises(NotAcceptedError):
-        rollback(model, registry, new_id)
+        rollback(registry, new_id, model)
 
 
 def test_deferred_candidate_is_retried_then_rejected_never_dropped(grown, tmp_path):
