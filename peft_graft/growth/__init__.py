@@ -1,7 +1,7 @@
 """Validation-gated growth: the Trainer callback, publishing, rollback and consolidation."""
 
 from .callback import GraftGateCallback, save_adapter, train_until_decided
-from .errors import BaseMismatchError, DriftError, NotAcceptedError
+from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
 from .lifecycle import Consolidation, compose, consolidate, rollback
 from .publish import HubTarget, push_accepted
 
@@ -11,7 +11,7 @@ __all__ = [
     "DriftError",
     "GraftGateCallback",
     "HubTarget",
-    "NotAcceptedError",
+    "GraftNotAcceptedError",
     "compose",
     "consolidate",
     "push_accepted",

@@ -14,13 +14,13 @@ import torch
 
 from ..gates.context import composed
 from ..registry import GraftRecord, GraftRegistry, GraftStatus, base_model_fingerprint
-from .errors import BaseMismatchError, DriftError, NotAcceptedError
+from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
 
 
 def _accepted_record(registry: GraftRegistry, graft_id: str) -> GraftRecord:
     record = registry.get(graft_id)
     if record.status is not GraftStatus.ACCEPTED:
-        raise NotAcceptedError(f"Graft {graft_id[:12]} is {record.status.value}; only accepted grafts can be undone.")
+        raise GraftNotAcceptedError(f"Graft {graft_id[:12]} is {record.status.value}; only accepted grafts can be undone.")
     return record
 
 
@@ -93,7 +93,7 @@ def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     records = [r for r in registry.list(status=GraftStatus.ACCEPTED) if r.config["adapter_name"] in model.peft_config]
     if not records:
-        raise NotAcceptedError("No accepted graft of the registry is present in this model: nothing to consolidate.")
+        raise GraftNotAcceptedError("No accepted graft of the registry is present in this model: nothing to consolidate.")
     names = [r.config["adapter_name"] for r in records]
     model.eval()
     with composed(model, names):

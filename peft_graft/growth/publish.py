@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..registry import GraftRegistry, GraftStatus
-from .errors import NotAcceptedError
+from ..errors import GraftNotAcceptedError
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ def push_accepted(registry: GraftRegistry, graft_id: str, hub: HubTarget) -> str
 
     record = registry.get(graft_id)
     if record.status is not GraftStatus.ACCEPTED:
-        raise NotAcceptedError(
+        raise GraftNotAcceptedError(
             f"Graft {graft_id[:12]} is {record.status.value}, not accepted: only grafts that passed the gates may "
             "be pushed."
         )

@@ -8,7 +8,7 @@ at another Hub, such as the Hub-compatible test server in `peft_graft.hub.local_
 """
 
 from .endpoint import use_hub_endpoint
-from .errors import (
+from ..errors import (
     GraftIntegrityError,
     GraftMetadataError,
     GraftNotAcceptedError,

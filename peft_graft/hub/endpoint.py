@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from huggingface_hub import constants
 from huggingface_hub import hf_api as _hf_api
 
-from .errors import HubOfflineError
+from ..errors import HubOfflineError
 
 
 @contextlib.contextmanager

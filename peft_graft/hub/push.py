@@ -17,7 +17,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from ..artifacts import read_adapter
 from .card import render_card
 from .endpoint import require_online
-from .errors import GraftIntegrityError
+from ..errors import GraftIntegrityError
 from .record import GRAFT_METADATA_NAME, build_record, dumps_record, graft_label, require_accepted, sha256_hex
 
 README_NAME = "README.md"

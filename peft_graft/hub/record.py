@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
-from .errors import GraftIntegrityError, GraftMetadataError, GraftNotAcceptedError
+from ..errors import GraftIntegrityError, GraftMetadataError, GraftNotAcceptedError
 
 GRAFT_METADATA_NAME = "graft_metadata.json"
 ARTIFACT_SHA256_KEY = "artifact_sha256"

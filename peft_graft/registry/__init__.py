@@ -12,7 +12,7 @@ reg.verify()  # audit chain + tables; raises if anything was edited behind the r
 from .audit import AuditLog, AuditRecord
 from .content import adapter_content_id
 from .data_fingerprint import dataset_fingerprint
-from .errors import (
+from ..errors import (
     ArtifactIntegrityError,
     AuditTamperedError,
     FingerprintError,

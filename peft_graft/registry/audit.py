@@ -21,7 +21,7 @@ from typing import Any
 
 from .canonical import canonical_json, to_plain
 from .database import Database
-from .errors import AuditTamperedError, GraftMetadataError
+from ..errors import AuditTamperedError, GraftMetadataError
 
 GENESIS_HASH = "0" * 64
 RESERVED_PREFIX = "graft."  # events the registry itself writes (and replays in GraftRegistry.verify)

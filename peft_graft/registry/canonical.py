@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import PurePath
 from typing import Any
 
-from .errors import GraftMetadataError
+from ..errors import GraftMetadataError
 
 
 def _plain(value: Any) -> Any:

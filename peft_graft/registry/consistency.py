@@ -14,7 +14,7 @@ from typing import Any
 
 from .audit import REGISTERED_EVENT, STATUS_EVENT, verify_chain
 from .canonical import canonical_json
-from .errors import AuditTamperedError
+from ..errors import AuditTamperedError
 from .record import StatusChange
 from .status import GraftStatus
 from .tables import select_grafts, select_history

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .canonical import canonical_json
-from .errors import FingerprintError
+from ..errors import FingerprintError
 
 _SCHEME = b"peft-graft/dataset-fingerprint/v1\n"
 _BATCH_ROWS = 1024  # fixed, so batch boundaries (and hence the byte stream) never depend on the caller

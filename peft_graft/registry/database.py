@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RegistryBusyError, RegistryCorruptError, RegistryError, RegistryVersionError
+from ..errors import RegistryBusyError, RegistryCorruptError, RegistryError, RegistryVersionError
 from .store import fsync_dir
 
 SCHEMA_VERSION = 1

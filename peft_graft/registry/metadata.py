@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .canonical import to_plain
-from .errors import GraftMetadataError
+from ..errors import GraftMetadataError
 from .status import INITIAL_STATUSES, GraftStatus
 
 

@@ -19,7 +19,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-from .errors import FingerprintError
+from ..errors import FingerprintError
 
 _SCHEME = b"peft-graft/base-model-fingerprint/v1\n"
 

@@ -19,7 +19,7 @@ from typing import Any
 from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, utc_now
 from .consistency import check_tables
 from .database import Database
-from .errors import GraftMetadataError, RegistryError, UnknownGraftError
+from ..errors import GraftMetadataError, RegistryError, UnknownGraftError
 from .metadata import as_dict, as_status, registration_fields
 from .provenance import git_commit, package_version
 from .record import GraftRecord, StatusChange

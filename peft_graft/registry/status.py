@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .errors import InvalidTransitionError
+from ..errors import InvalidTransitionError
 
 
 class GraftStatus(str, Enum):

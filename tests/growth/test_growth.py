@@ -15,7 +15,7 @@ from peft_graft.growth import (
     BaseMismatchError,
     GraftGateCallback,
     HubTarget,
-    NotAcceptedError,
+    GraftNotAcceptedError,
     compose,
     consolidate,
     push_accepted,
@@ -24,21 +24,15 @@ from peft_graft.growth import (
 )
 from peft_graft.hub import use_hub_endpoint
 from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint
+from synthetic_domains import rule_blocks
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 
-def domain(seed, n, lo, hi, length=16):
-    """Within [lo, hi) the next token is usually the previous one plus one: a learnable 'domain'."""
-    g = torch.Generator().manual_seed(seed)
-    width = hi - lo
-    steps = torch.where(torch.rand(n, length, generator=g) < 0.75, 1, torch.randint(0, width, (n, length), generator=g))
-    steps[:, 0] = torch.randint(0, width, (n,), generator=g)
-    return lo + steps.cumsum(1) % width
-
-
-OLD = GrowthData(train=domain(1, 64, 0, 64), acceptance=domain(2, 24, 0, 64))
-NEW = GrowthData(train=domain(3, 64, 64, 128), acceptance=domain(4, 24, 64, 128), retention=domain(2, 24, 0, 64))
+OLD = GrowthData(train=rule_blocks(1, 64, 0, 64), acceptance=rule_blocks(2, 24, 0, 64))
+NEW = GrowthData(
+    train=rule_blocks(3, 64, 64, 128), acceptance=rule_blocks(4, 24, 64, 128), retention=rule_blocks(2, 24, 0, 64)
+)
 
 
 class AlwaysDefer(Gate):
@@ -106,7 +100,7 @@ def test_regressing_candidate_is_rejected_and_never_pushed(grown, tmp_path, loca
     assert record.status is GraftStatus.REJECTED and record.parents == (old_id,)
     assert "retention" in record.evidence["reason"]
     assert callback.pushed_commit is None and not local_hub.store.exists("grafts/never")
-    with pytest.raises(NotAcceptedError):
+    with pytest.raises(GraftNotAcceptedError):
         push_accepted(registry, record.graft_id, hub)
 
 
@@ -133,7 +127,7 @@ def test_trainer_callback_accepts_then_rollback_restores_exactly(grown, tmp_path
     assert torch.equal(model(input_ids=probe).logits, before)
     assert registry.get(new_id).status is GraftStatus.ROLLED_BACK
     assert "new" not in model.peft_config
-    with pytest.raises(NotAcceptedError):
+    with pytest.raises(GraftNotAcceptedError):
         rollback(registry, new_id, model)
 
 

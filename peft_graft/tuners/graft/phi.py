@@ -136,32 +136,25 @@ class LowRankPhi(Phi):
         self.Q.copy_(Vh[:k].T * root)
 
 
-class HadamardPhi(Phi):
+class HadamardPhi(LowRankPhi):
     """Φ = (P Qᵀ) ⊙ (R Sᵀ): 4·r·k numbers for rank up to k² (the LoHa construction)."""
 
     init_std = 0.7
 
     def __init__(self, r: int, rank: int) -> None:
-        super().__init__(r)
-        self.P = nn.Parameter(torch.zeros(r, rank))
-        self.Q = nn.Parameter(torch.zeros(r, rank))
+        super().__init__(r, rank)
         self.R = nn.Parameter(torch.zeros(r, rank))
         self.S = nn.Parameter(torch.zeros(r, rank))
 
     def matrix(self) -> torch.Tensor:
-        return (self.P @ self.Q.T) * (self.R @ self.S.T)
+        return super().matrix() * (self.R @ self.S.T)
 
-    def _zero_for_identity(self) -> None:
-        self.P.zero_()
+    forward = Phi.forward  # the Hadamard product needs the r×r matrix
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
         # With R Sᵀ = all-ones, Φ reduces to the best rank-k P Qᵀ.
-        k = self.P.shape[1]
-        U, S, Vh = torch.linalg.svd(target.float())
-        root = S[:k].sqrt()
-        self.P.copy_(U[:, :k] * root)
-        self.Q.copy_(Vh[:k].T * root)
+        super().fit(target)
         self.R.zero_()
         self.S.zero_()
         self.R[:, 0] = 1.0
