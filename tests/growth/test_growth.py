@@ -167,3 +167,15 @@ def test_compose_rebuilds_the_accepted_model_and_refuses_another_base(grown, tin
     assert torch.equal(composed(input_ids=probe).logits, model(input_ids=probe).logits)
     with pytest.raises(BaseMismatchError, match="was trained on this base"):
         compose(tiny_llama(hidden_size=32, intermediate_size=64), registry)
+
+
+def test_rollback_of_a_merged_graft_is_exact_within_float_rounding(grown):
+    registry, model, old_id = grown
+    probe = OLD.acceptance[:4]
+    with model.disable_adapter():
+        base_logits = model(input_ids=probe).logits
+    model.merge_adapter(["old"])
+    rollback(registry, old_id, model)
+    assert "old" not in model.peft_config
+    after = model.base_model.model(input_ids=probe).logits  # no adapter left: PEFT has no active config
+    torch.testing.assert_close(after, base_logits, atol=1e-5, rtol=0)  # unmerge = subtracting ΔW again in fp32
