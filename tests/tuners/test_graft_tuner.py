@@ -117,7 +117,7 @@ def test_orthogonal_artifact_holds_only_phi(tiny_llama, tmp_path):
     assert not [k for k in tensors if k.endswith((".A", ".B"))], "projections must be regenerated, not stored"
     data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     phi_bytes = n_modules * r * r * 4
-    verification_bytes = n_modules * (2 + 1) * 8  # base shape (out, in) + projection fingerprint, int64
+    verification_bytes = n_modules * 3 * 8  # signature: base shape (out, in) + projection fingerprint, int64
     assert data_bytes == phi_bytes + verification_bytes
     header = int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size == 8 + header + data_bytes

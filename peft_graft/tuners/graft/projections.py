@@ -22,12 +22,12 @@ def derived_seed(seed: int, module_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def fingerprint(*tensors: torch.Tensor) -> torch.Tensor:
-    """First 8 bytes of the sha256 of the fp32 values, as a 1-element int64 tensor."""
+def fingerprint(*tensors: torch.Tensor) -> int:
+    """First 8 bytes of the sha256 of the fp32 values, as a signed 64-bit integer."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)], dtype=torch.int64)
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
 
 
 def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +89,9 @@ def gradient_projections(weight_grad: torch.Tensor, r: int) -> tuple[torch.Tenso
 class GraftProjection(nn.Module):
     """Holds A, B and the metadata needed to verify them on load.
 
-    ``shape`` ([out, in] of the base layer) is always saved, so loading onto a different base names the module and
-    both shapes. ``fingerprint`` is saved and checked when A and B are regenerated instead of stored.
+    ``signature`` = [out, in, fingerprint of A and B] (int64) is always saved: loading onto a base with other shapes
+    names the module and both shapes, and regenerated (not stored) projections must match the fingerprint. One
+    small tensor rather than two keeps the safetensors header, which dominates tiny artifacts, short.
     """
 
     def __init__(
@@ -110,8 +111,7 @@ class GraftProjection(nn.Module):
         else:
             self.register_buffer("A", A, persistent=stored)
             self.register_buffer("B", B, persistent=stored)
-        self.register_buffer("shape", torch.tensor(base_shape, dtype=torch.int64))
-        self.register_buffer("fingerprint", fingerprint(A, B), persistent=not stored)
+        self.register_buffer("signature", torch.tensor([*base_shape, fingerprint(A, B)], dtype=torch.int64))
         self._register_load_state_dict_pre_hook(self._verify_incoming, with_module=False)
 
     @torch.no_grad()
@@ -119,23 +119,24 @@ class GraftProjection(nn.Module):
         """Replace A and B (after calibration) keeping device, dtype and trainability."""
         self.A.copy_(A)
         self.B.copy_(B)
-        self.fingerprint.copy_(fingerprint(A, B))
+        self.signature[2] = fingerprint(A, B)
 
     def _verify_incoming(self, state_dict: dict, prefix: str, *args) -> None:
+        incoming = state_dict.get(prefix + "signature")
+        if incoming is None:
+            return
         module = prefix.removeprefix("base_model.model.").rpartition(".graft_proj.")[0]
-        incoming_shape = state_dict.get(prefix + "shape")
-        if incoming_shape is not None and not torch.equal(incoming_shape.cpu(), self.shape.cpu()):
+        incoming, own = incoming.cpu().tolist(), self.signature.cpu().tolist()
+        if incoming[:2] != own[:2]:
             raise ShapeMismatchError(
-                f"The adapter was trained on a base whose module {module!r} has weight shape "
-                f"{tuple(incoming_shape.tolist())} (out, in), but this base has {tuple(self.shape.tolist())}. "
-                "Load the adapter onto the base model it was trained for (see base_model_name_or_path in "
-                "adapter_config.json)."
+                f"The adapter was trained on a base whose module {module!r} has weight shape {tuple(incoming[:2])} "
+                f"(out, in), but this base has {tuple(own[:2])}. Load the adapter onto the base model it was trained "
+                "for (see base_model_name_or_path in adapter_config.json)."
             )
-        incoming_print = state_dict.get(prefix + "fingerprint")
-        if incoming_print is not None and not torch.equal(incoming_print.cpu(), self.fingerprint.cpu()):
+        if not self.stored and incoming[2] != own[2]:
             raise ProjectionMismatchError(
                 f"The seeded projections regenerated for {module!r} differ from those the adapter was trained with "
-                f"(fingerprint {int(incoming_print.item()):#x} saved, {int(self.fingerprint.item()):#x} now). This "
-                "happens when the torch build generates different random numbers or the seed/module names changed. "
-                "Load it with the torch version it was trained with, or retrain with save_projections=True."
+                f"(fingerprint {incoming[2]:#x} saved, {own[2]:#x} now). This happens when the torch build generates "
+                "different random numbers or the seed/module names changed. Load it with the torch version it was "
+                "trained with, or retrain with save_projections=True."
             )
