@@ -94,7 +94,7 @@ def main() -> None:
     # A first graft for the old domain, accepted on its own merits.
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            GraftConfig(r=args.r, target_modules=TARGETS), adapter_name="news")
-    news_gates = GateSet([MinimumGain(min_gain=0.0), FiniteWeights(), budget, ExactRecomposition(atol=1e-4)])
+    news_gates = GateSet([MinimumGain(min_gain=0.0), FiniteWeights(), budget, ExactRecomposition(rtol=1e-5)])
     news_cb = GraftGateCallback(news_gates, news, candidate="news", registry=registry)
     train_candidate(model, "news", news, news_cb, lr=2e-3, args=args)
     news_id = news_cb.graft_ids[-1]
@@ -103,7 +103,7 @@ def main() -> None:
     plays = GrowthData(train=plays.train, acceptance=plays.acceptance, early_stopping=plays.early_stopping,
                        retention=news.acceptance)
     play_gates = GateSet([MinimumGain(min_gain=0.0), Retention(max_regression=0.02), FiniteWeights(), budget,
-                          ExactRecomposition(atol=1e-4)])
+                          ExactRecomposition(rtol=1e-5)])
     probe = news.acceptance[:2]
     model.base_model.set_adapter("news")
     before = model(input_ids=probe).logits
@@ -136,7 +136,7 @@ def main() -> None:
     print(f"\n== rollback of {play_id[:12]}: composed model identical to before it: "
           f"{torch.equal(model(input_ids=probe).logits, before)}")
 
-    result = consolidate(model, registry, args.output_dir / "base-v2", probe)
+    result = consolidate(model, registry, args.output_dir / "base-v2", probe, rtol=1e-5)
     print(f"== consolidated {[g[:12] for g in result.graft_ids]} into {result.path}: max |Δlogit| {result.max_drift:.1e},"
           f" new base fingerprint {result.base_fingerprint[:16]}")
     print(f"== audit trail intact: {registry.verify(artifacts=True)} records")

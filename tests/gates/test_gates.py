@@ -125,11 +125,13 @@ def test_non_finite_candidate_is_rejected(grown):
     assert report.decision is Decision.REJECT and report.results[0].evidence["non_finite"]
 
 
-def test_gates_leave_activity_and_trainability_as_they_were(grown):
+def test_gates_leave_weights_activity_and_trainability_as_they_were(grown):
     model, data = grown
     model.base_model.set_adapter("new")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     GateSet([MinimumGain(), ExactRecomposition(atol=1e-4)]).decide(GateContext(model, "new", data, accepted=["old"]))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()), "merge round trip left rounding"
     assert model.base_model.active_adapters == ["new"]
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
