@@ -9,6 +9,7 @@ import textwrap
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from peft_graft.hub import push_graft
 
@@ -32,6 +33,7 @@ _CHILD = textwrap.dedent(
     from huggingface_hub.utils import _http
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import load_file, save_file
 
     def loopback_only():
         client = _http.default_client_factory()
@@ -44,7 +46,7 @@ _CHILD = textwrap.dedent(
     base = LlamaForCausalLM(LlamaConfig.from_json_file(config_file)).eval()
     model = PeftModel.from_pretrained(base, repo_id).eval()
     with torch.no_grad():
-        torch.save(model(torch.load(tokens_file)).logits, tokens_file + ".logits")
+        save_file({"logits": model(load_file(tokens_file)["tokens"]).logits}, tokens_file + ".logits")
     """
 )
 
@@ -56,7 +58,7 @@ def test_hf_endpoint_in_the_environment_is_all_a_user_needs(
     push_graft(adapter, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
     base = tiny_llama()
     base.config.to_json_file(tmp_path / "config.json")
-    torch.save(tokens, tmp_path / "tokens.pt")
+    save_file({"tokens": tokens}, tmp_path / "tokens.pt")
     env = {
         **os.environ,
         "HF_ENDPOINT": local_hub.endpoint,
@@ -70,4 +72,4 @@ def test_hf_endpoint_in_the_environment_is_all_a_user_needs(
 
     with torch.no_grad():
         expected = PeftModel.from_pretrained(base, adapter).eval()(tokens).logits
-    assert torch.equal(torch.load(tmp_path / "tokens.pt.logits"), expected)
+    assert torch.equal(load_file(tmp_path / "tokens.pt.logits")["logits"], expected)
