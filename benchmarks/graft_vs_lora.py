@@ -12,7 +12,8 @@ Protocol (identical for every method):
 - Training: same target modules (q_proj, v_proj unless the method says otherwise), steps, batch, sequence length;
   AdamW (weight decay 0), constant learning rate, gradient-norm clip 1.0.
 - Learning rate: each method picks the best of its own small grid by validation loss after a run with seed 0; the
-  test split is never used for that choice. An lr at the edge of its grid is marked with '*'.
+  test split is never used for that choice. While the best lr sits at the edge of the grid, the grid is extended
+  one step in that direction (--lr-extensions times at most); an lr still at the edge is marked with '*'.
 - Reported: test loss gain over the method's own base (fp32 or NF4) in nats/token, from --seeds fresh runs (seeds
   1..N, none of them the tuning run) at the chosen lr: mean and 95% Student-t interval over seeds. A seed draws
   which training blocks are used and in which order, and every random init: torch's global generator (LoRA's A),
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 64; quick 32)")
     p.add_argument("--seeds", type=int, default=None, help="final seeds per method (default 3; quick 2)")
     p.add_argument("--lrs", type=int, default=None, help="lr grid size per method, max 3 (default 3; quick 2)")
+    p.add_argument("--lr-extensions", type=int, default=None,
+                   help="extra lrs tried one grid step beyond the best while it sits at the grid's edge (default 2; "
+                        "quick 1)")
     p.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(lib.METHOD_BY_NAME))
     p.add_argument("--targets", default="q_proj,v_proj", help="target modules of every method but graft_spread_all")
     p.add_argument("--threads", type=int, default=None,
@@ -73,12 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per probe (default 7; quick 2)")
     p.add_argument("--probe-mode", choices=("subprocess", "in-process"), default=None,
                    help="fresh process per adapter (default) or in this process (quick's default; memory unisolated)")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs from OUTPUT_DIR/graft_vs_lora.runs.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished runs and probes from OUTPUT_DIR/graft_vs_lora.runs.jsonl (kept after a run, "
+                        "so a finished benchmark can be extended)")
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: run one probe, write --probe-out
     p.add_argument("--probe-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = dict(steps=(3, 30), batch_size=(4, 8), seq_len=(32, 64), seeds=(2, 3), lrs=(2, 3), repeats=(2, 7),
+    defaults = dict(steps=(3, 30), batch_size=(4, 8), seq_len=(32, 64), seeds=(2, 3), lrs=(2, 3), lr_extensions=(1, 2),
+                    repeats=(2, 7),
                     probe_mode=("in-process", "subprocess"), threads=(1, None))
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
@@ -125,27 +132,8 @@ def lr_grid(args, method: lib.Method) -> tuple[float, ...]:
 # ---------------------------------------------------------------------------------------------------- probes
 
 
-def run_probe(args, method: lib.Method, model_dir: Path, data) -> dict:
-    if args.probe_mode == "in-process":
-        return lib.probe(method, model_dir, data, args.target_list, args.batch_size, args.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "probe.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", method.name, "--probe-out", str(out),
-               "--model-dir", str(model_dir), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-               "--repeats", str(args.repeats), "--targets", args.targets]
-        cmd += ["--quick"] if args.quick else []
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not out.exists():
-            raise RuntimeError(f"probe {method.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        return json.loads(out.read_text())
-
-
-# ---------------------------------------------------------------------------------------------------- training runs
-
-
 class RunCache:
-    """Finished runs, one JSON line each, so an interrupted benchmark can --resume."""
+    """Finished runs and probes, one JSON line each, so an interrupted or finished benchmark can --resume."""
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path, self.runs = path, {}
@@ -163,6 +151,34 @@ class RunCache:
         self.runs[run["key"]] = run
         with self.path.open("a") as f:
             f.write(json.dumps(run) + "\n")
+
+
+def run_probe(args, method: lib.Method, model_dir: Path, data, cache: RunCache) -> dict:
+    key = (f"probe|{method.name}|{args.batch_size}|{args.seq_len}|{args.targets}|{args.repeats}|{args.threads}|"
+           f"{args.probe_mode}")
+    if (done := cache.get(key)) is None:
+        done = dict(key=key, probe=_probe(args, method, model_dir, data))
+        cache.put(done)
+    return done["probe"]
+
+
+def _probe(args, method: lib.Method, model_dir: Path, data) -> dict:
+    if args.probe_mode == "in-process":
+        return lib.probe(method, model_dir, data, args.target_list, args.batch_size, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", method.name, "--probe-out", str(out),
+               "--model-dir", str(model_dir), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+               "--repeats", str(args.repeats), "--targets", args.targets]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"probe {method.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- training runs
 
 
 def training_run(args, method, lr, seed, split, model_dir, data, cache: RunCache, bar) -> dict:
@@ -185,6 +201,29 @@ def best_lr(runs: list[dict]) -> tuple[float, bool]:
     ranked = sorted(runs, key=lambda r: r["loss"] if math.isfinite(r["loss"]) else math.inf)
     lrs = sorted(r["lr"] for r in runs)
     return ranked[0]["lr"], len(lrs) > 1 and ranked[0]["lr"] in (lrs[0], lrs[-1])
+
+
+def next_lr(runs: list[dict]) -> float | None:
+    """One grid step (the outermost ratio, one significant digit) past the best lr while it is at the grid's edge."""
+    lr, edge = best_lr(runs)
+    if not edge:
+        return None
+    lrs = sorted(r["lr"] for r in runs)
+    step = lrs[-1] / lrs[-2] if lr == lrs[-1] else lrs[0] / lrs[1]
+    return float(f"{lr * step:.1g}")
+
+
+def sweep(args, method, model_dir, data, cache: RunCache, bar) -> list[dict]:
+    """Validation runs (seed 0) over the method's grid, extended while the best lr sits at an edge."""
+    runs = [training_run(args, method, lr, 0, "validation", model_dir, data, cache, bar)
+            for lr in lr_grid(args, method)]
+    for _ in range(args.lr_extensions):
+        if (lr := next_lr(runs)) is None:
+            break
+        bar.total += args.steps
+        bar.refresh()
+        runs.append(training_run(args, method, lr, 0, "validation", model_dir, data, cache, bar))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -375,16 +414,16 @@ def _run(args) -> dict | None:
             base = lib.load_base(model_dir, precision == "nf4")
             base_losses[precision] = {s: lib.mean_loss(base, data[s]) for s in ("validation", "test")}
             del base
-        probes = {m.name: run_probe(args, m, model_dir, data) for m in tqdm(methods, desc="speed/memory probes")}
-
         cache = RunCache(args.output_dir / "graft_vs_lora.runs.jsonl", args.resume)
+        reused = len(cache.runs)
+        probes = {m.name: run_probe(args, m, model_dir, data, cache)
+                  for m in tqdm(methods, desc="speed/memory probes")}
         seeds = list(range(1, args.seeds + 1))
         total = sum(len(lr_grid(args, m)) + len(seeds) for m in methods) * args.steps
         sweeps, finals = {}, {}
         with tqdm(total=total, desc="training steps", unit="step") as bar:
             for m in methods:
-                sweeps[m.name] = [training_run(args, m, lr, 0, "validation", model_dir, data, cache, bar)
-                                  for lr in lr_grid(args, m)]
+                sweeps[m.name] = sweep(args, m, model_dir, data, cache, bar)
                 lr, _ = best_lr(sweeps[m.name])
                 finals[m.name] = [training_run(args, m, lr, s, "test", model_dir, data, cache, bar) for s in seeds]
 
@@ -394,7 +433,8 @@ def _run(args) -> dict | None:
         config=dict(
             quick=args.quick, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seeds=args.seeds,
             tuning_seed=0, final_seeds=seeds, targets=args.target_list,
-            lr_grids={m.name: lr_grid(args, m) for m in methods},
+            lr_grids={m.name: sorted(r["lr"] for r in sweeps[m.name]) for m in methods},
+            lr_extensions=args.lr_extensions,
             optimizer="AdamW(weight_decay=0), constant lr, grad-norm clip 1.0", probe_repeats=args.repeats,
             probe_mode=args.probe_mode,
             model="tiny random Llama (quick)" if args.quick else "SmolLM2-135M-Instruct fp32",
@@ -410,7 +450,9 @@ def _run(args) -> dict | None:
             f"({args.seq_len} tokens), median of {args.repeats}; merged = after merge_and_unload().",
             "Adapter bytes: size of adapter_model.safetensors from save_pretrained (VeRA with save_projection=False, "
             "seeded-orthogonal grafts store only Φ).",
-            "lr marked * is at the edge of its grid (the optimum may lie outside it).",
+            f"Each method's lr grid is extended by one step past an edge optimum, up to {args.lr_extensions} "
+            "times; lr marked * is still at the edge of its grid (the optimum may lie outside it).",
+            f"{reused} runs/probes reused from an earlier invocation (--resume); runtime counts this one only.",
         ],
         runtime_s=time.time() - started,
     )
@@ -420,7 +462,6 @@ def _run(args) -> dict | None:
     markdown = render_markdown(report)
     (out / "graft_vs_lora.md").write_text(markdown)
     plot(rows, out / "graft_vs_lora.png")
-    cache.path.unlink(missing_ok=True)  # every run is in the JSON now
     print(markdown)
     return report
 

@@ -38,7 +38,8 @@ def quick_run(bench, tmp_path_factory):
 
 def test_writes_table_json_and_plot(quick_run):
     bench, out, _ = quick_run
-    assert {p.name for p in out.iterdir()} == {"graft_vs_lora.json", "graft_vs_lora.md", "graft_vs_lora.png"}
+    assert {p.name for p in out.iterdir()} == {"graft_vs_lora.json", "graft_vs_lora.md", "graft_vs_lora.png",
+                                               "graft_vs_lora.runs.jsonl"}
     assert (out / "graft_vs_lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "graft_vs_lora.md").read_text()
     header = "| " + " | ".join(h for _, h in bench.COLUMNS) + " |"
@@ -60,7 +61,8 @@ def test_json_has_every_column_method_and_target(quick_run):
         assert row["trainable_params"] > 0 and row["adapter_bytes"] > row["adapter_tensor_bytes"] > 0
         assert len(row["test_gains"]) == saved["config"]["seeds"] == 2
         assert row["seeds"] == [1, 2]  # the tuning seed 0 is never reported
-        assert len(row["sweep_validation_loss"]) == 2 and row["lr"] in saved["config"]["lr_grids"][row["method"]]
+        assert 2 <= len(row["sweep_validation_loss"]) <= 3  # the grid, plus one extension at most (quick)
+        assert row["lr"] in saved["config"]["lr_grids"][row["method"]]
     assert {row["method"]: row["base"] for row in saved["rows"]}["graft_svd_r16_4bit"] == "nf4"
     assert set(saved["base_losses"]) == {"fp32", "nf4"}
     assert len(saved["targets"]) == 6
@@ -75,3 +77,27 @@ def test_grafts_respect_their_parameter_budgets(quick_run):
     lora = rows["lora_r8"]["trainable_params"]
     assert rows["graft_spread_all"]["trainable_params"] <= lora / 10
     assert rows["graft_orth_r8"]["adapter_tensor_bytes"] < rows["lora_r8"]["adapter_tensor_bytes"] / 10  # Φ only
+
+
+def test_resume_reuses_every_run_and_probe(quick_run):
+    bench, out, report = quick_run
+    again = bench.main(["--quick", "--output-dir", str(out), "--resume"])
+    cached = len((out / "graft_vs_lora.runs.jsonl").read_text().splitlines())
+    assert f"{cached} runs/probes reused" in again["notes"][-1]
+    assert [row["test_losses"] for row in again["rows"]] == [row["test_losses"] for row in report["rows"]]
+    assert [row["step_ms"] for row in again["rows"]] == [row["step_ms"] for row in report["rows"]]
+
+
+@pytest.mark.parametrize(
+    ("losses", "expected"),
+    [
+        ({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5}, None),  # optimum inside the grid
+        ({1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0}, 0.03),  # at the top: one ratio-3.3 step up, rounded
+        ({1e-3: 2.0, 3e-3: 2.5, 1e-2: 3.0}, 0.0003),  # at the bottom: one step down
+        ({1e-3: 3.0, 3e-3: 2.5, 1e-2: float("nan")}, None),  # a diverged top run does not extend upwards
+        ({2e-3: 3.0, 6e-3: 2.5, 2e-2: 2.0}, 0.07),
+    ],
+)
+def test_next_lr_steps_past_an_edge_optimum(bench, losses, expected):
+    runs = [dict(lr=lr, loss=loss) for lr, loss in losses.items()]
+    assert bench.next_lr(runs) == expected
