@@ -20,6 +20,9 @@ Protocol (identical for every method):
   VeRA's projection_prng_key, GraftConfig(seed=...) (orthogonal/trainable projections). SVD-projection grafts start
   from Φ = 0 deterministically, so for them the seed changes the data only. The same seed gives every method the
   same data order, so gains are compared pairwise across seeds.
+- Gradient-calibrated grafts (projection="gradient") place A/B on the top singular vectors of the loss gradient of
+  each target weight, summed over 4 training batches drawn by the seed (`peft_graft.calibrate`, before training):
+  4 extra forward/backward passes that the other methods do not spend.
 - Speed / memory / bytes / latency: per adapter, a fresh process (see graft_vs_lora_lib.probe): peak RSS over 3
   training steps (Linux VmHWM reset before training; a fresh process per method), adapter_model.safetensors size,
   median step time with steps alternated against the reference adapter (LoRA r=8, or QLoRA r=8 for 4-bit rows),
@@ -187,7 +190,7 @@ def training_run(args, method, lr, seed, split, model_dir, data, cache: RunCache
         bar.update(args.steps)
         return done
     bar.set_postfix_str(f"{method.name} lr={lr:g} seed={seed}")
-    model, r = lib.build(method, model_dir, seed, args.target_list)
+    model, r = lib.build(method, model_dir, seed, args.target_list, data["train"], args.batch_size)
     stats = lib.train(model, data["train"], args.steps, args.batch_size, lr, seed, on_step=lambda: bar.update(1))
     loss = lib.mean_loss(model, data[split])
     run = dict(key=key, method=method.name, lr=lr, seed=seed, split=split, loss=loss, r=r,
@@ -448,6 +451,8 @@ def _run(args) -> dict | None:
             "step / ref and unmerged lat / ref: timed alternately with the reference adapter in the same process; "
             "ref = LoRA r=8 for fp32 rows, QLoRA r=8 for NF4 rows. Latency: eval-mode forward of one sequence "
             f"({args.seq_len} tokens), median of {args.repeats}; merged = after merge_and_unload().",
+            f"graft_grad_*: projections from the loss gradient of {lib.CALIBRATION_BATCHES} training batches "
+            "(peft_graft.calibrate) before training, i.e. that many extra forward/backward passes.",
             "Adapter bytes: size of adapter_model.safetensors from save_pretrained (VeRA with save_projection=False, "
             "seeded-orthogonal grafts store only Φ).",
             f"Each method's lr grid is extended by one step past an edge optimum, up to {args.lr_extensions} "

@@ -16,7 +16,7 @@ from peft import LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_graft  # noqa: F401  (registers GRAFT with PEFT)
-from peft_graft import GraftConfig
+from peft_graft import GraftConfig, calibrate
 
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 VERA_LRS = (3e-3, 1e-2, 3e-2)
@@ -59,13 +59,23 @@ METHODS = [
            TRAINABLE_GRAFT_LRS, options=dict(r="fit", projection="trainable", budget=1.0)),
     Method("graft_spread_all", "graft dense-Φ svd on all 7 projections, ≤1/10 of LoRA r=8's params", "graft",
            GRAFT_LRS, options=dict(r="fit", targets=ALL_PROJECTIONS, budget=0.1)),
+    Method("graft_grad_fit", "graft dense-Φ, gradient-calibrated projections, ≤1/10 of LoRA r=8's params", "graft",
+           GRAFT_LRS, options=dict(r="fit", projection="gradient", budget=0.1)),
+    Method("graft_grad_spread_all", "graft dense-Φ, gradient-calibrated projections on all 7 projections, ≤1/10 of "
+           "LoRA r=8's params", "graft", GRAFT_LRS, options=dict(r="fit", projection="gradient",
+                                                                 targets=ALL_PROJECTIONS, budget=0.1)),
+    Method("graft_grad_diag_spread_all", "graft diagonal-Φ, gradient-calibrated projections on all 7 projections, "
+           "≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
+           options=dict(r="fit", phi="diagonal", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1)),
     Method("qlora_r8", "QLoRA r=8 (NF4 base)", "lora", LORA_LRS, quant=True, options=dict(r=8)),
     Method("graft_svd_r16_4bit", "graft dense-Φ svd r=16 (NF4 base)", "graft", GRAFT_LRS, quant=True,
            options=dict(r=16)),
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
-QUICK_METHODS = ("base", "lora_r8", "graft_svd_r16", "graft_orth_r8", "graft_spread_all", "qlora_r8",
-                 "graft_svd_r16_4bit")
+QUICK_METHODS = ("base", "lora_r8", "graft_svd_r16", "graft_orth_r8", "graft_spread_all", "graft_grad_spread_all",
+                 "graft_grad_diag_spread_all", "qlora_r8", "graft_svd_r16_4bit")
+PHI_PARAMS = {"dense": lambda r: r * r, "diagonal": lambda r: r}  # trainable numbers in an r×r Φ
+CALIBRATION_BATCHES = 4  # training batches whose loss gradient places gradient-calibrated projections
 
 
 # ---------------------------------------------------------------------------------------------------- data & models
@@ -128,8 +138,8 @@ def graft_rank(model: torch.nn.Module, method: Method, targets) -> tuple[int, in
         return r_max, cap
     if opts["r"] != "fit":
         return opts["r"], cap
-    trainable = opts.get("projection") == "trainable"
-    cost = lambda r: sum(r * r + (r * (i + o) if trainable else 0) for i, o in shapes)  # noqa: E731
+    trainable, phi_params = opts.get("projection") == "trainable", PHI_PARAMS[opts.get("phi", "dense")]
+    cost = lambda r: sum(phi_params(r) + (r * (i + o) if trainable else 0) for i, o in shapes)  # noqa: E731
     r = 1
     while r < r_max and cost(r + 1) <= cap:
         r += 1
@@ -153,14 +163,21 @@ def adapter_config(method: Method, model: torch.nn.Module, seed: int, targets):
                        target_modules=tm, seed=seed, max_trainable_params=cap, task_type="CAUSAL_LM")
 
 
-def build(method: Method, model_dir: Path, seed: int, targets) -> tuple[torch.nn.Module, int | None]:
-    """A fresh base from disk with ``method``'s adapter; the seed drives every random init. Returns (model, r)."""
+def build(method: Method, model_dir: Path, seed: int, targets, train_blocks: torch.Tensor,
+          batch: int) -> tuple[torch.nn.Module, int | None]:
+    """A fresh base from disk with ``method``'s adapter; the seed drives every random init and the calibration
+    batches (drawn from the training split) of gradient-calibrated projections. Returns (model, r)."""
     base = load_base(model_dir, method.quant)
     if method.kind == "base":
         return base, None
     config = adapter_config(method, base, seed, targets)
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
-    return get_peft_model(base, config), config.r
+    model = get_peft_model(base, config)
+    if getattr(config, "projection", None) == "gradient":
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        picks = torch.randperm(len(train_blocks), generator=generator)[: CALIBRATION_BATCHES * batch]
+        calibrate(model, ({"input_ids": x, "labels": x} for x in train_blocks[picks].split(batch)), progress=False)
+    return model, config.r
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -269,7 +286,7 @@ def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repe
        unmerged, all alternated; then this adapter after ``merge_and_unload()`` alternated with the plain base.
     """
     x, prompt = data["train"][:batch], data["validation"][:1]
-    model, r = build(method, model_dir, seed=0, targets=targets)
+    model, r = build(method, model_dir, seed=0, targets=targets, train_blocks=data["train"], batch=batch)
     n_params = sum(p.numel() for p in trainable(model))
     lr = method.lrs[len(method.lrs) // 2]  # a real step size, so the merged-vs-unmerged logit check means something
     optimizer = make_optimizer(model, lr)
@@ -285,7 +302,7 @@ def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repe
         header = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: u64 header length, JSON, tensors
         tensor_bytes = adapter_bytes - 8 - header
 
-    ref = None if method.name == method.ref else build(METHOD_BY_NAME[method.ref], model_dir, 0, targets)[0]
+    ref = None if method.name == method.ref else build(METHOD_BY_NAME[method.ref], model_dir, 0, targets, data["train"], batch)[0]
     ref_optimizer = make_optimizer(ref, lr) if ref is not None else None
     if ref is not None:
         train_step(ref, ref_optimizer, x)  # warm-up
