@@ -451,7 +451,7 @@ def _run(args) -> dict | None:
             "step / ref and unmerged lat / ref: timed alternately with the reference adapter in the same process; "
             "ref = LoRA r=8 for fp32 rows, QLoRA r=8 for NF4 rows. Latency: eval-mode forward of one sequence "
             f"({args.seq_len} tokens), median of {args.repeats}; merged = after merge_and_unload().",
-            f"graft_grad_*: projections from the loss gradient of {lib.CALIBRATION_BATCHES} training batches "
+            f"graft_grad_spread_all: projections from the loss gradient of {lib.CALIBRATION_BATCHES} training batches "
             "(peft_graft.calibrate) before training, i.e. that many extra forward/backward passes.",
             "Adapter bytes: size of adapter_model.safetensors from save_pretrained (VeRA with save_projection=False, "
             "seeded-orthogonal grafts store only Φ).",

@@ -59,22 +59,16 @@ METHODS = [
            TRAINABLE_GRAFT_LRS, options=dict(r="fit", projection="trainable", budget=1.0)),
     Method("graft_spread_all", "graft dense-Φ svd on all 7 projections, ≤1/10 of LoRA r=8's params", "graft",
            GRAFT_LRS, options=dict(r="fit", targets=ALL_PROJECTIONS, budget=0.1)),
-    Method("graft_grad_fit", "graft dense-Φ, gradient-calibrated projections, ≤1/10 of LoRA r=8's params", "graft",
-           GRAFT_LRS, options=dict(r="fit", projection="gradient", budget=0.1)),
     Method("graft_grad_spread_all", "graft dense-Φ, gradient-calibrated projections on all 7 projections, ≤1/10 of "
            "LoRA r=8's params", "graft", GRAFT_LRS, options=dict(r="fit", projection="gradient",
                                                                  targets=ALL_PROJECTIONS, budget=0.1)),
-    Method("graft_grad_diag_spread_all", "graft diagonal-Φ, gradient-calibrated projections on all 7 projections, "
-           "≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
-           options=dict(r="fit", phi="diagonal", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1)),
     Method("qlora_r8", "QLoRA r=8 (NF4 base)", "lora", LORA_LRS, quant=True, options=dict(r=8)),
     Method("graft_svd_r16_4bit", "graft dense-Φ svd r=16 (NF4 base)", "graft", GRAFT_LRS, quant=True,
            options=dict(r=16)),
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 QUICK_METHODS = ("base", "lora_r8", "graft_svd_r16", "graft_orth_r8", "graft_spread_all", "graft_grad_spread_all",
-                 "graft_grad_diag_spread_all", "qlora_r8", "graft_svd_r16_4bit")
-PHI_PARAMS = {"dense": lambda r: r * r, "diagonal": lambda r: r}  # trainable numbers in an r×r Φ
+                 "qlora_r8", "graft_svd_r16_4bit")
 CALIBRATION_BATCHES = 4  # training batches whose loss gradient places gradient-calibrated projections
 
 
@@ -138,8 +132,8 @@ def graft_rank(model: torch.nn.Module, method: Method, targets) -> tuple[int, in
         return r_max, cap
     if opts["r"] != "fit":
         return opts["r"], cap
-    trainable, phi_params = opts.get("projection") == "trainable", PHI_PARAMS[opts.get("phi", "dense")]
-    cost = lambda r: sum(phi_params(r) + (r * (i + o) if trainable else 0) for i, o in shapes)  # noqa: E731
+    trainable = opts.get("projection") == "trainable"
+    cost = lambda r: sum(r * r + (r * (i + o) if trainable else 0) for i, o in shapes)  # noqa: E731
     r = 1
     while r < r_max and cost(r + 1) <= cap:
         r += 1

@@ -75,9 +75,8 @@ def test_grafts_respect_their_parameter_budgets(quick_run):
     _, _, report = quick_run
     rows = {row["method"]: row for row in report["rows"]}
     lora = rows["lora_r8"]["trainable_params"]
-    for name in ("graft_spread_all", "graft_grad_spread_all", "graft_grad_diag_spread_all"):
+    for name in ("graft_spread_all", "graft_grad_spread_all"):
         assert rows[name]["trainable_params"] <= lora / 10, name
-    assert rows["graft_grad_diag_spread_all"]["trainable_params"] == 7 * 2 * rows["graft_grad_diag_spread_all"]["r"]
     assert rows["graft_orth_r8"]["adapter_tensor_bytes"] < rows["lora_r8"]["adapter_tensor_bytes"] / 10  # Φ only
 
 
