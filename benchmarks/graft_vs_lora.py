@@ -288,15 +288,22 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             + f"; LoRA r=8: {lora['adapter_bytes']:,} B")
     else:
         add("seeded-orthogonal graft artifact <= 1/50 of LoRA r=8's bytes", None, "needs lora_r8 and graft_orth_*")
-    if head and lora:
+    # speed is compared at LoRA's own target modules: the best small graft there (any graft if none is small)
+    same = [r for r in grafts if "targets" not in lib.METHOD_BY_NAME[r["method"]].options]
+    fast = max([r for r in same if r in small] or same, key=lambda r: r["gain_mean"]) if same else None
+    if fast and lora:
         others = ", ".join(f"{r['method']} {r['step_ratio_to_ref']:.2f}x" for r in grafts)
-        add(f"training step time <= 1.05x LoRA r=8 ({head['method']})", head["step_ratio_to_ref"] <= 1.05,
-            f"{head['step_ms']:.0f} ms = {head['step_ratio_to_ref']:.3f}x; all fp32 grafts: {others}")
-        add(f"unmerged latency <= 1.05x LoRA r=8 ({head['method']})", head["latency_unmerged_over_ref"] <= 1.05,
-            f"{head['latency_unmerged_over_ref']:.3f}x LoRA r=8, {head['latency_unmerged_over_base']:.3f}x base")
-        add(f"merged latency = base, within 5% ({head['method']})", head["latency_merged_over_base"] <= 1.05,
-            f"{head['latency_merged_over_base']:.3f}x base after merge_and_unload(); max |Δlogit| merged vs "
-            f"unmerged {head['merged_max_abs_dlogit']:.1e}")
+        lats = ", ".join(f"{r['method']} {r['latency_unmerged_over_ref']:.2f}x" for r in grafts)
+        add(f"training step time <= 1.05x LoRA r=8 at its targets ({fast['method']})",
+            fast["step_ratio_to_ref"] <= 1.05,
+            f"{fast['step_ms']:.0f} ms = {fast['step_ratio_to_ref']:.3f}x; all fp32 grafts: {others}")
+        add(f"unmerged latency <= 1.05x LoRA r=8 at its targets ({fast['method']})",
+            fast["latency_unmerged_over_ref"] <= 1.05,
+            f"{fast['latency_unmerged_over_ref']:.3f}x LoRA r=8, {fast['latency_unmerged_over_base']:.3f}x base; "
+            f"all fp32 grafts vs LoRA r=8: {lats}")
+        add(f"merged latency = base, within 5% ({fast['method']})", fast["latency_merged_over_base"] <= 1.05,
+            f"{fast['latency_merged_over_base']:.3f}x base after merge_and_unload(); max |Δlogit| merged vs "
+            f"unmerged {fast['merged_max_abs_dlogit']:.1e}")
     else:
         for name in ("training step time <= 1.05x LoRA r=8", "unmerged latency <= 1.05x LoRA r=8",
                      "merged latency = base"):
