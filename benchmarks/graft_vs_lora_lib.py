@@ -167,11 +167,16 @@ def build(method: Method, model_dir: Path, seed: int, targets, train_blocks: tor
     config = adapter_config(method, base, seed, targets)
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
     model = get_peft_model(base, config)
-    if getattr(config, "projection", None) == "gradient":
-        generator = torch.Generator().manual_seed(10_000 + seed)
-        picks = torch.randperm(len(train_blocks), generator=generator)[: CALIBRATION_BATCHES * batch]
-        calibrate(model, ({"input_ids": x, "labels": x} for x in train_blocks[picks].split(batch)), progress=False)
+    if method.options.get("projection") == "gradient":
+        calibrate(model, calibration_batches(train_blocks, seed, batch), progress=False)
     return model, config.r
+
+
+def calibration_batches(train_blocks: torch.Tensor, seed: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """CALIBRATION_BATCHES causal-LM batches of training blocks, drawn by ``seed`` apart from the training order."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    picks = torch.randperm(len(train_blocks), generator=generator)[: CALIBRATION_BATCHES * batch]
+    return [{"input_ids": x, "labels": x} for x in train_blocks[picks].split(batch)]
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -296,7 +301,9 @@ def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repe
         header = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: u64 header length, JSON, tensors
         tensor_bytes = adapter_bytes - 8 - header
 
-    ref = None if method.name == method.ref else build(METHOD_BY_NAME[method.ref], model_dir, 0, targets, data["train"], batch)[0]
+    ref = None
+    if method.name != method.ref:
+        ref = build(METHOD_BY_NAME[method.ref], model_dir, 0, targets, data["train"], batch)[0]
     ref_optimizer = make_optimizer(ref, lr) if ref is not None else None
     if ref is not None:
         train_step(ref, ref_optimizer, x)  # warm-up
