@@ -21,10 +21,11 @@ Protocol (identical for every method):
   from Φ = 0 deterministically, so for them the seed changes the data only. The same seed gives every method the
   same data order, so gains are compared pairwise across seeds.
 - Gradient-calibrated grafts (projection="gradient") place A/B on the top singular vectors of the loss gradient of
-  each target weight, summed over 4 training batches drawn by the seed (`peft_graft.calibrate`, before training):
-  4 extra forward/backward passes that the other methods do not spend.
-- Speed / memory / bytes / latency: per adapter, a fresh process (see graft_vs_lora_lib.probe): peak RSS over 3
-  training steps (Linux VmHWM reset before training; a fresh process per method), adapter_model.safetensors size,
+  each target weight, summed over 4 or 16 training batches drawn by the seed (`peft_graft.calibrate`, before
+  training): that many extra forward/backward passes that the other methods do not spend.
+- Speed / memory / bytes / latency: per adapter, a fresh process (see graft_vs_lora_lib.probe): peak tensor memory
+  over 3 training steps (model tensors + peak live allocations from torch's profiler; this is what the memory target
+  is judged on) and peak RSS (Linux VmHWM reset before training, for reference), adapter_model.safetensors size,
   median step time with steps alternated against the reference adapter (LoRA r=8, or QLoRA r=8 for 4-bit rows),
   eval-mode forward latency of one sequence, alternated with the plain base and the reference, unmerged and after
   merge_and_unload().
@@ -51,11 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graft_vs_lora_lib as lib  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROBE_VERSION = 2  # bump when the probe measures something new, so --resume re-runs the probes
 COLUMNS = [  # (JSON key, table header)
     ("method", "method"), ("base", "base"), ("r", "r"), ("trainable_params", "trainable params"),
     ("params_over_lora", "params / LoRA-r8"), ("adapter_bytes", "adapter bytes"),
     ("bytes_over_lora", "bytes / LoRA-r8"), ("lr", "lr"), ("gain_mean", "test gain nats (95% CI)"),
-    ("step_ms", "step ms"), ("step_ratio_to_ref", "step / ref"), ("peak_rss_mib", "peak RSS MiB"),
+    ("step_ms", "step ms"), ("step_ratio_to_ref", "step / ref"), ("peak_tensor_mib", "peak tensor MiB"),
+    ("peak_rss_mib", "peak RSS MiB"),
     ("train_rss_increase_mib", "train +RSS MiB"), ("latency_unmerged_over_base", "unmerged lat / base"),
     ("latency_unmerged_over_ref", "unmerged lat / ref"), ("latency_merged_over_base", "merged lat / base"),
 ]
@@ -157,8 +160,8 @@ class RunCache:
 
 
 def run_probe(args, method: lib.Method, model_dir: Path, data, cache: RunCache) -> dict:
-    key = (f"probe|{method.name}|{args.batch_size}|{args.seq_len}|{args.targets}|{args.repeats}|{args.threads}|"
-           f"{args.probe_mode}")
+    key = (f"probe{PROBE_VERSION}|{method.name}|{args.batch_size}|{args.seq_len}|{args.targets}|{args.repeats}|"
+           f"{args.threads}|{args.probe_mode}")
     if (done := cache.get(key)) is None:
         done = dict(key=key, probe=_probe(args, method, model_dir, data))
         cache.put(done)
@@ -310,8 +313,9 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             add(name, None, "needs lora_r8 and an fp32 graft")
     g4, q4 = by.get("graft_svd_r16_4bit"), by.get("qlora_r8")
     if g4 and q4:
-        add("graft on the 4-bit base uses <= QLoRA's peak memory", g4["peak_rss_mib"] <= q4["peak_rss_mib"],
-            f"peak RSS {g4['peak_rss_mib']:.0f} MiB vs {q4['peak_rss_mib']:.0f} MiB (training increase "
+        add("graft on the 4-bit base uses <= QLoRA's peak memory", g4["peak_tensor_mib"] <= q4["peak_tensor_mib"],
+            f"peak tensor memory {g4['peak_tensor_mib']:.1f} MiB vs {q4['peak_tensor_mib']:.1f} MiB; peak RSS "
+            f"{g4['peak_rss_mib']:.0f} vs {q4['peak_rss_mib']:.0f} MiB (training increase "
             f"{g4['train_rss_increase_mib']:.0f} vs {q4['train_rss_increase_mib']:.0f} MiB)")
     else:
         add("graft on the 4-bit base uses <= QLoRA's peak memory", None, "needs graft_svd_r16_4bit and qlora_r8")
@@ -453,13 +457,16 @@ def _run(args) -> dict | None:
         ),
         machine=machine, base_losses=base_losses, rows=rows, targets=evaluate_targets(rows),
         notes=[
-            f"Peak memory: {memory_method}; 'train +RSS' is that peak minus the RSS just before training "
-            f"(probe mode: {args.probe_mode}).",
+            "Peak tensor memory (judged): the model's tensors plus the peak of live allocations recorded by torch's "
+            "profiler over 3 training steps, the CPU counterpart of torch.cuda.max_memory_allocated.",
+            f"Peak RSS (for reference): {memory_method}, after returning freed heap to the OS (malloc_trim); "
+            f"'train +RSS' is that peak minus the RSS just before training (probe mode: {args.probe_mode}).",
             "step / ref and unmerged lat / ref: timed alternately with the reference adapter in the same process; "
             "ref = LoRA r=8 for fp32 rows, QLoRA r=8 for NF4 rows. Latency: eval-mode forward of one sequence "
             f"({args.seq_len} tokens), median of {args.repeats}; merged = after merge_and_unload().",
-            f"graft_grad_spread_all: projections from the loss gradient of {lib.CALIBRATION_BATCHES} training batches "
-            "(peft_graft.calibrate) before training, i.e. that many extra forward/backward passes.",
+            *(f"{m.name}: projections from the loss gradient of {m.options['calibration_batches']} training "
+              "batches (peft_graft.calibrate) before training, i.e. that many extra forward/backward passes."
+              for m in methods if m.options.get("projection") == "gradient"),
             "Adapter bytes: size of adapter_model.safetensors from save_pretrained (VeRA with save_projection=False, "
             "seeded-orthogonal grafts store only Φ).",
             f"Each method's lr grid is extended by one step past an edge optimum, up to {args.lr_extensions} "

@@ -3,6 +3,9 @@ the per-method speed / memory / latency probe. See that script's docstring for t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -59,9 +62,12 @@ METHODS = [
            TRAINABLE_GRAFT_LRS, options=dict(r="fit", projection="trainable", budget=1.0)),
     Method("graft_spread_all", "graft dense-Φ svd on all 7 projections, ≤1/10 of LoRA r=8's params", "graft",
            GRAFT_LRS, options=dict(r="fit", targets=ALL_PROJECTIONS, budget=0.1)),
-    Method("graft_grad_spread_all", "graft dense-Φ, gradient-calibrated projections on all 7 projections, ≤1/10 of "
-           "LoRA r=8's params", "graft", GRAFT_LRS, options=dict(r="fit", projection="gradient",
-                                                                 targets=ALL_PROJECTIONS, budget=0.1)),
+    Method("graft_grad_spread_all", "graft dense-Φ, projections from the gradient of 4 batches, on all 7 projections, "
+           "≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
+           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=4)),
+    Method("graft_grad16_spread_all", "graft dense-Φ, projections from the gradient of 16 batches, on all 7 "
+           "projections, ≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
+           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=16)),
     Method("qlora_r8", "QLoRA r=8 (NF4 base)", "lora", LORA_LRS, quant=True, options=dict(r=8)),
     Method("graft_svd_r16_4bit", "graft dense-Φ svd r=16 (NF4 base)", "graft", GRAFT_LRS, quant=True,
            options=dict(r=16)),
@@ -69,7 +75,6 @@ METHODS = [
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 QUICK_METHODS = ("base", "lora_r8", "graft_svd_r16", "graft_orth_r8", "graft_spread_all", "graft_grad_spread_all",
                  "qlora_r8", "graft_svd_r16_4bit")
-CALIBRATION_BATCHES = 4  # training batches whose loss gradient places gradient-calibrated projections
 
 
 # ---------------------------------------------------------------------------------------------------- data & models
@@ -168,14 +173,15 @@ def build(method: Method, model_dir: Path, seed: int, targets, train_blocks: tor
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
     model = get_peft_model(base, config)
     if method.options.get("projection") == "gradient":
-        calibrate(model, calibration_batches(train_blocks, seed, batch), progress=False)
+        calibrate(model, calibration_batches(train_blocks, seed, batch, method.options["calibration_batches"]),
+                  progress=False)
     return model, config.r
 
 
-def calibration_batches(train_blocks: torch.Tensor, seed: int, batch: int) -> list[dict[str, torch.Tensor]]:
-    """CALIBRATION_BATCHES causal-LM batches of training blocks, drawn by ``seed`` apart from the training order."""
+def calibration_batches(train_blocks: torch.Tensor, seed: int, batch: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` causal-LM batches of training blocks, drawn by ``seed`` apart from the training order."""
     generator = torch.Generator().manual_seed(10_000 + seed)
-    picks = torch.randperm(len(train_blocks), generator=generator)[: CALIBRATION_BATCHES * batch]
+    picks = torch.randperm(len(train_blocks), generator=generator)[: n * batch]
     return [{"input_ids": x, "labels": x} for x in train_blocks[picks].split(batch)]
 
 
@@ -270,6 +276,40 @@ def current_rss_mib() -> float:
         return float("nan")
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and glibc back to the OS, so RSS counts live data rather than what loading the
+    fp32 checkpoint (and quantizing it) left in malloc's free lists; those leftovers vary by hundreds of MiB."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
+
+
+def peak_tensor_mib(model: torch.nn.Module, work) -> float:
+    """Peak of live tensor memory while ``work()`` runs: the model's own tensors plus the highest running sum of the
+    allocations and frees torch's profiler records (activations, gradients, optimizer state, bitsandbytes'
+    dequantized weights). The CPU counterpart of ``torch.cuda.max_memory_allocated``: it counts what the tensors
+    need, not what the allocator keeps around, so it does not depend on what happened earlier in the process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = tensor_bytes(model)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return (start + peak) / 2**20
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -279,7 +319,7 @@ def _timed(fn) -> float:
 def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repeats: int) -> dict:
     """Speed, memory, bytes and latency of one adapter; meant to run in a fresh process (peak RSS is per process).
 
-    1. peak RSS over 3 training steps of the adapter alone;  2. adapter_model.safetensors size;
+    1. peak tensor memory and peak RSS over 3 training steps of the adapter alone;  2. adapter_model.safetensors size;
     3. training step time, alternating steps with the reference adapter (``method.ref``) loaded next to it;
     4. forward latency of one validation sequence in eval mode: plain base, this adapter unmerged, the reference
        unmerged, all alternated; then this adapter after ``merge_and_unload()`` alternated with the plain base.
@@ -289,17 +329,17 @@ def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repe
     n_params = sum(p.numel() for p in trainable(model))
     lr = method.lrs[len(method.lrs) // 2]  # a real step size, so the merged-vs-unmerged logit check means something
     optimizer = make_optimizer(model, lr)
+    release_freed_memory()
     rss_before = current_rss_mib()
     memory_method = reset_peak_rss()
-    for _ in range(3):
-        train_step(model, optimizer, x)
+    peak_tensors = peak_tensor_mib(model, lambda: [train_step(model, optimizer, x) for _ in range(3)])
     peak = peak_rss_mib()
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         path = Path(folder) / "adapter_model.safetensors"
         adapter_bytes = path.stat().st_size
         header = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: u64 header length, JSON, tensors
-        tensor_bytes = adapter_bytes - 8 - header
+        saved_tensor_bytes = adapter_bytes - 8 - header
 
     ref = None
     if method.name != method.ref:
@@ -326,7 +366,8 @@ def probe(method: Method, model_dir: Path, data: dict, targets, batch: int, repe
     step_ratio = median(steps) / median(ref_steps) if ref_steps else 1.0
     return dict(
         method=method.name, r=r, trainable_params=n_params,
-        adapter_bytes=adapter_bytes, adapter_tensor_bytes=tensor_bytes, peak_rss_mib=peak,
+        adapter_bytes=adapter_bytes, adapter_tensor_bytes=saved_tensor_bytes, peak_tensor_mib=peak_tensors,
+        peak_rss_mib=peak,
         train_rss_increase_mib=peak - rss_before,
         memory_method=memory_method, step_ms=median(steps) * 1e3, step_ratio_to_ref=step_ratio,
         ref=method.ref, latency_base_ms=lat["base"] * 1e3, latency_unmerged_ms=lat["unmerged"] * 1e3,

@@ -102,3 +102,15 @@ def test_resume_reuses_every_run_and_probe(quick_run):
 def test_next_lr_steps_past_an_edge_optimum(bench, losses, expected):
     runs = [dict(lr=lr, loss=loss) for lr, loss in losses.items()]
     assert bench.next_lr(runs) == expected
+
+
+def test_peak_tensor_memory_counts_model_and_transient_allocations(bench):
+    import torch
+
+    model = torch.nn.Linear(256, 256)  # 257 KiB of fp32 tensors
+    own = bench.lib.tensor_bytes(model) / 2**20
+    assert own == pytest.approx((256 * 256 + 256) * 4 / 2**20)
+    idle = bench.lib.peak_tensor_mib(model, lambda: None)
+    assert idle == pytest.approx(own)
+    transient = bench.lib.peak_tensor_mib(model, lambda: torch.ones(2**20).mul_(2))
+    assert own + 4 <= transient < own + 4.5  # the 4 MiB fp32 buffer, freed again, sets the peak
