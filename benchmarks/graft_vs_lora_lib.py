@@ -68,6 +68,9 @@ METHODS = [
     Method("graft_grad16_spread_all", "graft dense-Φ, projections from the gradient of 16 batches, on all 7 "
            "projections, ≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
            options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=16)),
+    Method("graft_grad32_spread_all", "graft dense-Φ, projections from the gradient of 32 batches, on all 7 "
+           "projections, ≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
+           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=32)),
     Method("qlora_r8", "QLoRA r=8 (NF4 base)", "lora", LORA_LRS, quant=True, options=dict(r=8)),
     Method("graft_svd_r16_4bit", "graft dense-Φ svd r=16 (NF4 base)", "graft", GRAFT_LRS, quant=True,
            options=dict(r=16)),
