@@ -21,7 +21,7 @@ Protocol (identical for every method):
   from Φ = 0 deterministically, so for them the seed changes the data only. The same seed gives every method the
   same data order, so gains are compared pairwise across seeds.
 - Gradient-calibrated grafts (projection="gradient") place A/B on the top singular vectors of the loss gradient of
-  each target weight, summed over 4 or 16 training batches drawn by the seed (`peft_graft.calibrate`, before
+  each target weight, summed over 4, 16 or 32 training batches drawn by the seed (`peft_graft.calibrate`, before
   training): that many extra forward/backward passes that the other methods do not spend.
 - Speed / memory / bytes / latency: per adapter, a fresh process (see graft_vs_lora_lib.probe): peak tensor memory
   over 3 training steps (model tensors + peak live allocations from torch's profiler; this is what the memory target

@@ -44,6 +44,14 @@ class Method:
         return "qlora_r8" if self.quant else "lora_r8"
 
 
+def gradient_graft(name: str, batches: int) -> Method:
+    """A dense-Φ graft on all 7 projections within 1/10 of LoRA r=8's params, A/B from the gradient of ``batches``."""
+    return Method(name, f"graft dense-Φ, projections from the gradient of {batches} batches, on all 7 projections, "
+                  "≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
+                  options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1,
+                               calibration_batches=batches))
+
+
 METHODS = [
     Method("base", "base model, no adapter", "base"),
     Method("lora_r8", "PEFT LoRA r=8", "lora", LORA_LRS, options=dict(r=8)),
@@ -62,15 +70,8 @@ METHODS = [
            TRAINABLE_GRAFT_LRS, options=dict(r="fit", projection="trainable", budget=1.0)),
     Method("graft_spread_all", "graft dense-Φ svd on all 7 projections, ≤1/10 of LoRA r=8's params", "graft",
            GRAFT_LRS, options=dict(r="fit", targets=ALL_PROJECTIONS, budget=0.1)),
-    Method("graft_grad_spread_all", "graft dense-Φ, projections from the gradient of 4 batches, on all 7 projections, "
-           "≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
-           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=4)),
-    Method("graft_grad16_spread_all", "graft dense-Φ, projections from the gradient of 16 batches, on all 7 "
-           "projections, ≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
-           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=16)),
-    Method("graft_grad32_spread_all", "graft dense-Φ, projections from the gradient of 32 batches, on all 7 "
-           "projections, ≤1/10 of LoRA r=8's params", "graft", GRAFT_LRS,
-           options=dict(r="fit", projection="gradient", targets=ALL_PROJECTIONS, budget=0.1, calibration_batches=32)),
+    *(gradient_graft(name, batches) for name, batches in
+      (("graft_grad_spread_all", 4), ("graft_grad16_spread_all", 16), ("graft_grad32_spread_all", 32))),
     Method("qlora_r8", "QLoRA r=8 (NF4 base)", "lora", LORA_LRS, quant=True, options=dict(r=8)),
     Method("graft_svd_r16_4bit", "graft dense-Φ svd r=16 (NF4 base)", "graft", GRAFT_LRS, quant=True,
            options=dict(r=16)),
