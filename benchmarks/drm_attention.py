@@ -20,6 +20,7 @@ from drm_transformer import DRMConfig, DRMForCausalLM
 from drm_transformer.modeling_drm import DRMRotaryEmbedding
 from drm_transformer.reference_attention import naive_drm_attention
 
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -6,7 +6,7 @@
 Writes benchmarks/results/graft_vs_lora.{json,md,png} (or --output-dir) and prints the table.
 
 Protocol (identical for every method):
-- Model: SmolLM2-135M-Instruct from `peft_graft.assets.smollm2_path()` (fp32; the 4-bit rows load the same fp32
+- Model: SmolLM2-135M-Instruct from `peft_graft.testing.assets.smollm2_path()` (fp32; the 4-bit rows load the same fp32
   folder with a bitsandbytes NF4 config, compute dtype fp32). Text: `load_corpus("news")` with its fixed, disjoint
   train / validation / test splits (by article, hashed), packed into blocks of --seq-len tokens.
 - Training: same target modules (q_proj, v_proj unless the method says otherwise), steps, batch, sequence length;
@@ -48,8 +48,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import graft_vs_lora_lib as lib  # noqa: E402
+import graft_vs_lora_lib as lib
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBE_VERSION = 2  # bump when the probe measures something new, so --resume re-runs the probes
@@ -418,7 +420,7 @@ def _run(args) -> dict | None:
             model_dir = Path(tmp) / "tiny-llama"
             lib.make_tiny_llama(model_dir)
         elif model_dir is None:
-            from peft_graft.assets import smollm2_path
+            from peft_graft.testing.assets import smollm2_path
 
             model_dir = smollm2_path()
         data = load_data(args, model_dir)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import peft_graft  # noqa: F401  (registers GRAFT with PEFT)
 from peft_graft import GraftConfig, calibrate
 
+
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 VERA_LRS = (3e-3, 1e-2, 3e-2)
 GRAFT_LRS = (2e-3, 6e-3, 2e-2)  # only Φ trains: ‖ΔW‖_F = ‖Φ‖_F, so it needs larger steps than LoRA's factors
@@ -88,7 +89,7 @@ def real_data(model_dir: Path, seq_len: int) -> dict[str, torch.Tensor]:
     """The news corpus' fixed, disjoint train / validation / test splits, packed into [n, seq_len] token blocks."""
     from transformers import AutoTokenizer
 
-    from peft_graft.assets import load_corpus, tokenize_blocks
+    from peft_graft.testing.assets import load_corpus, tokenize_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     corpus = load_corpus("news")

@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_drm import DRM_PRESETS, DRMConfig
 from .modeling_drm import DRM_GRAFT_TARGET_MODULES, DRMForCausalLM, DRMModel, DRMPreTrainedModel
 
+
 AutoConfig.register(DRMConfig.model_type, DRMConfig, exist_ok=True)
 AutoModel.register(DRMConfig, DRMModel, exist_ok=True)
 AutoModelForCausalLM.register(DRMConfig, DRMForCausalLM, exist_ok=True)

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
+
 # Named sizes. "5m", "125m" and "350m" keep the reference shapes (width, depth, heads, manifold dim) with a
 # GPT-2-sized 50257-token vocabulary and tied embeddings. Intermediate sizes: "5m" uses 4·d like the reference;
 # "125m"/"350m" are chosen so the true count lands near the name, because the manifold projection makes q/k

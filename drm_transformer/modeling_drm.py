@@ -28,6 +28,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_drm import DRMConfig
 
+
 # Linear layers a LoRA/graft adapter should target by default: the attention and MLP projections.
 DRM_GRAFT_TARGET_MODULES: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

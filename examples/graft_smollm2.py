@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import peft_graft  # noqa: F401  (registers the GRAFT method with PEFT)
 from peft_graft import GraftConfig
-from peft_graft.assets import load_corpus, smollm2_path, tokenize_blocks
+from peft_graft.testing.assets import load_corpus, smollm2_path, tokenize_blocks
 
 
 def parse_args() -> argparse.Namespace:

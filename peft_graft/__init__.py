@@ -6,6 +6,7 @@ Importing this package registers the GRAFT method with PEFT, so `get_peft_model`
 
 from .registration import GRAFT_PEFT_TYPE, register_graft_method
 
+
 register_graft_method()
 
 from .calibration import calibrate  # noqa: E402
@@ -22,6 +23,7 @@ from .errors import (  # noqa: E402
     UnsupportedLayerError,
 )
 from .tuners.graft import GraftConfig, GraftLayer, GraftModel  # noqa: E402
+
 
 __version__ = "0.1.0"
 

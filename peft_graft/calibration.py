@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +26,11 @@ class _Recorder:
 
     def __init__(self, layer: GraftLayer, mode: str, grams: bool, grads: bool) -> None:
         self.layer, self.mode, self.grams, self.grads = layer, mode, grams, grads
-        self.input_gram: Optional[torch.Tensor] = None
-        self.output_gram: Optional[torch.Tensor] = None
-        self.grad_u: Optional[torch.Tensor] = None
-        self._grad_x: Optional[torch.Tensor] = None
-        self._zero: Optional[torch.Tensor] = None
+        self.input_gram: torch.Tensor | None = None
+        self.output_gram: torch.Tensor | None = None
+        self.grad_u: torch.Tensor | None = None
+        self._grad_x: torch.Tensor | None = None
+        self._zero: torch.Tensor | None = None
 
     @property
     def grad_x(self) -> torch.Tensor:
@@ -38,7 +38,7 @@ class _Recorder:
         return self.grad_u if self.mode == "additive" else self._grad_x
 
     @staticmethod
-    def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+    def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
         return term if total is None else total + term
 
     def observe(self, x: torch.Tensor, pre_bias: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -78,8 +78,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def calibrate(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
-    adapter_name: Optional[str] = None,
-    max_batches: Optional[int] = None,
+    adapter_name: str | None = None,
+    max_batches: int | None = None,
     progress: bool = True,
 ) -> int:
     """Run ``model`` over ``dataloader`` to fit the data-driven parts of adapter ``adapter_name``.

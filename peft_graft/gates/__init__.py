@@ -10,6 +10,7 @@ from .context import GateContext, GrowthData
 from .core import Decision, Gate, GateReport, GateResult, GateSet
 from .gain import MinimumGain, Retention
 
+
 __all__ = [
     "BehaviourCheck",
     "Decision",

@@ -16,7 +16,7 @@ class Interval:
     n_examples: int
     n_seeds: int
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 

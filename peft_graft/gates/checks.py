@@ -14,6 +14,7 @@ from ..tuners.graft.layer import GraftLayer
 from .context import GateContext, composed
 from .core import Decision, Gate, GateResult
 
+
 CheckOutcome = Union[bool, tuple[bool, dict]]
 
 
@@ -43,7 +44,7 @@ class BehaviourCheck(Gate):
         try:
             with composed(ctx.model, ctx.accepted + [ctx.candidate]), torch.no_grad():
                 outcome = self.check(ctx.model)
-        except Exception as err:  # a crashing check must not let a graft through
+        except Exception as err:  # noqa: BLE001 (a crashing check must not let a graft through)
             return GateResult(self.name, Decision.REJECT, f"check raised {type(err).__name__}: {err}")
         passed, evidence = outcome if isinstance(outcome, tuple) else (outcome, {})
         verdict = Decision.ACCEPT if passed else Decision.REJECT

@@ -6,7 +6,6 @@ import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import nn
 from ..errors import LeakageError
 
 
-def _row_hashes(blocks: Optional[torch.Tensor]) -> set[bytes]:
+def _row_hashes(blocks: torch.Tensor | None) -> set[bytes]:
     if blocks is None:
         return set()
     return {hashlib.sha256(row.cpu().numpy().tobytes()).digest() for row in blocks.to(torch.int64)}
@@ -31,9 +30,9 @@ class GrowthData:
 
     train: torch.Tensor
     acceptance: torch.Tensor
-    retention: Optional[torch.Tensor] = None
-    early_stopping: Optional[torch.Tensor] = None
-    ranking: Optional[torch.Tensor] = None
+    retention: torch.Tensor | None = None
+    early_stopping: torch.Tensor | None = None
+    ranking: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         used = _row_hashes(self.train) | _row_hashes(self.early_stopping) | _row_hashes(self.ranking)
@@ -100,7 +99,7 @@ class GateContext:
         return [self.candidate, *self.replicas]
 
     @torch.no_grad()
-    def losses(self, split: str, candidate: Optional[str]) -> torch.Tensor:
+    def losses(self, split: str, candidate: str | None) -> torch.Tensor:
         """Per-example losses on ``split`` with the accepted grafts plus ``candidate`` (None: without any)."""
         key = (split, candidate)
         if key not in self._cache:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from ..errors import GraftConfigError
+from ..status import GraftStatus
 from .context import GateContext
 
 
-class Decision(str, enum.Enum):
-    ACCEPT = "accept"
-    REJECT = "reject"
-    DEFER = "defer"  # inconclusive: retry with more steps or data, never drop silently
+# A gate's verdict is the status it asks for: Decision.ACCEPT is GraftStatus.ACCEPTED (DEFER: inconclusive, retry with
+# more steps or data, never drop silently).
+Decision = GraftStatus
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class GateResult:
     message: str
     evidence: dict = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"gate": self.gate, "verdict": self.verdict.value, "message": self.message, "evidence": self.evidence}
 
 
@@ -45,11 +45,11 @@ class GateReport:
     def reasons(self) -> list[str]:
         return [f"{r.gate}: {r.message}" for r in self.results if r.verdict is not Decision.ACCEPT]
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "candidate": self.candidate,
             "decision": self.decision.value,
-            "results": [r.as_dict() for r in self.results],
+            "results": [r.to_dict() for r in self.results],
         }
 
 
@@ -61,7 +61,7 @@ class GateSet:
 
     def __init__(self, gates: list[Gate]) -> None:
         if not gates:
-            raise ValueError("a GateSet needs at least one gate")
+            raise GraftConfigError("A GateSet needs at least one gate; pass e.g. [MinimumGain(), FiniteWeights()].")
         self.gates = list(gates)
 
     def decide(self, ctx: GateContext) -> GateReport:

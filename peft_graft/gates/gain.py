@@ -36,7 +36,7 @@ class MinimumGain(_BootstrapGate):
 
     def evaluate(self, ctx: GateContext) -> GateResult:
         ci = self.interval(ctx.deltas("acceptance"))
-        evidence = {"gain": ci.as_dict(), "min_gain": self.min_gain}
+        evidence = {"gain": ci.to_dict(), "min_gain": self.min_gain}
         text = f"gain {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs required {self.min_gain:+.4f}"
         if ci.low > self.min_gain:
             return GateResult(self.name, Decision.ACCEPT, text, evidence)
@@ -60,7 +60,7 @@ class Retention(_BootstrapGate):
         if ctx.data.retention is None:
             return GateResult(self.name, Decision.REJECT, "no retention data given; cannot check old domains")
         ci = self.interval(-ctx.deltas("retention"))
-        evidence = {"regression": ci.as_dict(), "max_regression": self.max_regression}
+        evidence = {"regression": ci.to_dict(), "max_regression": self.max_regression}
         text = f"old-domain regression {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs allowed {self.max_regression:+.4f}"
         if ci.mean > self.max_regression:
             return GateResult(self.name, Decision.REJECT, text, evidence)

@@ -1,17 +1,18 @@
 """Validation-gated growth: the Trainer callback, publishing, rollback and consolidation."""
 
-from .callback import GraftGateCallback, save_adapter, train_until_decided
 from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
+from .callback import GraftGateCallback, save_adapter, train_until_decided
 from .lifecycle import Consolidation, compose, consolidate, rollback
 from .publish import HubTarget, push_accepted
+
 
 __all__ = [
     "BaseMismatchError",
     "Consolidation",
     "DriftError",
     "GraftGateCallback",
-    "HubTarget",
     "GraftNotAcceptedError",
+    "HubTarget",
     "compose",
     "consolidate",
     "push_accepted",

@@ -12,16 +12,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..gates import Decision, GateContext, GateReport, GateSet, GrowthData
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint, dataset_fingerprint
 from .publish import HubTarget, push_accepted
-
-STATUS_OF = {Decision.ACCEPT: GraftStatus.ACCEPTED, Decision.REJECT: GraftStatus.REJECTED,
-             Decision.DEFER: GraftStatus.DEFERRED}
 
 
 def save_adapter(model: Any, adapter: str, folder: Path) -> Path:
@@ -49,8 +46,8 @@ class GraftGateCallback(TrainerCallback):
         data: GrowthData,
         candidate: str,
         accepted: Sequence[str] = (),
-        registry: Optional[GraftRegistry] = None,
-        hub: Optional[HubTarget] = None,
+        registry: GraftRegistry | None = None,
+        hub: HubTarget | None = None,
         parents: Sequence[str] = (),
         max_deferrals: int = 2,
     ) -> None:
@@ -60,15 +57,15 @@ class GraftGateCallback(TrainerCallback):
         self.accepted, self.parents = list(accepted), list(parents)
         self.registry, self.hub, self.max_deferrals = registry, hub, max_deferrals
         self.reports: list[GateReport] = []
-        self.decision: Optional[Decision] = None
+        self.decision: Decision | None = None
         self.graft_ids: list[str] = []  # one per attempt, in order
-        self.pushed_commit: Optional[str] = None
+        self.pushed_commit: str | None = None
 
     def _context(self, model: Any) -> GateContext:
         return GateContext(model, candidate=self.candidate, data=self.data, accepted=self.accepted)
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                    metrics: Optional[dict] = None, **kwargs: Any) -> None:
+                    metrics: dict | None = None, **kwargs: Any) -> None:
         report = self.gates.decide(self._context(model))
         if metrics is not None:
             metrics["gate_dry_run"] = report.decision.value
@@ -97,7 +94,7 @@ class GraftGateCallback(TrainerCallback):
         config["adapter_name"] = self.candidate
         base = model.get_base_model()
         metrics = {r.gate: r.evidence for r in report.results}
-        evidence = {"report": report.as_dict(), "reason": reason, "steps": steps, "previous_attempts": self.graft_ids}
+        evidence = {"report": report.to_dict(), "reason": reason, "steps": steps, "previous_attempts": self.graft_ids}
         with tempfile.TemporaryDirectory() as tmp:
             record = self.registry.register(
                 save_adapter(model, self.candidate, Path(tmp)),
@@ -109,7 +106,7 @@ class GraftGateCallback(TrainerCallback):
                                       for role in ("train", "acceptance", "retention", "early_stopping", "ranking")
                                       if getattr(self.data, role) is not None},
                 seeds=list(seeds),
-                status=STATUS_OF[decision],
+                status=decision,
                 parents=self.parents,
                 evidence=evidence,
             )

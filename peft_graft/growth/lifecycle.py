@@ -8,13 +8,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
 from ..gates.context import composed
 from ..registry import GraftRecord, GraftRegistry, GraftStatus, base_model_fingerprint
-from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
 
 
 def _accepted_record(registry: GraftRegistry, graft_id: str) -> GraftRecord:
@@ -54,7 +54,7 @@ def compose(base: Any, registry: GraftRegistry, verify: bool = True) -> Any:
     return model
 
 
-def rollback(registry: GraftRegistry, graft_id: str, model: Optional[Any] = None, reason: str = "rolled back") -> None:
+def rollback(registry: GraftRegistry, graft_id: str, model: Any | None = None, reason: str = "rolled back") -> None:
     """Take accepted graft ``graft_id`` out of the composition: mark it rolled back, and remove it from ``model``.
 
     The registry decides what `compose` loads, so a rollback without a model (e.g. from the CLI) already takes

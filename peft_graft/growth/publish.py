@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-from ..registry import GraftRegistry, GraftStatus
 from ..errors import GraftNotAcceptedError
+from ..registry import GraftRegistry, GraftStatus
 
 
 @dataclass(frozen=True)
 class HubTarget:
     repo_id: str
-    endpoint: Optional[str] = None
-    token: Optional[str] = None
+    endpoint: str | None = None
+    token: str | None = None
     private: bool = False
 
 

@@ -3,11 +3,10 @@
 `push_graft` uploads an accepted graft (adapter files, ``graft_metadata.json``, a model card) in one commit;
 `pull_graft` downloads one and checks it against its recorded sha256; ``PeftModel.from_pretrained(base, repo_id)``
 loads one directly once ``peft_graft`` is imported. `use_hub_endpoint` points an already-imported `huggingface_hub`
-at another Hub, such as the Hub-compatible test server in `peft_graft.hub.local_server` (not imported here, so that
-``python -m peft_graft.hub.local_server`` runs it cleanly).
+at another Hub, such as the Hub-compatible test server in `peft_graft.testing.hub_server` (not imported here, so that
+``python -m peft_graft.testing.hub_server`` runs it cleanly).
 """
 
-from .endpoint import use_hub_endpoint
 from ..errors import (
     GraftIntegrityError,
     GraftMetadataError,
@@ -16,9 +15,11 @@ from ..errors import (
     HubOfflineError,
     PullDestinationError,
 )
+from .endpoint import use_hub_endpoint
 from .pull import pull_graft
 from .push import push_graft
 from .record import GRAFT_METADATA_NAME
+
 
 __all__ = [
     "GRAFT_METADATA_NAME",

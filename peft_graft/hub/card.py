@@ -9,6 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..model_cards import GRAFT_ADAPTER_TEMPLATE
 from .record import numeric_metrics
 
+
 CARD_TAGS = ("peft", "peft-graft", "graft")
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .endpoint import require_online
 from ..errors import PullDestinationError
+from .endpoint import require_online
 from .record import GRAFT_METADATA_NAME, read_record, require_accepted, verify_files
 
 

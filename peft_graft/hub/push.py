@@ -15,10 +15,11 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from ..artifacts import read_adapter
+from ..errors import GraftIntegrityError
 from .card import render_card
 from .endpoint import require_online
-from ..errors import GraftIntegrityError
 from .record import GRAFT_METADATA_NAME, build_record, dumps_record, graft_label, require_accepted, sha256_hex
+
 
 README_NAME = "README.md"
 
@@ -37,7 +38,7 @@ def push_graft(
 ) -> str:
     """Upload the graft saved in ``adapter_dir`` to ``repo_id``; returns the commit sha to pin it by.
 
-    ``metadata`` is the registry record and must have ``status == "accepted"``. ``metrics`` maps metric names to
+    ``metadata`` is the registry record and must have status ACCEPTED (`GraftStatus`). ``metrics`` maps metric names to
     numbers (e.g. the acceptance gain and its CI bounds); they go into ``graft_metadata.json`` and the card's
     model-index. ``endpoint``/``token`` default to ``HF_ENDPOINT``/the saved token, as in `huggingface_hub`.
     """

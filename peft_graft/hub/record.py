@@ -16,10 +16,11 @@ from pathlib import Path
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
 from ..errors import GraftIntegrityError, GraftMetadataError, GraftNotAcceptedError
+from ..status import GraftStatus
+
 
 GRAFT_METADATA_NAME = "graft_metadata.json"
 ARTIFACT_SHA256_KEY = "artifact_sha256"
-ACCEPTED = "accepted"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -32,14 +33,15 @@ def graft_label(record: Mapping, fallback: object) -> str:
 
 
 def require_accepted(record: Mapping, where: str) -> None:
-    """Only grafts the gates accepted may leave (or enter) through the Hub.
-
-    Case-insensitive, so both this module's ``"accepted"`` and the registry's ``GraftStatus.ACCEPTED`` pass.
-    """
+    """Only grafts the gates accepted may leave (or enter) through the Hub (any spelling `GraftStatus` reads)."""
     status = record.get("status")
-    if str(getattr(status, "value", status)).lower() != ACCEPTED:
+    try:
+        accepted = GraftStatus(status) is GraftStatus.ACCEPTED
+    except ValueError:
+        accepted = False
+    if not accepted:
         raise GraftNotAcceptedError(
-            f"{where} has status {status!r}, not {ACCEPTED!r}: only grafts accepted by the validation gates are "
+            f"{where} has status {status!r}, not {GraftStatus.ACCEPTED.value!r}: only grafts accepted by the validation gates are "
             "published or loaded from the Hub. Run the gates and record the decision in the registry first."
         )
 

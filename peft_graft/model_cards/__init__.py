@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+
 GRAFT_ADAPTER_TEMPLATE = Path(__file__).with_name("graft_adapter.md")
 
 __all__ = ["GRAFT_ADAPTER_TEMPLATE"]

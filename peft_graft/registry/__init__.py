@@ -9,9 +9,6 @@ model = PeftModel.from_pretrained(base, reg.artifact_dir(rec.graft_id))
 reg.verify()  # audit chain + tables; raises if anything was edited behind the registry's back
 """
 
-from .audit import AuditLog, AuditRecord
-from .content import adapter_content_id
-from .data_fingerprint import dataset_fingerprint
 from ..errors import (
     ArtifactIntegrityError,
     AuditTamperedError,
@@ -24,10 +21,14 @@ from ..errors import (
     RegistryVersionError,
     UnknownGraftError,
 )
+from ..status import ALLOWED_TRANSITIONS, GraftStatus
+from .audit import AuditLog, AuditRecord
+from .content import adapter_content_id
+from .data_fingerprint import dataset_fingerprint
 from .model_fingerprint import base_model_fingerprint
 from .record import GraftRecord, StatusChange
 from .registry import GraftRegistry
-from .status import ALLOWED_TRANSITIONS, GraftStatus
+
 
 __all__ = [
     "ALLOWED_TRANSITIONS",

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ..errors import AuditTamperedError, GraftMetadataError
 from .canonical import canonical_json, to_plain
 from .database import Database
-from ..errors import AuditTamperedError, GraftMetadataError
+
 
 GENESIS_HASH = "0" * 64
 RESERVED_PREFIX = "graft."  # events the registry itself writes (and replays in GraftRegistry.verify)

@@ -12,11 +12,11 @@ import sqlite3
 from dataclasses import asdict
 from typing import Any
 
+from ..errors import AuditTamperedError
+from ..status import GraftStatus
 from .audit import REGISTERED_EVENT, STATUS_EVENT, verify_chain
 from .canonical import canonical_json
-from ..errors import AuditTamperedError
 from .record import StatusChange
-from .status import GraftStatus
 from .tables import select_grafts, select_history
 
 

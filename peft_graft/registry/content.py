@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+
 ADAPTER_FILES: tuple[str, ...] = tuple(sorted((CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)))
 CHUNK_BYTES = 1 << 20
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .canonical import canonical_json
 from ..errors import FingerprintError
+from .canonical import canonical_json
+
 
 _SCHEME = b"peft-graft/dataset-fingerprint/v1\n"
 _BATCH_ROWS = 1024  # fixed, so batch boundaries (and hence the byte stream) never depend on the caller

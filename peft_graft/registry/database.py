@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import RegistryBusyError, RegistryCorruptError, RegistryError, RegistryVersionError
 from .store import fsync_dir
 
+
 SCHEMA_VERSION = 1
 
 # JSON columns hold canonical JSON (see canonical.py). Timestamps are ISO-8601 UTC strings.

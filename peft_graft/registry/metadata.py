@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .canonical import to_plain
 from ..errors import GraftMetadataError
-from .status import INITIAL_STATUSES, GraftStatus
+from ..status import INITIAL_STATUSES, GraftStatus
+from .canonical import to_plain
 
 
 def as_status(value: GraftStatus | str) -> GraftStatus:

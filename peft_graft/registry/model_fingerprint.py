@@ -21,6 +21,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 
 from ..errors import FingerprintError
 
+
 _SCHEME = b"peft-graft/base-model-fingerprint/v1\n"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .status import GraftStatus
+from ..status import GraftStatus
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import GraftMetadataError, RegistryError, UnknownGraftError
+from ..status import GraftStatus, check_transition
 from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, utc_now
 from .consistency import check_tables
 from .database import Database
-from ..errors import GraftMetadataError, RegistryError, UnknownGraftError
 from .metadata import as_dict, as_status, registration_fields
 from .provenance import git_commit, package_version
 from .record import GraftRecord, StatusChange
-from .status import GraftStatus, check_transition
 from .store import ArtifactStore
 from .tables import (
     insert_graft,
@@ -34,6 +34,7 @@ from .tables import (
     select_history,
     update_status,
 )
+
 
 _PUBLISH_ATTEMPTS = 3
 

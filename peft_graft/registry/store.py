@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import read_adapter
-from .content import ADAPTER_FILES, CHUNK_BYTES, content_id, file_sha256
 from ..errors import AdapterFileError, ArtifactIntegrityError
+from .content import ADAPTER_FILES, CHUNK_BYTES, content_id, file_sha256
+
 
 TEMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 _CONTENT_ID = re.compile(r"[0-9a-f]{64}")

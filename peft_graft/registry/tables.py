@@ -6,9 +6,10 @@ import json
 import sqlite3
 from typing import Any
 
+from ..status import GraftStatus
 from .canonical import canonical_json
 from .record import GraftRecord, StatusChange
-from .status import GraftStatus
+
 
 _GRAFT_COLUMNS = (
     "graft_id",

@@ -1,4 +1,4 @@
-"""Tests of peft_graft.assets: real packaged text has leak-free, frozen splits; the real packaged LM converts once and
+"""Tests of peft_graft.testing.assets: real packaged text has leak-free, frozen splits; the real packaged LM converts once and
 predicts real held-out text well."""
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_graft.assets import (
+from peft_graft.errors import AssetNotFoundError
+from peft_graft.testing.assets import (
     CORPORA,
     SMOLLM2_LICENSE,
     SPLITS,
+    corpora,
     load_corpus,
     load_corpus_dataset,
     load_documents,
     load_smollm2,
+    smollm2,
     smollm2_path,
     tokenize_blocks,
 )
-from peft_graft.assets import corpora, smollm2
-from peft_graft.errors import AssetNotFoundError
+
 
 # Frozen split assignment: sha256 over the sorted "split:doc_id" lines. If one of these changes, every number
 # reported on these splits changes meaning -- bump it only on purpose, together with the split rule's docs.

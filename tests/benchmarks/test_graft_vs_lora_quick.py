@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "graft_vs_lora.py"
 
 

@@ -4,6 +4,7 @@ import itertools
 
 from drm_transformer import DRMConfig
 
+
 ATTENTION_SWITCHES = (
     "use_manifold_projection", "use_metric", "use_rope", "use_gamma_norm", "use_gravity", "use_input_gate"
 )

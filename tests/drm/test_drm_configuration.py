@@ -3,8 +3,7 @@
 import pytest
 from drm_testing import tiny_config
 
-from drm_transformer import DRM_PRESETS, DRMConfig
-from drm_transformer import sizes
+from drm_transformer import DRM_PRESETS, DRMConfig, sizes
 
 
 @pytest.mark.parametrize(

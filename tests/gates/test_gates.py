@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
+from synthetic_domains import rule_blocks
 
 from peft_graft import GraftConfig
 from peft_graft.gates import (
@@ -21,7 +22,7 @@ from peft_graft.gates import (
     paired_bootstrap_ci,
 )
 from peft_graft.gates.context import LeakageError
-from synthetic_domains import rule_blocks
+
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -76,7 +77,7 @@ def test_trained_candidate_is_accepted_with_evidence(grown):
     assert report.decision is Decision.ACCEPT, report.reasons
     gain = report.results[0].evidence["gain"]
     assert gain["low"] > 0.02 and gain["n_examples"] == 24
-    assert report.as_dict()["results"][3]["evidence"]["params"] == 2 * 4 * 16 * 16
+    assert report.to_dict()["results"][3]["evidence"]["params"] == 2 * 4 * 16 * 16
 
 
 def test_candidate_that_hurts_the_old_domain_is_rejected(grown):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
+from synthetic_domains import rule_blocks
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_graft import GraftConfig
@@ -14,8 +15,8 @@ from peft_graft.gates import Decision, Gate, GateResult, GateSet, GrowthData, Mi
 from peft_graft.growth import (
     BaseMismatchError,
     GraftGateCallback,
-    HubTarget,
     GraftNotAcceptedError,
+    HubTarget,
     compose,
     consolidate,
     push_accepted,
@@ -24,7 +25,7 @@ from peft_graft.growth import (
 )
 from peft_graft.hub import use_hub_endpoint
 from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint
-from synthetic_domains import rule_blocks
+
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 

@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from huggingface_hub import HfApi, get_session, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import HfApi, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,
@@ -14,7 +14,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from peft_graft.hub.local_server import LocalHubServer, serve_local_hub
+from peft_graft.testing.hub_server import LocalHubServer, serve_local_hub
 
 
 def test_upload_folder_and_listings(local_hub, repo_id, tmp_path):

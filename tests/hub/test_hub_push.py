@@ -8,8 +8,9 @@ import pytest
 from huggingface_hub import HfApi
 
 from peft_graft.hub import GraftIntegrityError, GraftMetadataError, GraftNotAcceptedError, pull_graft, push_graft
-from peft_graft.hub.local_server import serve_local_hub
-from peft_graft.hub.local_store import LocalRepoStore
+from peft_graft.testing.hub_server import serve_local_hub
+from peft_graft.testing.hub_store import LocalRepoStore
+
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint, dataset_fingerprint
 
+
 BASE = "f" * 64
 
 

@@ -15,6 +15,7 @@ from registry_testing import register_kwargs, write_adapter
 
 from peft_graft.registry import GraftRegistry, GraftStatus, adapter_content_id
 
+
 SPAWN = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited, own hash seeds
 
 

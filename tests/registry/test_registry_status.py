@@ -9,6 +9,7 @@ from registry_testing import register_kwargs
 
 from peft_graft.registry import ALLOWED_TRANSITIONS, GraftStatus, InvalidTransitionError
 
+
 S = GraftStatus
 # How to bring a fresh graft into each status: (status at registration, changes after it).
 _REACH = {

@@ -6,12 +6,14 @@ that is how the tests get a "fresh base" to load a saved adapter onto.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import transformers
+
 
 VOCAB = 100
 HIDDEN = 32

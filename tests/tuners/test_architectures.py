@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import peft_graft
 from peft_graft import GraftLayer
 
+
 # `arch` (a conftest.TinyArch) is the parametrized fixture from conftest.py.
 
 TASK_TYPES = {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}

@@ -19,6 +19,7 @@ from peft import PeftModel, get_peft_model
 import peft_graft
 from peft_graft import GraftLayer
 
+
 HIDDEN = 128  # several 64-wide 4-bit blocks per row, and a multiple of the 32-row blocks of the CPU repacking
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 QUANT = {

@@ -12,6 +12,7 @@ import peft_graft
 from peft_graft import GraftConfig, GraftLayer, NonFiniteWeightsError
 from peft_graft.tuners.graft.config import MODES, PHI_FAMILIES
 
+
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 FROZEN_PROJECTIONS = ("svd", "orthogonal", "trainable")
 

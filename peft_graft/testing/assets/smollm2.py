@@ -26,6 +26,7 @@ import torch
 
 from peft_graft.errors import AssetNotFoundError
 
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 

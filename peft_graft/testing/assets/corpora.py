@@ -35,13 +35,14 @@ import importlib.util
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import torch
 
 from peft_graft.errors import AssetNotFoundError
+
 
 if TYPE_CHECKING:
     import datasets
@@ -262,7 +263,7 @@ def _reviews() -> dict[str, tuple[Document, ...]]:
     return _group(pairs, split_of)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> dict[str, tuple[Document, ...]]:
     if name == "news":
         return _news()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_BRANCH = "main"
