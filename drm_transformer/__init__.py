@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_drm import DRM_PRESETS, DRMConfig
-from .modeling_drm import DRM_GRAFT_TARGET_MODULES, DRMForCausalLM, DRMModel, DRMPreTrainedModel
+from .modeling_drm import DRMForCausalLM, DRMModel, DRMPreTrainedModel
 
 
 AutoConfig.register(DRMConfig.model_type, DRMConfig, exist_ok=True)
@@ -11,7 +11,6 @@ AutoModel.register(DRMConfig, DRMModel, exist_ok=True)
 AutoModelForCausalLM.register(DRMConfig, DRMForCausalLM, exist_ok=True)
 
 __all__ = [
-    "DRM_GRAFT_TARGET_MODULES",
     "DRM_PRESETS",
     "DRMConfig",
     "DRMForCausalLM",

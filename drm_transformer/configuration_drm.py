@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval
 
 
 # Named sizes. "5m", "125m" and "350m" keep the reference shapes (width, depth, heads, manifold dim) with a
@@ -33,6 +35,7 @@ DRM_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+@strict
 class DRMConfig(PreTrainedConfig):
     r"""
     Configuration of a DRM geometric Transformer ([`DRMModel`], [`DRMForCausalLM`]).
@@ -76,36 +79,32 @@ class DRMConfig(PreTrainedConfig):
     model_type = "drm"
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
 
-    vocab_size: int = 8192
-    hidden_size: int = 96
-    intermediate_size: int = 384
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 3
+    vocab_size: int = interval(min=1)(default=8192)
+    hidden_size: int = interval(min=1)(default=96)
+    intermediate_size: int = interval(min=1)(default=384)
+    num_hidden_layers: int = interval(min=1)(default=6)
+    num_attention_heads: int = interval(min=1)(default=3)
     use_manifold_projection: bool = True
     manifold_dim: int = 6
     use_metric: bool = True
     metric_rank: int = 2
     metric_hidden_size: int = 32
     use_rope: bool = True
-    rope_theta: float = 10000.0
+    rope_theta: float = interval(min=0.0, exclude_min=True)(default=10000.0)
     use_gamma_norm: bool = True
-    gamma_eps: float = 1e-3
+    gamma_eps: float = interval(min=0.0, exclude_min=True)(default=1e-3)
     use_gravity: bool = True
     use_input_gate: bool = True
     use_swiglu: bool = True
     use_rmsnorm: bool = True
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = interval(min=0.0, exclude_min=True)(default=1e-6)
     max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
+    initializer_range: float = interval(min=0.0, max=1.0)(default=0.02)
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        self.validate_architecture()
 
     @property
     def head_dim(self) -> int:
@@ -118,10 +117,8 @@ class DRMConfig(PreTrainedConfig):
         return self.manifold_dim if self.use_manifold_projection else self.head_dim
 
     def validate_architecture(self) -> None:
-        """Reject shapes the model cannot be built with, at config time rather than deep inside forward."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DRMConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        """Part of `@strict` validation (field types and ranges are checked per field): reject combinations the
+        model cannot be built with, at config time rather than deep inside forward."""
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"DRMConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -143,8 +140,6 @@ class DRMConfig(PreTrainedConfig):
                 f"{self.attention_dim} ({'manifold_dim' if self.use_manifold_projection else 'head_dim'}); "
                 "change it or set use_rope=False."
             )
-        if self.rope_theta <= 0 or self.gamma_eps <= 0 or self.rms_norm_eps <= 0:
-            raise ValueError("DRMConfig.rope_theta, gamma_eps and rms_norm_eps must be > 0.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DRMConfig:

@@ -11,6 +11,7 @@ averages over keys (the gamma anchor, the gravity centre of mass) is a prefix me
 """
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_drm import DRMConfig
-
-
-# Linear layers a LoRA/graft adapter should target by default: the attention and MLP projections.
-DRM_GRAFT_TARGET_MODULES: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class DRMRMSNorm(nn.Module):
@@ -294,10 +291,10 @@ class DRMPreTrainedModel(PreTrainedModel):
     config: DRMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DRMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules: ClassVar[list[str]] = ["DRMDecoderLayer"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
     _supports_sdpa = True
-    _can_record_outputs = {"hidden_states": DRMDecoderLayer}
+    _can_record_outputs: ClassVar[dict[str, type[nn.Module]]] = {"hidden_states": DRMDecoderLayer}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -394,7 +391,7 @@ class DRMModel(DRMPreTrainedModel):
 class DRMForCausalLM(DRMPreTrainedModel, GenerationMixin):
     """DRMModel with a (tied) LM head; `generate()` comes from GenerationMixin."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DRMConfig) -> None:
         super().__init__(config)
@@ -439,4 +436,4 @@ class DRMForCausalLM(DRMPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["DRM_GRAFT_TARGET_MODULES", "DRMForCausalLM", "DRMModel", "DRMPreTrainedModel"]
+__all__ = ["DRMForCausalLM", "DRMModel", "DRMPreTrainedModel"]

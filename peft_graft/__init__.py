@@ -1,16 +1,13 @@
 """peft-graft: graft adapters ΔW = s·A Φ B as a PEFT method.
 
-Importing this package registers the GRAFT method with PEFT, so `get_peft_model`, `PeftModel.from_pretrained`,
-`AutoPeftModelForCausalLM` and transformers' `load_adapter` handle graft adapters like LoRA ones.
+Importing this package registers the GRAFT method with PEFT (in `peft_graft.tuners.graft`), so `get_peft_model`,
+`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and transformers' `load_adapter` handle graft adapters like
+LoRA ones. This top level is the core (tuner, `calibrate`, errors); the life-cycle packages build on it and are
+imported by name: `peft_graft.gates`, `peft_graft.growth`, `peft_graft.registry`, `peft_graft.hub`.
 """
 
-from .registration import GRAFT_PEFT_TYPE, register_graft_method
-
-
-register_graft_method()
-
-from .calibration import calibrate  # noqa: E402
-from .errors import (  # noqa: E402
+from .calibration import calibrate
+from .errors import (
     AdapterFileError,
     CalibrationRequiredError,
     GraftConfigError,
@@ -22,10 +19,10 @@ from .errors import (  # noqa: E402
     ShapeMismatchError,
     UnsupportedLayerError,
 )
-from .tuners.graft import GraftConfig, GraftLayer, GraftModel  # noqa: E402
+from .tuners.graft import GRAFT_PEFT_TYPE, GraftConfig, GraftLayer, GraftModel, register_graft_method
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GRAFT_PEFT_TYPE",

@@ -12,7 +12,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .errors import AdapterFileError, NonFiniteWeightsError
-from .registration import GRAFT_PEFT_TYPE
+from .tuners.graft.peft_type import GRAFT_PEFT_TYPE
 
 
 @dataclass(frozen=True)

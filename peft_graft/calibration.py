@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationRequiredError, GraftConfigError
-from .tuners.graft.config import CALIBRATED_INITS, GraftConfig
+from .tuners.graft.config import GraftConfig
 from .tuners.graft.layer import GraftLayer
 
 
@@ -99,8 +99,8 @@ def calibrate(
     if adapter not in layers[0].active_adapters:
         raise GraftConfigError(f"Adapter {adapter!r} is not active; call model.set_adapter({adapter!r}) first.")
 
-    grams = config.projection == "activation"
-    grads = config.projection == "gradient" or config.init_weights in CALIBRATED_INITS or config.sparse_residual > 0
+    statistics = set(config.calibration_needs.values())
+    grams, grads = "activations" in statistics, "gradient" in statistics
     for layer in layers:
         layer.graft_recorders[adapter] = _Recorder(layer, config.mode, grams, grads)
     device = next(model.parameters()).device

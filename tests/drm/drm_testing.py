@@ -9,6 +9,8 @@ ATTENTION_SWITCHES = (
     "use_manifold_projection", "use_metric", "use_rope", "use_gamma_norm", "use_gravity", "use_input_gate"
 )
 BLOCK_SWITCHES = ("use_swiglu", "use_rmsnorm")
+# DRM's linear projections carry Llama's names: what LoRA, and grafts by default, target.
+DRM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tiny_config(**overrides: object) -> DRMConfig:

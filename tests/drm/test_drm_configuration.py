@@ -1,7 +1,8 @@
-"""DRMConfig: invalid shapes fail at config time, presets have their documented sizes."""
+"""DRMConfig: invalid shapes fail at config time (transformers' `@strict` validation), presets have their sizes."""
 
 import pytest
 from drm_testing import tiny_config
+from huggingface_hub.errors import StrictDataclassError
 
 from drm_transformer import DRM_PRESETS, DRMConfig, sizes
 
@@ -13,14 +14,15 @@ from drm_transformer import DRM_PRESETS, DRMConfig, sizes
         (dict(manifold_dim=0), "manifold_dim must be >= 1"),
         (dict(manifold_dim=3), "must be even"),
         (dict(use_manifold_projection=False, hidden_size=18), "must be even"),
-        (dict(num_attention_heads=0), "num_attention_heads must be >= 1"),
-        (dict(vocab_size=0), "vocab_size must be >= 1"),
+        (dict(num_attention_heads=0), "field 'num_attention_heads'(.|\n)*greater or equal to 1"),
+        (dict(vocab_size=0), "field 'vocab_size'(.|\n)*greater or equal to 1"),
         (dict(metric_rank=0), "metric_rank"),
-        (dict(gamma_eps=0.0), "must be > 0"),
+        (dict(gamma_eps=0.0), "field 'gamma_eps'(.|\n)*greater than 0"),
     ],
 )
-def test_invalid_config_raises_value_error(overrides: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_invalid_config_raises_strict_validation_error(overrides: dict, message: str) -> None:
+    # As for transformers' own configs, `@strict` wraps the validators' ValueErrors in its own error type.
+    with pytest.raises(StrictDataclassError, match=message):
         tiny_config(**overrides)
 
 

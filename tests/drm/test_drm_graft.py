@@ -1,10 +1,10 @@
 """Grafts attach to DRM like to any HF model, through the default target mapping for model_type "drm"."""
 
 import torch
-from drm_testing import tiny_config
+from drm_testing import DRM_PROJECTIONS, tiny_config
 from peft import PeftModel, get_peft_model
 
-from drm_transformer import DRM_GRAFT_TARGET_MODULES, DRMForCausalLM
+from drm_transformer import DRMForCausalLM
 from peft_graft import GraftConfig, GraftLayer
 
 
@@ -15,7 +15,7 @@ def test_default_targets_merge_and_round_trip(tmp_path):
     tokens = torch.randint(0, 61, (2, 9))
     model = get_peft_model(base, GraftConfig(r=2, init_weights=False))  # no target_modules: the "drm" mapping
     grafted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, GraftLayer)}
-    assert grafted == set(DRM_GRAFT_TARGET_MODULES)
+    assert grafted == set(DRM_PROJECTIONS)
     out = model(tokens).logits
     model.save_pretrained(tmp_path)
 

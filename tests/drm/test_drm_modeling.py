@@ -3,10 +3,10 @@
 import peft
 import pytest
 import torch
-from drm_testing import ATTENTION_COMBOS, combo_id, tiny_config
+from drm_testing import ATTENTION_COMBOS, DRM_PROJECTIONS, combo_id, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
-from drm_transformer import DRM_GRAFT_TARGET_MODULES, DRMConfig, DRMForCausalLM, DRMModel
+from drm_transformer import DRMConfig, DRMForCausalLM, DRMModel
 
 
 def build(config: DRMConfig, seed: int = 0) -> DRMForCausalLM:
@@ -105,9 +105,9 @@ def test_gradient_checkpointing_gives_same_gradients(small_config: DRMConfig) ->
 
 def test_lora_attaches_to_default_graft_targets(small_config: DRMConfig) -> None:
     model = build(small_config)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=DRM_GRAFT_TARGET_MODULES))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=list(DRM_PROJECTIONS)))
     wrapped = {name.rsplit(".", 1)[-1] for name, m in lora.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
-    assert wrapped == set(DRM_GRAFT_TARGET_MODULES)
+    assert wrapped == set(DRM_PROJECTIONS)
     trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     ids = torch.randint(0, 61, (2, 6))

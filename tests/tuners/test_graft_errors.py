@@ -35,9 +35,9 @@ def test_unknown_choice_names_the_alternatives(field, value):
         GraftConfig(**{field: value})
 
 
-def test_save_projections_false_only_for_regenerable_projections():
+def test_save_projection_false_only_for_regenerable_projections():
     with pytest.raises(GraftConfigError, match="cannot be regenerated"):
-        GraftConfig(projection="svd", save_projections=False)
+        GraftConfig(projection="svd", save_projection=False)
     assert not GraftConfig(projection="orthogonal").stores_projections
 
 
@@ -87,7 +87,7 @@ def test_regenerated_projection_mismatch_fails_loudly(tiny_llama, tmp_path):
     key = next(k for k in tensors if k.endswith("signature"))
     tensors[key][2] += 1  # the fingerprint, as if another torch build generated other numbers
     save_file(tensors, path)
-    with pytest.raises(ProjectionMismatchError, match="save_projections=True"):
+    with pytest.raises(ProjectionMismatchError, match="save_projection=True"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Literal, Union
 
 from peft.config import PeftConfig
 
 from ...errors import GraftConfigError
-from ...registration import GRAFT_PEFT_TYPE
+from .peft_type import GRAFT_PEFT_TYPE
+from .phi import PHI_FAMILIES
 
 
-PHI_FAMILIES = ("dense", "diagonal", "triangular", "banded", "lowrank", "hadamard")
 PROJECTIONS = ("svd", "orthogonal", "activation", "gradient", "trainable")
-DATA_DRIVEN_PROJECTIONS = ("activation", "gradient")
 MODES = ("additive", "output")
 NAMED_INITS = ("zeros", "lstsq", "gradient_diag")
-# Inits that need a backward pass over calibration data before they can be applied.
-CALIBRATED_INITS = ("lstsq", "gradient_diag")
 
 
 @dataclass
@@ -55,9 +53,12 @@ class GraftConfig(PeftConfig):
         init_lr (`float`): Step size of the emulated gradient step used by the ``lstsq`` / ``gradient_diag`` inits.
         seed (`int`): Seed of every random choice (orthogonal projections, random inits). Projections are generated
             on the CPU from (seed, module name), so they are identical on every machine with the same torch build.
-        save_projections (`Optional[bool]`): Store A and B in the artifact. ``None`` stores them unless they can be
-            regenerated (``orthogonal``); data-driven, SVD and trainable projections are always stored because they
-            depend on data or on weights that merging changes.
+        save_projection (`Optional[bool]`): Store A and B in the artifact (PEFT VeRA's name for the same choice).
+            ``None`` stores them unless they can be regenerated (``orthogonal``: then the artifact holds only Φ and a
+            fingerprint checked on load); data-driven, SVD and trainable projections are always stored because they
+            depend on data or on weights that merging changes. Set ``True`` to make an orthogonal adapter loadable
+            under a torch build that generates other random numbers. Configs written before 0.2 spell it
+            ``save_projections``; that spelling is still read.
         sparse_residual (`int`): Number k of individual ΔW entries per module that train on top of A Φ B, chosen by
             gradient magnitude on calibration data (needs `calibrate()`). 0 disables it.
         max_trainable_params (`Optional[int]`): Hard cap on the adapter's trainable numbers over all modules; adding
@@ -78,7 +79,7 @@ class GraftConfig(PeftConfig):
         default=None, metadata={"help": "Module names or regex to leave alone."}
     )
     phi: Literal["dense", "diagonal", "triangular", "banded", "lowrank", "hadamard"] = field(
-        default="dense", metadata={"help": f"Φ family, one of {PHI_FAMILIES}."}
+        default="dense", metadata={"help": f"Φ family, one of {tuple(PHI_FAMILIES)}."}
     )
     phi_rank: int = field(default=4, metadata={"help": "Inner rank of the lowrank/hadamard Φ families."})
     phi_bandwidth: int = field(default=2, metadata={"help": "Off-diagonals per side kept by the banded Φ."})
@@ -92,7 +93,7 @@ class GraftConfig(PeftConfig):
     )
     init_lr: float = field(default=1e-3, metadata={"help": "Step size emulated by the lstsq/gradient_diag inits."})
     seed: int = field(default=0, metadata={"help": "Seed of projections and random inits."})
-    save_projections: bool | None = field(
+    save_projection: bool | None = field(
         default=None, metadata={"help": "Store A/B in the artifact (None: unless regenerable)."}
     )
     sparse_residual: int = field(default=0, metadata={"help": "Trainable individual ΔW entries per module."})
@@ -102,9 +103,24 @@ class GraftConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra fully trained modules."})
     layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
+    # The 0.1 spelling of save_projection, still found in saved adapter_config.json files; never written.
+    save_projections: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, save_projections: bool | None) -> None:
         super().__post_init__()
+        if save_projections is not None:
+            if self.save_projection is not None and self.save_projection != save_projections:
+                raise GraftConfigError(
+                    f"save_projection={self.save_projection!r} and its old spelling save_projections="
+                    f"{save_projections!r} disagree; pass only save_projection."
+                )
+            warnings.warn(
+                "GraftConfig(save_projections=...) is now spelled save_projection (as in PEFT's VeRA); the old name "
+                "is still read for adapters saved before peft-graft 0.2. Save the adapter again to update its config.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.save_projection = save_projections
         self.peft_type = GRAFT_PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -136,11 +152,11 @@ class GraftConfig(PeftConfig):
                 f"init_weights='gradient_diag' sets Φ's diagonal directly; phi={self.phi!r} has no free diagonal. "
                 "Use phi='diagonal'/'dense'/'triangular'/'banded' or init_weights='lstsq'."
             )
-        if self.save_projections is False and self.projection != "orthogonal":
+        if self.save_projection is False and self.projection != "orthogonal":
             raise GraftConfigError(
                 f"projection={self.projection!r} cannot be regenerated on load (it depends on data or on weights "
-                "that merging changes), so save_projections=False would make the artifact unloadable. Leave "
-                "save_projections unset, or use projection='orthogonal'."
+                "that merging changes), so save_projection=False would make the artifact unloadable. Leave "
+                "save_projection unset, or use projection='orthogonal'."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise GraftConfigError("layers_pattern only has an effect together with layers_to_transform.")
@@ -148,13 +164,25 @@ class GraftConfig(PeftConfig):
     @property
     def stores_projections(self) -> bool:
         """Whether A and B go into the saved artifact."""
-        return self.projection != "orthogonal" or bool(self.save_projections)
+        return self.projection != "orthogonal" or bool(self.save_projection)
+
+    @property
+    def calibration_needs(self) -> dict[str, str]:
+        """What `calibrate()` must supply before the adapter can be used: ``{setting: statistic}``.
+
+        The one place that decides it. The statistic is ``"activations"`` (input/output Gram matrices) or
+        ``"gradient"`` (the weight gradient of a loss, so calibration batches need labels). Empty: usable at once.
+        """
+        needs = {}
+        if self.projection in ("activation", "gradient"):
+            needs[f"projection={self.projection!r}"] = "activations" if self.projection == "activation" else "gradient"
+        if self.init_weights in ("lstsq", "gradient_diag"):
+            needs[f"init_weights={self.init_weights!r}"] = "gradient"
+        if self.sparse_residual:
+            needs[f"sparse_residual={self.sparse_residual}"] = "gradient"
+        return needs
 
     @property
     def needs_calibration(self) -> bool:
         """Whether `calibrate()` must run before the adapter can be used."""
-        return (
-            self.projection in DATA_DRIVEN_PROJECTIONS
-            or self.init_weights in CALIBRATED_INITS
-            or self.sparse_residual > 0
-        )
+        return bool(self.calibration_needs)

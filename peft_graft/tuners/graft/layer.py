@@ -107,14 +107,7 @@ class GraftLayer(BaseTunerLayer):
             self.graft_sparse[adapter_name] = SparseResidual(config.sparse_residual)
         self.graft_scaling[adapter_name] = config.scaling
         self.graft_mode[adapter_name] = config.mode
-        pending = []
-        if config.projection in ("activation", "gradient"):
-            pending.append(f"projection={config.projection!r}")
-        if config.init_weights in ("lstsq", "gradient_diag"):
-            pending.append(f"init_weights={config.init_weights!r}")
-        if config.sparse_residual:
-            pending.append(f"sparse_residual={config.sparse_residual}")
-        self.graft_pending[adapter_name] = tuple(pending)
+        self.graft_pending[adapter_name] = tuple(config.calibration_needs)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -147,7 +140,7 @@ class GraftLayer(BaseTunerLayer):
             proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r))
         elif config.projection == "gradient":
             proj.assign(*gradient_projections(stats.grad_u, r))
-        if config.init_weights in ("lstsq", "gradient_diag"):
+        if config.init_weights in ("lstsq", "gradient_diag"):  # Φ₀ that reproduces one gradient step
             step = -config.init_lr * stats.grad_u.to(proj.A.device)  # ΔW of one gradient step, in graft input space
             A, B = proj.A.float(), proj.B.float()
             target = torch.linalg.pinv(A) @ step @ torch.linalg.pinv(B) / self.graft_scaling[adapter]

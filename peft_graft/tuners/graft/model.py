@@ -17,20 +17,19 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from drm_transformer import DRM_GRAFT_TARGET_MODULES
-
 from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
-from ...registration import GRAFT_PREFIX
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
 from .layer import GraftLayer, Linear
+from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
 
 
-# Grafts go where LoRA goes by default, plus our own DRM backbone.
+# Grafts go where LoRA goes by default. PEFT has no entry for the DRM backbone (drm_transformer), whose attention and
+# MLP projections carry Llama's names; like PEFT's own table, this is data keyed by model_type, not an import.
 GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    "drm": list(DRM_GRAFT_TARGET_MODULES),
+    "drm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 

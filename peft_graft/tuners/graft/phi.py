@@ -6,6 +6,8 @@ Each family holds its trainable numbers as direct parameters (no sub-modules), s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,37 +163,22 @@ class HadamardPhi(LowRankPhi):
         self.S[:, 0] = 1.0
 
 
+# The one table of Φ families: `GraftConfig.phi` names a key; each entry builds the family from (r, rank, bandwidth).
+PHI_FAMILIES: dict[str, Callable[[int, int, int], Phi]] = {
+    "dense": lambda r, rank, bandwidth: DensePhi(r),
+    "diagonal": lambda r, rank, bandwidth: DiagonalPhi(r),
+    "triangular": lambda r, rank, bandwidth: TriangularPhi(r),
+    "banded": lambda r, rank, bandwidth: BandedPhi(r, bandwidth),
+    "lowrank": lambda r, rank, bandwidth: LowRankPhi(r, rank),
+    "hadamard": lambda r, rank, bandwidth: HadamardPhi(r, rank),
+}
+
+
 def build_phi(family: str, r: int, rank: int, bandwidth: int) -> Phi:
-    """Instantiate the Φ family named in `GraftConfig.phi`."""
-    if family == "dense":
-        return DensePhi(r)
-    if family == "diagonal":
-        return DiagonalPhi(r)
-    if family == "triangular":
-        return TriangularPhi(r)
-    if family == "banded":
-        return BandedPhi(r, bandwidth)
-    if family == "lowrank":
-        return LowRankPhi(r, rank)
-    if family == "hadamard":
-        return HadamardPhi(r, rank)
-    raise ValueError(f"unknown Φ family {family!r}")
+    """Instantiate the Φ family named in `GraftConfig.phi` (the config has checked the name)."""
+    return PHI_FAMILIES[family](r, rank, bandwidth)
 
 
 def phi_num_params(family: str, r: int, rank: int, bandwidth: int) -> int:
-    """Trainable numbers of one Φ, computed without building it (used to enforce budgets up front)."""
-    if family == "dense":
-        return r * r
-    if family == "diagonal":
-        return r
-    if family == "triangular":
-        return r * (r + 1) // 2
-    if family == "banded":
-        b = min(bandwidth, r - 1)
-        return r + 2 * sum(r - o for o in range(1, b + 1))
-    if family == "lowrank":
-        return 2 * r * rank
-    if family == "hadamard":
-        return 4 * r * rank
-    raise ValueError(f"unknown Φ family {family!r}")
-
+    """Trainable numbers of one Φ (r² floats at most: building one to count is cheaper than a second table)."""
+    return sum(p.numel() for p in build_phi(family, r, rank, bandwidth).parameters())

@@ -138,5 +138,5 @@ class GraftProjection(nn.Module):
                 f"The seeded projections regenerated for {module!r} differ from those the adapter was trained with "
                 f"(fingerprint {incoming[2]:#x} saved, {own[2]:#x} now). This happens when the torch build generates "
                 "different random numbers or the seed/module names changed. Load it with the torch version it was "
-                "trained with, or retrain with save_projections=True."
+                "trained with, or retrain with save_projection=True."
             )

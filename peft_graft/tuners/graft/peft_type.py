@@ -1,7 +1,7 @@
-"""Make GRAFT a first-class PEFT method.
+"""`PeftType.GRAFT`: PEFT's method enum is closed, so the member is added when the tuner is imported.
 
-PEFT's `PeftType` is a closed `enum`, and `register_peft_method` only accepts names that are already members, so the
-member is added at import time, then config, tuner and prefix are registered. Both steps are idempotent: importing
+`register_peft_method` only accepts names that are already `PeftType` members, and `GraftConfig` sets its
+``peft_type`` from this member, so it must exist before the config class is used. Adding it is idempotent: importing
 peft_graft twice (or reloading it) is harmless.
 """
 
@@ -11,7 +11,7 @@ from peft.utils.peft_types import PeftType
 
 
 GRAFT_NAME = "graft"
-GRAFT_PREFIX = "graft_"
+GRAFT_PREFIX = "graft_"  # every adapter tensor name carries it, so PEFT finds adapter keys by prefix
 
 
 def _extend_peft_type(name: str) -> PeftType:
@@ -32,17 +32,3 @@ def _extend_peft_type(name: str) -> PeftType:
 
 
 GRAFT_PEFT_TYPE = _extend_peft_type(GRAFT_NAME.upper())
-
-
-def register_graft_method() -> None:
-    """Register `GraftConfig` / `GraftModel` with PEFT and install the save/load hooks (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from . import integration
-    from .tuners.graft import GraftConfig, GraftModel
-
-    integration.install()
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(GRAFT_PEFT_TYPE) is GraftModel:
-        return
-    register_peft_method(name=GRAFT_NAME, config_cls=GraftConfig, model_cls=GraftModel, prefix=GRAFT_PREFIX)

@@ -1,4 +1,4 @@
-"""Two small hooks into PEFT's save/load path, installed once by `register_graft_method`.
+"""Two small hooks into PEFT's save/load path, installed once when the tuner registers itself.
 
 * Loading: a graft adapter folder whose weights file is missing, truncated or corrupt raises `AdapterFileError`
   naming the file and the fix, instead of PEFT's generic error (or, for a missing local file, an attempt to reach
@@ -18,9 +18,9 @@ from typing import Any
 import peft.peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
-from .atomic import atomic_write_text
-from .errors import AdapterFileError
-from .registration import GRAFT_PEFT_TYPE
+from ...atomic import atomic_write_text
+from ...errors import AdapterFileError
+from .peft_type import GRAFT_PEFT_TYPE
 
 
 LOADING_SECTION = """## Loading this graft adapter
