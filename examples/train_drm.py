@@ -120,7 +120,7 @@ def train_one(name: str, model: PreTrainedModel, data: dict[str, Blocks], args: 
     """Train with the shared recipe; return validation loss/perplexity, the log history and timing."""
     # One step consumes batch·block tokens on every process (WORLD_SIZE, set by accelerate launch / torchrun); fix
     # the total, not the per-process, budget.
-    tokens_per_step = args.batch_size * args.block_size * int(os.environ.get("WORLD_SIZE", 1))
+    tokens_per_step = args.batch_size * args.block_size * int(os.environ.get("WORLD_SIZE", "1"))
     steps = args.max_steps or max(1, args.token_budget // tokens_per_step)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / name),

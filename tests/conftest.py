@@ -7,8 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 import huggingface_hub
@@ -16,6 +17,9 @@ import pytest
 import torch
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
+from tiny_models import LLAMA_SIZES
+from tiny_models import tiny_llama as make_tiny_llama
+from transformers import LlamaForCausalLM
 
 import peft_graft  # noqa: F401  (registers GRAFT)
 from peft_graft.hub import use_hub_endpoint
@@ -23,27 +27,10 @@ from peft_graft.testing.hub_server import serve_local_hub
 from peft_graft.testing.hub_store import LocalRepoStore
 
 
-TINY_LLAMA = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
-
 @pytest.fixture(scope="session")
-def tiny_llama():
-    """A fresh tiny Llama (eval mode, fixed weights) per call of the returned factory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def make(**overrides):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
-
-    return make
+def tiny_llama() -> Callable[..., LlamaForCausalLM]:
+    """`tiny_models.tiny_llama`: a fresh seeded tiny Llama (eval mode, fixed weights) per call."""
+    return make_tiny_llama
 
 
 # A local Hub per test module, and the real `huggingface_hub` client pointed at it and at nothing else. The suite runs
@@ -84,7 +71,7 @@ def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
 
 @pytest.fixture
 def tokens():
-    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, LLAMA_SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,20 +79,15 @@ def tokens():
 # The converted model is cached under $PEFT_GRAFT_CACHE (default ~/.cache/peft_graft): point it at a directory CI
 # keeps between runs and only the first session pays the ~25 s GGUF -> fp32 conversion.
 # Imports are inside the fixtures so a collection error elsewhere never hides behind this file.
-from pathlib import Path as _AssetsPath
-
-import pytest as _assets_pytest
-
-
-@_assets_pytest.fixture(scope="session")
-def smollm2_dir() -> _AssetsPath:
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
     """Folder of the fp32 SmolLM2-135M-Instruct HF checkpoint; load a fresh model per test with from_pretrained."""
     from peft_graft.testing.assets import smollm2_path
 
     return smollm2_path()
 
 
-@_assets_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def news_corpus() -> dict[str, list[str]]:
     """ABC news articles split train/validation/test by document (see peft_graft.testing.assets.corpora)."""
     from peft_graft.testing.assets import load_corpus
@@ -113,7 +95,7 @@ def news_corpus() -> dict[str, list[str]]:
     return load_corpus("news")
 
 
-@_assets_pytest.fixture(scope="session")
+@pytest.fixture(scope="session")
 def shakespeare_corpus() -> dict[str, list[str]]:
     """Shakespeare works (modern spelling) split train/validation/test by work."""
     from peft_graft.testing.assets import load_corpus

@@ -30,13 +30,18 @@ def test_inspect_reports_the_artifact(tiny_llama, tmp_path, capsys):
     assert report["file_bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
 
 
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a child process, as a user runs it (exit status and stderr included)."""
+    return subprocess.run([sys.executable, "-m", "peft_graft.cli", *args], capture_output=True, text=True, check=False)
+
+
 def test_verify_fails_on_a_truncated_file(tiny_llama, tmp_path):
     save_adapter(tiny_llama(), tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "peft_graft.cli", "verify", str(tmp_path)], capture_output=True, text=True)
+    ok = _run_cli("verify", str(tmp_path))
     assert ok.returncode == 0 and ok.stdout.startswith("OK:")
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    bad = subprocess.run([sys.executable, "-m", "peft_graft.cli", "verify", str(tmp_path)], capture_output=True, text=True)
+    bad = _run_cli("verify", str(tmp_path))
     assert bad.returncode == 1 and "truncated or corrupt" in bad.stderr
 
 

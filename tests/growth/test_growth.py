@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from synthetic_domains import rule_blocks
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -121,7 +121,8 @@ def test_trainer_callback_accepts_then_rollback_restores_exactly(grown, tmp_path
 
     with use_hub_endpoint(local_hub.endpoint):
         pulled = PeftModel.from_pretrained(copy.deepcopy(model.get_base_model()), "grafts/new-domain")
-    assert pulled is not None
+    pushed, loaded = get_peft_model_state_dict(model, adapter_name="new"), get_peft_model_state_dict(pulled)
+    assert pushed.keys() == loaded.keys() and all(torch.equal(pushed[k], loaded[k]) for k in pushed)
 
     rollback(registry, new_id, model)
     model.base_model.set_adapter("old")
@@ -133,7 +134,7 @@ def test_trainer_callback_accepts_then_rollback_restores_exactly(grown, tmp_path
 
 
 def test_deferred_candidate_is_retried_then_rejected_never_dropped(grown, tmp_path):
-    registry, model, old_id = grown
+    registry, model, _ = grown
     add_candidate(model, "unsure")
     callback = GraftGateCallback(GateSet([AlwaysDefer()]), NEW, candidate="unsure", accepted=["old"],
                                  registry=registry, max_deferrals=2)
@@ -160,7 +161,7 @@ def test_consolidation_has_zero_drift_and_a_new_fingerprint(grown, tmp_path):
 
 
 def test_compose_rebuilds_the_accepted_model_and_refuses_another_base(grown, tiny_llama):
-    registry, model, old_id = grown
+    registry, model, _ = grown
     probe = OLD.acceptance[:4]
     model.base_model.set_adapter("old")
     composed = compose(tiny_llama(), registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
@@ -35,7 +36,7 @@ def test_upload_folder_and_listings(local_hub, repo_id, tmp_path):
     assert [e.path for e in api.list_repo_tree(repo_id)] == ["a.txt", "sub"]
     assert api.file_exists(repo_id, "sub/b.bin") and not api.file_exists(repo_id, "missing.txt")
     downloaded = hf_hub_download(repo_id, "sub/b.bin", local_dir=tmp_path / "dl")
-    assert open(downloaded, "rb").read() == (folder / "sub" / "b.bin").read_bytes()
+    assert Path(downloaded).read_bytes() == (folder / "sub" / "b.bin").read_bytes()
 
     meta = get_hf_file_metadata(hf_hub_url(repo_id, "sub/b.bin"))
     assert meta.commit_hash == info.oid and meta.size == 256 * 64 and meta.etag
