@@ -11,6 +11,7 @@ from typing import Any
 
 from .artifacts import verify_adapter
 from .errors import PeftGraftError
+from .status import GraftStatus
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -69,7 +70,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    records = _registry(args.root).list(status=args.status.upper() if args.status else None)
+    records = _registry(args.root).list(status=args.status)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
         return 0
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path", json_flag=True)
     command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
     command("list", _list, "List the grafts of a registry.", "root", json_flag=True).add_argument(
-        "--status", help="Only grafts with this status (accepted, rejected, deferred, ...)."
+        "--status", type=GraftStatus, choices=list(GraftStatus), metavar="STATUS",
+        help=f"Only grafts with this status, any case: {', '.join(s.value.lower() for s in GraftStatus)}.",
     )
     command("show", _show, "Show one graft's record and status history.", "root", "graft_id")
     command("rollback", _rollback, "Take an accepted graft out of the composition.", "root", "graft_id").add_argument(

@@ -28,8 +28,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def graft_label(record: Mapping, fallback: object) -> str:
-    """The graft id under either name (the registry's ``graft_id`` or a plain ``id``), for messages."""
-    return str(record.get("graft_id") or record.get("id") or fallback)
+    """The record's ``graft_id`` (``fallback`` for a record without one), for messages."""
+    return str(record.get("graft_id") or fallback)
 
 
 def require_accepted(record: Mapping, where: str) -> None:

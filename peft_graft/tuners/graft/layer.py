@@ -234,7 +234,7 @@ class Linear(nn.Module, GraftLayer):
 
         With ``safe_merge`` the merged weight is computed on a copy and checked for NaN/Inf first; the base weight is
         only replaced when it is finite. Quantized (bitsandbytes) bases are dequantized, merged and requantized,
-        which is lossy for 4-bit: use `peft_graft.merge_and_dequantize` for an exact merge.
+        which is lossy for 4-bit: use `GraftModel.merge_and_dequantize` (``model.merge_and_dequantize()``) for an exact merge.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
