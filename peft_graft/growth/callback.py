@@ -5,10 +5,16 @@ decision is final for that attempt: accepted and rejected grafts are registered 
 are registered as such and retried by `train_until_decided` with more steps, up to ``max_deferrals``; after that the
 candidate is rejected with that reason. Only an accepted graft can be pushed to the Hub, and only after it is in the
 registry as accepted.
+
+What users watch: every gate evaluation (dry run or final) goes to ``trainer.log`` as ``gate/<name>`` verdicts and
+numbers, so it shows in ``trainer.state.log_history`` and in TensorBoard / W&B / MLflow through transformers'
+integrations; decisions, registrations and pushes also go to the ``peft_graft`` logger (silent by default).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +25,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from ..gates import Decision, GateContext, GateReport, GateSet, GrowthData
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint, dataset_fingerprint
 from .publish import HubTarget, push_accepted
+
+
+logger = logging.getLogger(__name__)
 
 
 def save_adapter(model: Any, adapter: str, folder: Path) -> Path:
@@ -60,21 +69,40 @@ class GraftGateCallback(TrainerCallback):
         self.decision: Decision | None = None
         self.graft_ids: list[str] = []  # one per attempt, in order
         self.pushed_commit: str | None = None
+        self.steps_trained = 0  # optimizer steps over every attempt (Trainer's global_step restarts per train())
+        self._trainer: Trainer | None = None  # set by `attach`, so decisions reach trainer.log
+
+    def attach(self, trainer: Trainer) -> None:
+        """Log gate evaluations through ``trainer.log``, which reaches the reporting integrations too (done by
+        `train_until_decided`; call it when you drive the Trainer yourself). A callback has no handle on its
+        Trainer, so without this, entries go to ``trainer.state.log_history`` and the ``peft_graft`` logger only."""
+        self._trainer = trainer
+
+    def _log(self, entry: dict[str, float | str], state: TrainerState | None) -> None:
+        if self._trainer is not None:
+            self._trainer.log(entry)
+        elif state is not None:
+            state.log_history.append({**entry, "step": state.global_step})
 
     def _context(self, model: Any) -> GateContext:
         return GateContext(model, candidate=self.candidate, data=self.data, accepted=self.accepted)
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.steps_trained += 1
+
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     metrics: dict | None = None, **kwargs: Any) -> None:
         report = self.gates.decide(self._context(model))
-        if metrics is not None:
-            metrics["gate_dry_run"] = report.decision.value
+        logger.info("Gates (dry run) on %r at step %d: %s", self.candidate, self.steps_trained, report.decision.value)
+        self._log(gate_log_entry(report, prefix="gate_dry_run/"), state)  # Trainer logged its metrics already
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                      **kwargs: Any) -> None:
-        self.decide(model, seeds=[args.seed], steps=state.global_step)
+        self.decide(model, seeds=[args.seed], steps=self.steps_trained, state=state)
 
-    def decide(self, model: Any, seeds: Sequence[int] = (), steps: int = 0) -> GateReport:
+    def decide(
+        self, model: Any, seeds: Sequence[int] = (), steps: int = 0, state: TrainerState | None = None
+    ) -> GateReport:
         """Final decision for the current attempt: gate, record, and push if accepted."""
         report = self.gates.decide(self._context(model))
         decision, reason = report.decision, "; ".join(report.reasons) or "all gates passed"
@@ -82,10 +110,14 @@ class GraftGateCallback(TrainerCallback):
             decision, reason = Decision.REJECT, f"still inconclusive after {self.max_deferrals} retries: {reason}"
         self.reports.append(report)
         self.decision = decision
+        logger.info("Gate decision on %r after %d steps: %s (%s)", self.candidate, steps, decision.value, reason)
+        self._log({**gate_log_entry(report, prefix="gate/"), "gate/decision": decision.value}, state)
         if self.registry is not None:
             self._record(model, report, decision, reason, seeds, steps)
         if decision is Decision.ACCEPT and self.hub is not None:
             self.pushed_commit = push_accepted(self.registry, self.graft_ids[-1], self.hub)
+            logger.info("Pushed graft %s to %s (commit %s)", self.graft_ids[-1][:12], self.hub.repo_id,
+                        self.pushed_commit)
         return report
 
     def _record(self, model: Any, report: GateReport, decision: Decision, reason: str, seeds: Sequence[int],
@@ -114,12 +146,44 @@ class GraftGateCallback(TrainerCallback):
             for earlier in self.graft_ids:  # deferred attempts end with the final decision, never silently
                 self.registry.set_status(earlier, GraftStatus.REJECTED, f"superseded by attempt {record.graft_id}")
         self.graft_ids.append(record.graft_id)
+        logger.info("Registered graft %s (%s) in %s", record.graft_id[:12], decision.value, self.registry.root)
+
+
+def gate_log_entry(report: GateReport, prefix: str) -> dict[str, float | str]:
+    """A flat, loggable view of a gate report: each gate's verdict and its headline numbers (CI bounds, means)."""
+    entry: dict[str, float | str] = {f"{prefix}decision": report.decision.value}
+    for result in report.results:
+        entry[f"{prefix}{result.gate}"] = result.verdict.value
+        for key, value in result.evidence.items():
+            values = value if isinstance(value, dict) else {"": value}
+            for sub, number in values.items():
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    entry[f"{prefix}{result.gate}.{key}{'.' + sub if sub else ''}"] = float(number)
+    return entry
 
 
 def train_until_decided(trainer: Trainer, callback: GraftGateCallback, extra_steps: int) -> GateReport:
-    """Train, and while the gates defer, train ``extra_steps`` more and decide again (bounded by max_deferrals)."""
+    """Train, and while the gates defer, train ``extra_steps`` more and decide again (bounded by max_deferrals).
+
+    A retry continues the same run: the optimizer keeps its state, the learning-rate schedule goes on from where the
+    last attempt stopped (as for a run planned with the larger step count from the start, which is also what
+    resuming a Trainer checkpoint with a larger ``max_steps`` does), and each attempt adds exactly ``extra_steps``
+    optimizer steps. The caller's ``TrainingArguments`` are left unchanged.
+    """
+    callback.attach(trainer)
+    args = trainer.args
     trainer.train()
-    while callback.decision is Decision.DEFER:
-        trainer.args.max_steps = trainer.state.global_step + extra_steps
-        trainer.train()
+    try:
+        while callback.decision is Decision.DEFER:
+            done = callback.steps_trained
+            trainer.args = copy.copy(args)  # not dataclasses.replace: __post_init__ would reset accelerate's state
+            trainer.args.max_steps = extra_steps
+            trainer.lr_scheduler = None
+            schedule = trainer.create_scheduler(num_training_steps=done + extra_steps, optimizer=trainer.optimizer)
+            for _ in range(done):
+                schedule.step()
+            trainer._created_lr_scheduler = False  # Trainer rebuilds schedules it made itself on each train()
+            trainer.train()
+    finally:
+        trainer.args = args
     return callback.reports[-1]

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from synthetic_domains import rule_blocks
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from peft_graft import GraftConfig
 from peft_graft.gates import Decision, Gate, GateResult, GateSet, GrowthData, MinimumGain, Retention
@@ -181,3 +181,53 @@ def test_rollback_of_a_merged_graft_is_exact_within_float_rounding(grown):
     assert "old" not in model.peft_config
     after = model.base_model.model(input_ids=probe).logits  # no adapter left: PEFT has no active config
     torch.testing.assert_close(after, base_logits, atol=1e-5, rtol=0)  # unmerge = subtracting ΔW again in fp32
+
+
+class StepLog(TrainerCallback):
+    """Every optimizer step's learning rate, across train() calls."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.lrs.append(lr_scheduler.get_last_lr()[0])
+
+
+def test_retries_continue_the_run_with_exactly_the_extra_steps(grown, tmp_path):
+    registry, model, _ = grown
+    add_candidate(model, "retried")
+    callback = GraftGateCallback(GateSet([AlwaysDefer()]), NEW, candidate="retried", accepted=["old"],
+                                 registry=registry, max_deferrals=2)
+    trainer = trainer_for(model, NEW.train, tmp_path, callback, steps=10)
+    trainer.args.lr_scheduler_type, trainer.args.warmup_steps = "constant_with_warmup", 4
+    steps = StepLog()
+    trainer.add_callback(steps)
+    train_until_decided(trainer, callback, extra_steps=5)
+
+    assert len(steps.lrs) == 10 + 5 + 5 and callback.steps_trained == 20
+    assert trainer.args.max_steps == 10  # the caller's arguments are untouched
+    # warmup happens once (the rate after each step is recorded): the retries go on at the full rate
+    assert steps.lrs[:3] == sorted(steps.lrs[:3]) and steps.lrs[2] < 5e-2
+    assert steps.lrs[3:] == [5e-2] * 17
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {20}  # one optimizer, its moments kept over all attempts
+    assert [registry.get(g).evidence["steps"] for g in callback.graft_ids] == [10, 15, 20]
+
+
+def test_gate_verdicts_reach_the_trainer_log(grown, tmp_path, caplog):
+    registry, model, _ = grown
+    add_candidate(model, "watched")
+    callback = GraftGateCallback(GateSet([MinimumGain(min_gain=0.0), Retention(max_regression=0.5)]), NEW,
+                                 candidate="watched", accepted=["old"], registry=registry)
+    trainer = trainer_for(model, NEW.train, tmp_path, callback, steps=4)
+    eval_data = Dataset.from_dict({"input_ids": NEW.train[:8].tolist(), "labels": NEW.train[:8].tolist()})
+    trainer.eval_dataset, trainer.args.eval_strategy, trainer.args.eval_steps = eval_data, "steps", 2
+    with caplog.at_level("INFO", logger="peft_graft"):
+        train_until_decided(trainer, callback, extra_steps=2)
+    dry_runs = [e for e in trainer.state.log_history if "gate_dry_run/decision" in e]
+    assert [e["step"] for e in dry_runs] == [2, 4]
+    assert all("gate_dry_run/minimum_gain.gain.mean" in e for e in dry_runs)
+    final = [e for e in trainer.state.log_history if "gate/decision" in e]
+    assert len(final) == 1 and final[0]["gate/decision"] == callback.decision.value
+    assert any("Gate decision on 'watched'" in r.message for r in caplog.records)
+    assert any("Registered graft" in r.message for r in caplog.records)
