@@ -48,7 +48,8 @@ class BehaviourCheck(Gate):
             return GateResult(self.name, Decision.REJECT, f"check raised {type(err).__name__}: {err}")
         passed, evidence = outcome if isinstance(outcome, tuple) else (outcome, {})
         verdict = Decision.ACCEPT if passed else Decision.REJECT
-        return GateResult(self.name, verdict, "passed" if passed else "failed", dict(evidence))
+        metrics = {k: float(v) for k, v in evidence.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return GateResult(self.name, verdict, "passed" if passed else "failed", dict(evidence), metrics)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class ParameterBudget(Gate):
         )
         evidence = {"params": count, "max_params": self.max_params}
         verdict = Decision.ACCEPT if count <= self.max_params else Decision.REJECT
-        return GateResult(self.name, verdict, f"{count:,} trainable numbers (max {self.max_params:,})", evidence)
+        text = f"{count:,} trainable numbers (max {self.max_params:,})"
+        return GateResult(self.name, verdict, text, evidence, {"params": float(count)})
 
 
 @dataclass
@@ -79,7 +81,9 @@ class FiniteWeights(Gate):
         if not tensors:
             return GateResult(self.name, Decision.REJECT, f"no tensors found for adapter {ctx.candidate!r}")
         verdict = Decision.REJECT if bad else Decision.ACCEPT
-        return GateResult(self.name, verdict, f"{len(bad)} non-finite tensors", {"non_finite": bad[:20]})
+        return GateResult(
+            self.name, verdict, f"{len(bad)} non-finite tensors", {"non_finite": bad[:20]}, {"non_finite": float(len(bad))}
+        )
 
 
 @contextmanager
@@ -132,4 +136,5 @@ class ExactRecomposition(Gate):
         evidence = {"max_merge_error": merge_error, "max_unmerge_error": unmerge_error, "tolerance": tolerance}
         ok = merge_error <= tolerance and unmerge_error <= tolerance
         text = f"merge error {merge_error:.2e}, unmerge error {unmerge_error:.2e} (tolerance {tolerance:.1e})"
-        return GateResult(self.name, Decision.ACCEPT if ok else Decision.REJECT, text, evidence)
+        metrics = {"max_merge_error": merge_error, "max_unmerge_error": unmerge_error}
+        return GateResult(self.name, Decision.ACCEPT if ok else Decision.REJECT, text, evidence, metrics)

@@ -17,13 +17,23 @@ Decision = GraftStatus
 
 @dataclass(frozen=True)
 class GateResult:
+    """One gate's verdict. ``evidence`` is everything it saw and was set to (thresholds included, for the audit
+    trail); ``metrics`` only the numbers it measured on the model, which is what gets logged and published."""
+
     gate: str
     verdict: Decision
     message: str
     evidence: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"gate": self.gate, "verdict": self.verdict.value, "message": self.message, "evidence": self.evidence}
+        return {
+            "gate": self.gate,
+            "verdict": self.verdict.value,
+            "message": self.message,
+            "evidence": self.evidence,
+            "metrics": self.metrics,
+        }
 
 
 class Gate(ABC):
@@ -40,6 +50,11 @@ class GateReport:
     candidate: str
     decision: Decision
     results: tuple[GateResult, ...]
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """What the gates measured, by gate (no thresholds): the numbers to log and publish."""
+        return {r.gate: r.metrics for r in self.results if r.metrics}
 
     @property
     def reasons(self) -> list[str]:

@@ -37,12 +37,13 @@ class MinimumGain(_BootstrapGate):
     def evaluate(self, ctx: GateContext) -> GateResult:
         ci = self.interval(ctx.deltas("acceptance"))
         evidence = {"gain": ci.to_dict(), "min_gain": self.min_gain}
+        metrics = {"gain": ci.mean, "gain_ci_low": ci.low, "gain_ci_high": ci.high}
         text = f"gain {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs required {self.min_gain:+.4f}"
         if ci.low > self.min_gain:
-            return GateResult(self.name, Decision.ACCEPT, text, evidence)
+            return GateResult(self.name, Decision.ACCEPT, text, evidence, metrics)
         if ci.high < self.min_gain:
-            return GateResult(self.name, Decision.REJECT, text, evidence)
-        return GateResult(self.name, Decision.DEFER, text + " (inconclusive)", evidence)
+            return GateResult(self.name, Decision.REJECT, text, evidence, metrics)
+        return GateResult(self.name, Decision.DEFER, text + " (inconclusive)", evidence, metrics)
 
 
 @dataclass
@@ -61,9 +62,10 @@ class Retention(_BootstrapGate):
             return GateResult(self.name, Decision.REJECT, "no retention data given; cannot check old domains")
         ci = self.interval(-ctx.deltas("retention"))
         evidence = {"regression": ci.to_dict(), "max_regression": self.max_regression}
+        metrics = {"regression": ci.mean, "regression_ci_low": ci.low, "regression_ci_high": ci.high}
         text = f"old-domain regression {ci.mean:+.4f} nats [{ci.low:+.4f}, {ci.high:+.4f}] vs allowed {self.max_regression:+.4f}"
         if ci.mean > self.max_regression:
-            return GateResult(self.name, Decision.REJECT, text, evidence)
+            return GateResult(self.name, Decision.REJECT, text, evidence, metrics)
         if ci.high <= self.max_regression:
-            return GateResult(self.name, Decision.ACCEPT, text, evidence)
-        return GateResult(self.name, Decision.DEFER, text + " (inconclusive)", evidence)
+            return GateResult(self.name, Decision.ACCEPT, text, evidence, metrics)
+        return GateResult(self.name, Decision.DEFER, text + " (inconclusive)", evidence, metrics)

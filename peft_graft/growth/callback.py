@@ -122,10 +122,12 @@ class GraftGateCallback(TrainerCallback):
 
     def _record(self, model: Any, report: GateReport, decision: Decision, reason: str, seeds: Sequence[int],
                 steps: int) -> None:
-        config = model.peft_config[self.candidate].to_dict()
-        config["adapter_name"] = self.candidate
         base = model.get_base_model()
-        metrics = {r.gate: r.evidence for r in report.results}
+        peft_config = model.peft_config[self.candidate]
+        if not peft_config.base_model_name_or_path:  # adapters added with add_adapter carry no base model name
+            peft_config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+        config = peft_config.to_dict()
+        config["adapter_name"] = self.candidate
         evidence = {"report": report.to_dict(), "reason": reason, "steps": steps, "previous_attempts": self.graft_ids}
         with tempfile.TemporaryDirectory() as tmp:
             record = self.registry.register(
@@ -133,7 +135,7 @@ class GraftGateCallback(TrainerCallback):
                 base_fingerprint=base_model_fingerprint(base),
                 targets=sorted(config["target_modules"]) if config.get("target_modules") else [],
                 config=config,
-                metrics=metrics,
+                metrics=report.metrics,
                 dataset_fingerprints={role: dataset_fingerprint(getattr(self.data, role))
                                       for role in ("train", "acceptance", "retention", "early_stopping", "ranking")
                                       if getattr(self.data, role) is not None},
@@ -150,15 +152,11 @@ class GraftGateCallback(TrainerCallback):
 
 
 def gate_log_entry(report: GateReport, prefix: str) -> dict[str, float | str]:
-    """A flat, loggable view of a gate report: each gate's verdict and its headline numbers (CI bounds, means)."""
+    """A flat, loggable view of a gate report: the decision, each gate's verdict and what it measured."""
     entry: dict[str, float | str] = {f"{prefix}decision": report.decision.value}
     for result in report.results:
         entry[f"{prefix}{result.gate}"] = result.verdict.value
-        for key, value in result.evidence.items():
-            values = value if isinstance(value, dict) else {"": value}
-            for sub, number in values.items():
-                if isinstance(number, (int, float)) and not isinstance(number, bool):
-                    entry[f"{prefix}{result.gate}.{key}{'.' + sub if sub else ''}"] = float(number)
+        entry.update({f"{prefix}{result.gate}.{name}": value for name, value in result.metrics.items()})
     return entry
 
 

@@ -6,12 +6,23 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from synthetic_domains import rule_blocks
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from peft_graft import GraftConfig
-from peft_graft.gates import Decision, Gate, GateResult, GateSet, GrowthData, MinimumGain, Retention
+from peft_graft.gates import (
+    Decision,
+    ExactRecomposition,
+    Gate,
+    GateResult,
+    GateSet,
+    GrowthData,
+    MinimumGain,
+    ParameterBudget,
+    Retention,
+)
 from peft_graft.growth import (
     BaseMismatchError,
     GraftGateCallback,
@@ -226,8 +237,29 @@ def test_gate_verdicts_reach_the_trainer_log(grown, tmp_path, caplog):
         train_until_decided(trainer, callback, extra_steps=2)
     dry_runs = [e for e in trainer.state.log_history if "gate_dry_run/decision" in e]
     assert [e["step"] for e in dry_runs] == [2, 4]
-    assert all("gate_dry_run/minimum_gain.gain.mean" in e for e in dry_runs)
+    assert all("gate_dry_run/minimum_gain.gain" in e and "gate_dry_run/retention.regression" in e for e in dry_runs)
     final = [e for e in trainer.state.log_history if "gate/decision" in e]
     assert len(final) == 1 and final[0]["gate/decision"] == callback.decision.value
     assert any("Gate decision on 'watched'" in r.message for r in caplog.records)
     assert any("Registered graft" in r.message for r in caplog.records)
+
+
+def test_pushed_card_names_the_base_and_publishes_only_measurements(grown, tmp_path, local_hub):
+    registry, model, old_id = grown
+    model.get_base_model().name_or_path = "test-org/tiny-llama"  # what from_pretrained of a Hub model sets
+    add_candidate(model, "carded")  # add_adapter: PEFT leaves base_model_name_or_path unset here
+    hub = HubTarget("grafts/carded", endpoint=local_hub.endpoint)
+    gates = GateSet([MinimumGain(min_gain=0.05), Retention(max_regression=0.5), ParameterBudget(10**6),
+                     ExactRecomposition()])
+    callback = GraftGateCallback(gates, NEW, candidate="carded", accepted=["old"], registry=registry, hub=hub,
+                                 parents=[old_id])
+    report = train_until_decided(trainer_for(model, NEW.train, tmp_path, callback), callback, extra_steps=20)
+    assert report.decision is Decision.ACCEPT, report.reasons
+    with use_hub_endpoint(local_hub.endpoint):
+        card = ModelCard.load("grafts/carded")
+    assert card.data.base_model == "test-org/tiny-llama"
+    assert 'from_pretrained("test-org/tiny-llama")' in card.text
+    published = {result.metric_type for result in card.data.eval_results}
+    assert "minimum_gain.gain" in published and "parameter_budget.params" in published
+    settings = ("min_gain", "max_regression", "max_params", "tolerance", "confidence")
+    assert not [name for name in published if name.rpartition(".")[2] in settings]
