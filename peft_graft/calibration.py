@@ -4,6 +4,10 @@ While it runs, each graft layer of the adapter contributes nothing and instead r
 Gram matrices of its inputs/outputs (``projection="activation"``) and the weight gradient Σ gᵀu of a causal-LM (or
 any) loss (``projection="gradient"``, ``init_weights="lstsq"/"gradient_diag"``, ``sparse_residual``). The
 statistics then become A/B, Φ₀ and sparse positions in `GraftLayer.apply_calibration`.
+
+Under ``torch.distributed`` (DDP, ``accelerate launch``, torchrun) every rank sees its own shard of the data, so the
+statistics are summed over ranks before they are turned into projections: every rank computes the same subspace,
+the one a single process would compute from all the shards.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,6 +63,13 @@ class _Recorder:
             result.register_hook(partial(self._on_grad, u2, x2))
         return result
 
+    def sum_over_ranks(self) -> None:
+        """Add up every rank's statistics (each rank recorded the same ones, for its own batches)."""
+        for name in ("input_gram", "output_gram", "grad_u", "_grad_x"):
+            stat = getattr(self, name)
+            if stat is not None:
+                dist.all_reduce(stat, op=dist.ReduceOp.SUM)
+
     def _on_grad(self, u2: torch.Tensor, x2: torch.Tensor, grad: torch.Tensor) -> None:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).float()  # [N, out]
         self.grad_u = self._add(self.grad_u, g2.T @ u2)  # [out, d]
@@ -86,8 +98,9 @@ def calibrate(
 
     Batches are dicts of model inputs; when gradients are needed (gradient projections, ``lstsq``/``gradient_diag``
     inits, sparse residuals) they must produce a loss, e.g. carry ``labels``. Use data disjoint from your evaluation
-    set. The model runs in eval mode; gradients of other trainable parameters are cleared afterwards. Returns the
-    number of batches used.
+    set. The model runs in eval mode; gradients of other trainable parameters are cleared afterwards. Under
+    torch.distributed, call it on every rank with that rank's shard (every rank must yield at least one batch); the
+    statistics are summed over ranks. Returns the number of batches this process used.
     """
     adapter = adapter_name or getattr(model, "active_adapter", "default")
     config = model.peft_config[adapter]
@@ -125,6 +138,9 @@ def calibrate(
             used += 1
         if used == 0:
             raise CalibrationRequiredError("The calibration dataloader yielded no batches.")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for layer in layers:
+                layer.graft_recorders[adapter].sum_over_ranks()
         for layer in layers:
             layer.apply_calibration(adapter, config, layer.graft_recorders[adapter])
     finally:

@@ -103,15 +103,17 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _consolidate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .growth import compose, consolidate
 
     registry = _registry(args.root)
     model = compose(AutoModelForCausalLM.from_pretrained(args.base), registry)
+    has_tokenizer = any((Path(args.base) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(args.base) if has_tokenizer else None
     vocab = model.get_base_model().config.vocab_size
     probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
-    result = consolidate(model, registry, args.out, probe, atol=args.atol)
+    result = consolidate(model, registry, args.out, probe, atol=args.atol, tokenizer=tokenizer)
     _print({"path": result.path, "base_fingerprint": result.base_fingerprint, "max_drift": result.max_drift,
             "grafts": [g[:12] for g in result.graft_ids]}, args.json)
     return 0

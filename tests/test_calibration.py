@@ -115,3 +115,25 @@ def test_empty_dataloader_is_an_error(tiny_llama):
     model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="activation"))
     with pytest.raises(CalibrationRequiredError, match="no batches"):
         peft_graft.calibrate(model, [], progress=False)
+
+
+def test_distributed_calibration_gives_every_rank_the_single_process_subspace(tmp_path):
+    """Two real processes (gloo), each calibrating on half the batches, end with identical projections: those of
+    one process calibrating on all of them (statistics are summed over ranks, not left per rank)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from calibration_ranks import calibrated_projections, rank_main
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(rank_main, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    single = calibrated_projections([0, 1, 2, 3])
+    assert rank0.keys() == rank1.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)
+        if not key.endswith("signature"):  # a hash of the projections' bytes: summation order changes the last bit
+            torch.testing.assert_close(rank0[key], single[key], atol=1e-5, rtol=1e-4)

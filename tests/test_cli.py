@@ -7,6 +7,10 @@ from importlib.metadata import entry_points
 
 import pytest
 from peft import get_peft_model
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from peft_graft import GraftConfig
 from peft_graft.cli import main
@@ -45,6 +49,14 @@ def test_verify_fails_on_a_truncated_file(tiny_llama, tmp_path):
     assert bad.returncode == 1 and "truncated or corrupt" in bad.stderr
 
 
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny Llama's 128 ids, built in code (no download)."""
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 128)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
 @pytest.fixture
 def registry_with_two(tiny_llama, tmp_path):
     """A registry with one accepted and one rejected graft for a saved tiny base."""
@@ -52,6 +64,7 @@ def registry_with_two(tiny_llama, tmp_path):
 
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
     registry = GraftRegistry(tmp_path / "registry")
     ids = {}
     for name, status, seed in (("good", GraftStatus.ACCEPTED, 1), ("bad", GraftStatus.REJECTED, 2)):
@@ -89,6 +102,8 @@ def test_registry_commands(registry_with_two, tmp_path, capsys, local_hub):
     assert main(["consolidate", root, "--base", str(base_dir), "--out", str(tmp_path / "v2"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_drift"] <= 1e-5
     assert (tmp_path / "v2" / "config.json").is_file()
+    text = "w1 w2 w3 unknown"
+    assert AutoTokenizer.from_pretrained(tmp_path / "v2")(text).input_ids == tiny_tokenizer()(text).input_ids
     assert registry.get(ids["good"]).status.value == "CONSOLIDATED"
     assert main(["rollback", root, ids["bad"][:10]]) == 1
 

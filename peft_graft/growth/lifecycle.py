@@ -84,8 +84,11 @@ class Consolidation:
 
 @torch.no_grad()
 def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike, probe: torch.Tensor,
-                atol: float = 1e-5, rtol: float = 0.0) -> Consolidation:
+                atol: float = 1e-5, rtol: float = 0.0, tokenizer: Any = None) -> Consolidation:
     """Merge every accepted graft present in ``model`` into a new base saved at ``out_dir``.
+
+    Pass the base's ``tokenizer`` (or processor) so the new base folder is complete: it is saved beside the weights
+    and config, and loads with ``AutoTokenizer.from_pretrained(out_dir)`` like the original.
 
     The saved base is reloaded and must reproduce the unmerged composition on ``probe``: max |Δlogit| ≤ ``atol`` +
     ``rtol`` · max|logit| (fp32: 1e-5 holds for small models; deep ones reach ~2e-6 relative from summation order
@@ -104,6 +107,8 @@ def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike,
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         reloaded = type(merged).from_pretrained(staging).eval()
         drift = (reloaded(input_ids=probe).logits - expected).abs().max().item()
         tolerance = atol + rtol * expected.abs().max().item()
