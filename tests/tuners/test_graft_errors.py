@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -41,13 +42,42 @@ def test_save_projection_false_only_for_regenerable_projections():
     assert not GraftConfig(projection="orthogonal").stores_projections
 
 
-def test_rank_too_large_names_module_and_shape_and_changes_nothing(tiny_llama):
+def test_rank_pattern_too_large_names_module_and_shape_and_changes_nothing(tiny_llama):
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(GraftRankError, match=r"r=40 is too large for 'model.layers.0.self_attn.k_proj' \(weight 32×64"):
-        get_peft_model(base, GraftConfig(r=40, target_modules=["k_proj"]))
+    config = GraftConfig(r=4, target_modules=["k_proj"], rank_pattern={"layers.0.self_attn.k_proj": 40})
+    with pytest.raises(GraftRankError, match=r"r=40 on 'model.layers.0.self_attn.k_proj' \(weight 32×64"):
+        get_peft_model(base, config)
     assert not has_grafts(base)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert config.rank_pattern == {"layers.0.self_attn.k_proj": 40}
+
+
+def test_narrow_modules_get_the_largest_graft_they_hold_and_reload_so(tiny_llama, tokens, tmp_path):
+    # k_proj is 32×64 (two KV heads of 16), q_proj 64×64: r=40 fits q_proj only; both k_proj get r=32.
+    with pytest.warns(UserWarning, match=r"does not fit 2 target module\(s\).*layers.0.self_attn.k_proj \(r=32\)"):
+        model = get_peft_model(tiny_llama(), GraftConfig(r=40, target_modules=["k_proj", "q_proj"], init_weights=False))
+    config = model.peft_config["default"]
+    assert config.rank_pattern == {f"model.layers.{i}.self_attn.k_proj": 32 for i in range(2)}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "graft_phi" in n}
+    assert {s for n, s in shapes.items() if "k_proj" in n} == {(32, 32)}
+    assert {s for n, s in shapes.items() if "q_proj" in n} == {(40, 40)}
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not [w for w in caught if "does not fit" in str(w.message)]  # the recorded pattern fits: no clamping
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=0, rtol=0)
+
+
+def test_random_phi_differs_per_adapter_but_projections_do_not(tiny_llama):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                    projection="orthogonal"))
+    model.add_adapter("other", GraftConfig(r=4, target_modules=["q_proj"], init_weights=False, projection="orthogonal"))
+    layer = next(m for m in model.modules() if isinstance(m, GraftLayer))
+    assert not torch.equal(layer.graft_phi["default"].weight, layer.graft_phi["other"].weight)
+    assert torch.equal(layer.graft_proj["default"].A, layer.graft_proj["other"].A)
 
 
 def test_parameter_budget_is_enforced_with_the_excess(tiny_llama):

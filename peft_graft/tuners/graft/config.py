@@ -7,6 +7,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Literal, Union
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from ...errors import GraftConfigError
 from .peft_type import GRAFT_PEFT_TYPE
@@ -29,7 +30,10 @@ class GraftConfig(PeftConfig):
 
     Args:
         r (`int`): Dimension of the graft space. Trainable numbers per module grow with r² (dense Φ), so r=32 costs
-            about as much as LoRA r=1 on a 1024-wide layer. Must not exceed ``min(in, out)`` of any target.
+            about as much as LoRA r=1 on a 1024-wide layer. A target narrower than r gets the largest graft it can
+            hold (``min(in, out)``, with a warning), recorded in ``rank_pattern``.
+        rank_pattern (`dict[str, int]`): Per-module r, keyed by module name or regex (as PEFT LoRA's
+            ``rank_pattern``), e.g. ``{"down_proj": 4}``. An entry larger than its module allows is an error.
         target_modules (`Union[list[str], str]`): Module names (suffix match) or a regex to graft. ``"all-linear"``
             targets every linear layer but the output head. Defaults to PEFT's LoRA choice for known model types.
         exclude_modules (`Union[list[str], str]`): Names or a regex of modules never to graft.
@@ -72,6 +76,9 @@ class GraftConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Graft space dimension."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module r by module name or regex, e.g. {'down_proj': 4}."}
+    )
     target_modules: Union[list[str], str] | None = field(
         default=None, metadata={"help": "Module names or regex to graft; 'all-linear' for every linear layer."}
     )
@@ -143,6 +150,9 @@ class GraftConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise GraftConfigError(f"{name} must be a positive integer, got {value!r}.")
+        bad_ranks = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        if bad_ranks:
+            raise GraftConfigError(f"rank_pattern values must be positive integers, got {bad_ranks}.")
         if self.sparse_residual < 0:
             raise GraftConfigError(f"sparse_residual must be >= 0, got {self.sparse_residual}.")
         if self.max_trainable_params is not None and self.max_trainable_params < 1:
@@ -160,6 +170,16 @@ class GraftConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise GraftConfigError("layers_pattern only has an effect together with layers_to_transform.")
+
+    def rank_pattern_key(self, module_name: str) -> str | None:
+        """The ``rank_pattern`` entry that applies to ``module_name`` (PEFT's matching rule), if any."""
+        key = get_pattern_key(self.rank_pattern.keys(), module_name)
+        return key if key in self.rank_pattern else None
+
+    def r_for(self, module_name: str) -> int:
+        """The graft space size of ``module_name``: its ``rank_pattern`` entry, else ``r``."""
+        key = self.rank_pattern_key(module_name)
+        return self.r if key is None else self.rank_pattern[key]
 
     @property
     def stores_projections(self) -> bool:

@@ -82,9 +82,10 @@ class GraftLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: GraftConfig, module_name: str) -> None:
         """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``."""
         self.module_name = module_name
-        r, out_f = config.r, self.out_features
+        r, out_f = config.r_for(module_name), self.out_features
         d = self.in_features if config.mode == "additive" else out_f
-        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, module_name))
+        # A random Φ (init_weights=False) differs per adapter, as LoRA's does; seeded projections below do not.
+        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, f"{adapter_name}/{module_name}"))
 
         phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
         phi.reset(identity=config.init_weights is not False, generator=generator)
@@ -135,7 +136,7 @@ class GraftLayer(BaseTunerLayer):
     @torch.no_grad()
     def apply_calibration(self, adapter: str, config: GraftConfig, stats: Any) -> None:
         """Turn recorded statistics into projections, an initial Φ and sparse positions."""
-        proj, phi, r = self.graft_proj[adapter], self.graft_phi[adapter], config.r
+        proj, phi, r = self.graft_proj[adapter], self.graft_phi[adapter], config.r_for(self.module_name)
         if config.projection == "activation":
             proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r))
         elif config.projection == "gradient":

@@ -60,9 +60,14 @@ class GraftModel(BaseTuner):
             model.add_model_tags(["peft-graft", "graft"])
 
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
-        """Check every target before any module is replaced, so a bad config leaves the model untouched."""
+        """Check every target before any module is replaced, so a bad config leaves the model untouched.
+
+        A target narrower than ``r`` (an MoE router, a small head) gets the largest graft it can hold, as LoRA
+        accepts such layers: the clamped r goes into ``rank_pattern`` so that saving and reloading reproduce it. An
+        explicit ``rank_pattern`` entry that does not fit is an error.
+        """
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
-        total = 0
+        total, clamped = 0, {}
         for key, module in model.named_modules():
             matched = check_target_module_exists(peft_config, key)
             if not matched or isinstance(matched, _ExcludedModule):
@@ -72,13 +77,15 @@ class GraftModel(BaseTuner):
             if in_f is None:
                 continue
             d = in_f if peft_config.mode == "additive" else out_f
-            limit = min(out_f, d)
-            if peft_config.r > limit:
-                raise GraftRankError(
-                    f"r={peft_config.r} is too large for {key!r} (weight {out_f}×{in_f}, mode={peft_config.mode!r}): "
-                    f"the graft space cannot exceed {limit}. Lower r or exclude the module with exclude_modules."
-                )
-            total += self._module_trainable_params(peft_config, out_f, d)
+            limit, r = min(out_f, d), peft_config.r_for(key)
+            if r > limit:
+                if peft_config.rank_pattern_key(key) is not None:
+                    raise GraftRankError(
+                        f"rank_pattern asks for r={r} on {key!r} (weight {out_f}×{in_f}, mode={peft_config.mode!r}), "
+                        f"but its graft space cannot exceed {limit}. Lower that rank_pattern entry."
+                    )
+                clamped[key] = r = limit
+            total += self._module_trainable_params(peft_config, r, out_f, d)
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
             raise ParameterBudgetExceededError(
@@ -86,12 +93,22 @@ class GraftModel(BaseTuner):
                 f"max_trainable_params={cap:,}. Lower r, pick a smaller phi family, target fewer modules, or raise "
                 "the cap."
             )
+        if clamped:
+            peft_config.rank_pattern = {**peft_config.rank_pattern, **clamped}
+            warnings.warn(
+                f"r={peft_config.r} does not fit {len(clamped)} target module(s) narrower than that; they get the "
+                f"largest graft they can hold (recorded in rank_pattern, so reloading reproduces it): "
+                + ", ".join(f"{key} (r={r})" for key, r in clamped.items())
+                + ". Exclude them with exclude_modules if you did not mean to graft them.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @staticmethod
-    def _module_trainable_params(config: GraftConfig, out_f: int, d: int) -> int:
-        n = phi_num_params(config.phi, config.r, config.phi_rank, config.phi_bandwidth) + config.sparse_residual
+    def _module_trainable_params(config: GraftConfig, r: int, out_f: int, d: int) -> int:
+        n = phi_num_params(config.phi, r, config.phi_rank, config.phi_bandwidth) + config.sparse_residual
         if config.projection == "trainable":
-            n += config.r * (out_f + d)
+            n += r * (out_f + d)
         return n
 
     def _create_and_replace(
