@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,11 @@ def _print(report: dict, as_json: bool) -> None:
             print(f"{key:>20}: {value}")
 
 
+def _done(report: dict, text: str, as_json: bool) -> None:
+    """What an action command did: one sentence, or its JSON report."""
+    print(json.dumps(report, indent=2, default=str) if as_json else text)
+
+
 def _registry(root: str) -> Any:
     from .registry import GraftRegistry
 
@@ -33,7 +39,9 @@ def _registry(root: str) -> Any:
 def _resolve(registry: Any, prefix: str) -> str:
     """Full graft id from a unique prefix, as git does for commits."""
     matches = [r.graft_id for r in registry.list() if r.graft_id.startswith(prefix)]
-    if len(matches) != 1:
+    if not matches:
+        raise PeftGraftError(f"No graft id in {registry.root} starts with {prefix!r}; `peft-graft list` shows them.")
+    if len(matches) > 1:
         raise PeftGraftError(f"{prefix!r} matches {len(matches)} grafts in {registry.root}; give more characters.")
     return matches[0]
 
@@ -62,10 +70,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     if (Path(args.path) / "registry.sqlite").is_file():
         count = _registry(args.path).verify(artifacts=True)
-        print(f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it")
-        return 0
-    summary = verify_adapter(args.path)
-    print(f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)")
+        report = {"ok": True, "registry": args.path, "audit_records": count}
+        text = f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it"
+    else:
+        summary = verify_adapter(args.path)
+        report = {"ok": True, "adapter": str(summary.path), "modules": len(summary.modules),
+                  "file_bytes": summary.file_bytes}
+        text = f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)"
+    print(json.dumps(report, indent=2) if args.json else text)
     return 0
 
 
@@ -97,7 +109,7 @@ def _rollback(args: argparse.Namespace) -> int:
     registry = _registry(args.root)
     graft_id = _resolve(registry, args.graft_id)
     rollback(registry, graft_id, reason=args.reason)
-    print(f"rolled back {graft_id[:12]}: `compose` no longer loads it")
+    _done({"rolled_back": graft_id}, f"rolled back {graft_id[:12]}: `compose` no longer loads it", args.json)
     return 0
 
 
@@ -125,7 +137,8 @@ def _push(args: argparse.Namespace) -> int:
     registry = _registry(args.root)
     graft_id = _resolve(registry, args.graft_id)
     commit = push_accepted(registry, graft_id, HubTarget(args.repo_id, endpoint=args.endpoint, token=args.token))
-    print(f"pushed {graft_id[:12]} to {args.repo_id} (commit {commit})")
+    report = {"pushed": graft_id, "repo_id": args.repo_id, "commit": commit}
+    _done(report, f"pushed {graft_id[:12]} to {args.repo_id} (commit {commit})", args.json)
     return 0
 
 
@@ -133,34 +146,34 @@ def _pull(args: argparse.Namespace) -> int:
     from .hub import pull_graft
 
     path = pull_graft(args.repo_id, args.local_dir, revision=args.revision, endpoint=args.endpoint, token=args.token)
-    print(f"pulled {args.repo_id} into {path} (hashes verified)")
+    _done({"pulled": args.repo_id, "path": str(path)}, f"pulled {args.repo_id} into {path} (hashes verified)", args.json)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect graft adapters and manage a registry.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func: Any, help: str, *positionals: str, json_flag: bool = False) -> argparse.ArgumentParser:
+    def command(name: str, func: Any, help: str, *positionals: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         for positional in positionals:
             p.add_argument(positional)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
+        p.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
         p.set_defaults(func=func)
         return p
 
-    command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path", json_flag=True)
+    command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path")
     command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
-    command("list", _list, "List the grafts of a registry.", "root", json_flag=True).add_argument(
+    command("list", _list, "List the grafts of a registry.", "root").add_argument(
         "--status", type=GraftStatus, choices=list(GraftStatus), metavar="STATUS",
         help=f"Only grafts with this status, any case: {', '.join(s.value.lower() for s in GraftStatus)}.",
     )
-    command("show", _show, "Show one graft's record and status history.", "root", "graft_id")
+    command("show", _show, "Show one graft's record and status history (JSON).", "root", "graft_id")
     command("rollback", _rollback, "Take an accepted graft out of the composition.", "root", "graft_id").add_argument(
         "--reason", default="rolled back from the command line"
     )
-    consolidate = command("consolidate", _consolidate, "Merge accepted grafts into a new base.", "root", json_flag=True)
+    consolidate = command("consolidate", _consolidate, "Merge accepted grafts into a new base.", "root")
     consolidate.add_argument("--base", required=True, help="Folder of the base model the grafts were trained on.")
     consolidate.add_argument("--out", required=True, help="Folder to write the consolidated base to.")
     consolidate.add_argument("--atol", type=float, default=1e-5, help="Largest allowed |Δlogit| vs unmerged.")
@@ -173,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return (
+        f"peft-graft {__version__} (peft {peft.__version__}, transformers {transformers.__version__}, "
+        f"torch {torch.__version__})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -180,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftGraftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `peft-graft show ... | head` closed the pipe: stop quietly, as other CLIs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+import peft_graft
 from peft_graft import GraftConfig
-from peft_graft.cli import main
+from peft_graft.cli import build_parser, main
 
 
 def save_adapter(model, path, **kwargs):
@@ -120,3 +121,34 @@ def test_verify_detects_an_edited_audit_record(registry_with_two, capsys):
         conn.execute(f"update {audit} set payload = replace(payload, 'REJECTED', 'ACCEPTED')")
     assert main(["verify", str(registry.root)]) == 1
     assert "audit" in capsys.readouterr().err.lower()
+
+
+def test_every_command_speaks_json_and_unknown_ids_say_so(registry_with_two, capsys):
+    registry, _, ids = registry_with_two
+    root = str(registry.root)
+    assert main(["verify", root, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "registry": root, "audit_records": 2}
+    assert main(["list", root, "--status", "accepted", "--json"]) == 0
+    assert [r["graft_id"] for r in json.loads(capsys.readouterr().out)] == [ids["good"]]
+    assert main(["show", root, "zzz"]) == 1
+    assert "No graft id" in capsys.readouterr().err
+    assert main(["rollback", root, ids["good"][:10], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"rolled_back": ids["good"]}
+    for command in ("inspect", "verify", "list", "show", "rollback", "consolidate", "push", "pull"):
+        assert "--json" in build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"peft-graft {peft_graft.__version__} (peft ")
+
+
+def test_a_closed_pipe_ends_quietly(registry_with_two):
+    registry, _, ids = registry_with_two
+    command = [sys.executable, "-m", "peft_graft.cli", "show", str(registry.root), ids["good"][:10]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head` that has already exited: the first write hits a closed pipe
+    assert process.wait(timeout=120) == 141
+    assert b"Traceback" not in process.stderr.read()

@@ -14,10 +14,21 @@ from torch import nn
 from ..errors import LeakageError
 
 
-def _row_hashes(blocks: torch.Tensor | None) -> set[bytes]:
+def _row_hashes(blocks: torch.Tensor | None) -> list[bytes]:
+    """One digest per example (row), in order."""
     if blocks is None:
-        return set()
-    return {hashlib.sha256(row.cpu().numpy().tobytes()).digest() for row in blocks.to(torch.int64)}
+        return []
+    return [hashlib.sha256(row.cpu().numpy().tobytes()).digest() for row in blocks.to(torch.int64)]
+
+
+def _rows_in(blocks: torch.Tensor | None, roles: dict[str, torch.Tensor | None]) -> dict[str, list[tuple[int, int]]]:
+    """For each role, the (row in ``blocks``, row in that role) pairs of identical examples."""
+    where = {digest: i for i, digest in enumerate(_row_hashes(blocks))}
+    return {
+        role: pairs
+        for role, data in roles.items()
+        if (pairs := [(where[d], j) for j, d in enumerate(_row_hashes(data)) if d in where])
+    }
 
 
 @dataclass(frozen=True)
@@ -35,13 +46,20 @@ class GrowthData:
     ranking: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        used = _row_hashes(self.train) | _row_hashes(self.early_stopping) | _row_hashes(self.ranking)
+        shaping = {"train": self.train, "early_stopping": self.early_stopping, "ranking": self.ranking}
         for role in ("acceptance", "retention"):
-            shared = len(_row_hashes(getattr(self, role)) & used)
-            if shared:
+            collisions = _rows_in(getattr(self, role), shaping)
+            if collisions:
+                shared = len({i for pairs in collisions.values() for i, _ in pairs})
+                where = "; ".join(
+                    f"{other} rows {[j for _, j in pairs][:5]}{'...' if len(pairs) > 5 else ''} = {role} rows "
+                    f"{[i for i, _ in pairs][:5]}{'...' if len(pairs) > 5 else ''}"
+                    for other, pairs in collisions.items()
+                )
                 raise LeakageError(
-                    f"{shared} {role} examples also appear in the train/early-stopping/ranking data. The {role} set "
-                    "must be held out from everything that shaped the candidate: split your data disjointly."
+                    f"{shared} {role} examples also appear in the train/early-stopping/ranking data ({where}). The "
+                    f"{role} set must be held out from everything that shaped the candidate: drop those rows or "
+                    "split your data disjointly."
                 )
 
 

@@ -139,8 +139,10 @@ def test_gates_leave_weights_activity_and_trainability_as_they_were(grown):
 
 def test_acceptance_data_must_be_held_out():
     train = rule_blocks(0, 16, 0, 64)
-    with pytest.raises(LeakageError, match="3 acceptance examples"):
+    with pytest.raises(LeakageError, match=r"3 acceptance examples.*train rows \[0, 1, 2\] = acceptance rows \[0, 1, 2\]"):
         GrowthData(train=train, acceptance=torch.cat([train[:3], rule_blocks(5, 4, 0, 64)]))
+    with pytest.raises(LeakageError, match=r"train rows \[7\] = acceptance rows \[4\]"):
+        GrowthData(train=train, acceptance=torch.cat([rule_blocks(5, 4, 0, 64), train[7:8]]))
     with pytest.raises(LeakageError, match="retention"):
         GrowthData(train=train, acceptance=rule_blocks(5, 4, 0, 64), retention=train[:1],
                    early_stopping=rule_blocks(6, 4, 0, 64))
