@@ -44,9 +44,11 @@ ALLOWED = {
     "testing": {"core", "lifecycle", "testing"},
     "drm": {"drm"},
 }
-# Third-party packages the core may use: torch, peft, transformers, and what they ship with (safetensors, tqdm,
+# Third-party packages the core may use: torch, peft, transformers, and what they ship with (safetensors, tqdm, packaging,
 # huggingface_hub); bitsandbytes only for quantized bases (the `quantization` extra, imported lazily).
-CORE_THIRD_PARTY = {"torch", "peft", "transformers", "safetensors", "tqdm", "huggingface_hub", "bitsandbytes"}
+CORE_THIRD_PARTY = {
+    "torch", "peft", "transformers", "safetensors", "tqdm", "huggingface_hub", "packaging", "bitsandbytes"
+}
 
 
 def _module_name(path: Path) -> str:

@@ -1,7 +1,9 @@
 """The entry points users reach grafts through: Trainer, AutoPeftModel, transformers' load_adapter."""
 
+import peft
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -56,3 +58,18 @@ def test_trainer_trains_a_graft_like_lora(tiny_llama, tmp_path):
     assert losses[-1] < losses[0] - 0.1
     assert all(not torch.equal(p, trainable_before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("transformers_version", "required", "relaxed"),
+    [("5.24.0", "0.22.0", True), ("5.24.3", "0.22.0", True), ("5.25.0", "0.22.0", False), ("5.23.0", "0.20.0", False)],
+)
+def test_peft_requirement_is_relaxed_only_where_verified(monkeypatch, transformers_version, required, relaxed):
+    from transformers.integrations import peft as integration
+
+    from peft_graft.tuners.graft.compat import relax_transformers_peft_requirement
+
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", required)
+    assert relax_transformers_peft_requirement() is relaxed
+    assert integration.MIN_PEFT_VERSION == (peft.__version__ if relaxed else required)

@@ -4,6 +4,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from . import peft_hooks
+from .compat import relax_transformers_peft_requirement
 from .config import GraftConfig
 from .layer import GraftLayer, Linear
 from .model import GraftModel
@@ -13,6 +14,7 @@ from .peft_type import GRAFT_NAME, GRAFT_PEFT_TYPE, GRAFT_PREFIX
 def register_graft_method() -> None:
     """Register `GraftConfig` / `GraftModel` with PEFT and install the save/load hooks (idempotent)."""
     peft_hooks.install()
+    relax_transformers_peft_requirement()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(GRAFT_PEFT_TYPE) is not GraftModel:
         register_peft_method(name=GRAFT_NAME, config_cls=GraftConfig, model_cls=GraftModel, prefix=GRAFT_PREFIX)
 
