@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import LeakageError
 
@@ -63,11 +64,17 @@ class GrowthData:
                 )
 
 
+# Evaluations over more batches than this show a progress bar (tqdm; it stays quiet when stderr is not a terminal).
+PROGRESS_MIN_BATCHES = 16
+
+
 def causal_lm_example_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean next-token loss of each block ([N] fp32), the unit the paired bootstrap resamples."""
     device = next(model.parameters()).device
     losses = []
-    for batch in blocks.split(batch_size):
+    batches = blocks.split(batch_size)
+    quiet = len(batches) < PROGRESS_MIN_BATCHES or None
+    for batch in tqdm(batches, desc="Gate evaluation", leave=False, disable=quiet):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]

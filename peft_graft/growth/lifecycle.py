@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import BaseMismatchError, DriftError, GraftNotAcceptedError
 from ..gates.context import composed
@@ -24,7 +25,7 @@ def _accepted_record(registry: GraftRegistry, graft_id: str) -> GraftRecord:
     return record
 
 
-def compose(base: Any, registry: GraftRegistry, verify: bool = True) -> Any:
+def compose(base: Any, registry: GraftRegistry, verify: bool = True, progress: bool = True) -> Any:
     """Load every accepted graft trained on ``base`` onto it, in acceptance order, all active (a PeftModel).
 
     The registry is the source of truth: after `rollback` a graft is no longer composed. Artifacts are re-hashed
@@ -42,7 +43,7 @@ def compose(base: Any, registry: GraftRegistry, verify: bool = True) -> Any:
             f"{fingerprint[:16]}; accepted grafts exist for bases {others}). Load the base they were trained on."
         )
     model = None
-    for record in ours:
+    for record in tqdm(ours, desc="Composing accepted grafts", disable=not progress or None):
         path, name = registry.artifact_dir(record.graft_id, verify=verify), record.config["adapter_name"]
         if model is None:
             model = PeftModel.from_pretrained(base, path, adapter_name=name)
@@ -84,7 +85,7 @@ class Consolidation:
 
 @torch.no_grad()
 def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike, probe: torch.Tensor,
-                atol: float = 1e-5, rtol: float = 0.0, tokenizer: Any = None) -> Consolidation:
+                atol: float = 1e-5, rtol: float = 0.0, tokenizer: Any = None, progress: bool = True) -> Consolidation:
     """Merge every accepted graft present in ``model`` into a new base saved at ``out_dir``.
 
     Pass the base's ``tokenizer`` (or processor) so the new base folder is complete: it is saved beside the weights
@@ -102,7 +103,7 @@ def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike,
     model.eval()
     with composed(model, names):
         expected = model(input_ids=probe).logits
-    merged = copy.deepcopy(model).merge_and_unload(adapter_names=names)
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=names, progressbar=progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
