@@ -82,18 +82,21 @@ def test_low_cpu_mem_usage_load(tiny_llama, tokens, tmp_path, case):
     torch.testing.assert_close(loaded(tokens).logits, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+@pytest.mark.parametrize("broken_layer", [0, -1])
 @pytest.mark.parametrize("case", CASES)
-def test_safe_merge_refuses_non_finite_and_keeps_base(tiny_llama, case):
+def test_safe_merge_refuses_non_finite_and_keeps_base(tiny_llama, case, broken_layer, merge):
+    # The last layer is the hard case: a per-layer check would already have merged all the others.
     model = graft(tiny_llama(), case)
-    layer = graft_layers(model)[0]
+    layer = graft_layers(model)[broken_layer]
     with torch.no_grad():
         next(layer.graft_phi["default"].parameters()).view(-1)[0] = float("nan")
     before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
     with pytest.raises(NonFiniteWeightsError, match="NaN/Inf"):
-        model.merge_adapter(safe_merge=True)
+        getattr(model, merge)(safe_merge=True)
     after = model.get_base_model().state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not layer.merged
+    assert after.keys() >= before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m.merged for m in graft_layers(model))
 
 
 @pytest.mark.parametrize("case", CASES)

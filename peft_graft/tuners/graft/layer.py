@@ -238,7 +238,9 @@ class Linear(nn.Module, GraftLayer):
         which is lossy (a warning says so): `GraftModel.merge_and_dequantize` is the exact path.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.quantization_backend is not None and adapter_names:
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None:
             warnings.warn(
                 "Merging graft adapters into quantized weights dequantizes, adds ΔW and requantizes: the merged model "
                 "differs from the unmerged one by that rounding (about 0.1 in the logits of a 4-bit tiny Llama). For "
@@ -247,21 +249,42 @@ class Linear(nn.Module, GraftLayer):
                 UserWarning,
                 stacklevel=3,
             )
+        steps = self._merge_steps(adapter_names)
+        if safe_merge:
+            self._check_finite(steps)
+        if steps:  # one write (one requantization on quantized bases), whatever the number of adapters
+            self.set_base_weight(steps[-1][1])
+            self.merged_adapters.extend(adapter for adapter, _ in steps)
+
+    def _merge_steps(self, adapter_names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        """The base weight (layout and dtype of the stored one) after each adapter is merged in turn; nothing is
+        written. Output-mode grafts act on the weight merged so far, so the order is the merge order."""
+        base = self.get_base_weight()
+        W = transpose(base, self.fan_in_fan_out).float()
+        steps = []
         for adapter in adapter_names:
             if adapter not in self.graft_phi:
                 continue
             self._check_ready(adapter)
-            base = self.get_base_weight()
-            W = transpose(base, self.fan_in_fan_out).float()
-            merged = W + self.get_delta_weight(adapter, W)
-            if safe_merge and not torch.isfinite(merged).all():
+            merged = transpose(W + self.get_delta_weight(adapter, W), self.fan_in_fan_out).to(base.dtype).contiguous()
+            steps.append((adapter, merged))
+            W = transpose(merged, self.fan_in_fan_out).float()  # go on from the rounded weight that would be stored
+        return steps
+
+    def _check_finite(self, steps: list[tuple[str, torch.Tensor]]) -> None:
+        for adapter, merged in steps:
+            if not torch.isfinite(merged).all():
                 raise NonFiniteWeightsError(
                     f"Merging graft adapter {adapter!r} into {self.module_name!r} would write NaN/Inf into the base "
-                    "weights; nothing was changed. The adapter's weights are broken: check Φ for NaN/Inf and "
+                    "weights; no base weight was changed. The adapter's weights are broken: check Φ for NaN/Inf and "
                     "retrain or reload it."
                 )
-            self.set_base_weight(transpose(merged, self.fan_in_fan_out).to(base.dtype).contiguous())
-            self.merged_adapters.append(adapter)
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise `NonFiniteWeightsError` if merging would write NaN/Inf here; changes nothing. `GraftModel` runs it
+        on every layer before a safe merge touches any, so a safe merge is all or nothing."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        self._check_finite(self._merge_steps([a for a in names if a not in self.merged_adapters]))
 
     def unmerge(self) -> None:
         if not self.merged:

@@ -147,6 +147,30 @@ class GraftModel(BaseTuner):
             )
         return Linear(target, adapter_name, config=config, module_name=key, fan_in_fan_out=fan_in_fan_out)
 
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's merge; with ``safe_merge``, every layer is checked before any is written (all or nothing)."""
+        if safe_merge:
+            self._check_every_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_every_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _check_every_merge(self, adapter_names: list[str] | None) -> None:
+        for module in self.model.modules():
+            if isinstance(module, GraftLayer):
+                module.check_merge(adapter_names)
+
     def merge_and_dequantize(
         self,
         dtype: torch.dtype = torch.float32,
