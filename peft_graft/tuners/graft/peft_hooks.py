@@ -1,8 +1,10 @@
-"""Two small hooks into PEFT's save/load path, installed once when the tuner registers itself.
+"""Small hooks into PEFT's save/load path, installed once when the tuner registers itself.
 
 * Loading: a graft adapter folder whose weights file is missing, truncated or corrupt raises `AdapterFileError`
   naming the file and the fix, instead of PEFT's generic error (or, for a missing local file, an attempt to reach
   the Hub). Folders of other PEFT methods are passed through untouched.
+* Failed loads: when `PeftModel.from_pretrained` or `load_adapter` fails after graft layers were injected (a
+  shape or projection mismatch...), the model is rolled back exactly to what it was (see `rollback.py`).
 * Saving: the model card PEFT writes gets a "how to load" section, because loading a GRAFT adapter without
   ``import peft_graft`` fails with a bare ``KeyError('GRAFT')`` from PEFT.
 """
@@ -21,6 +23,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from ...atomic import atomic_write_text
 from ...errors import AdapterFileError
 from .peft_type import GRAFT_PEFT_TYPE
+from .rollback import ModelSnapshot
 
 
 LOADING_SECTION = """## Loading this graft adapter
@@ -76,6 +79,38 @@ def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
     return load_peft_weights
 
 
+def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(from_pretrained)
+    def wrapper(cls: type, model: Any, model_id: Any, adapter_name: str = "default", *args: Any, **kwargs: Any):
+        snapshot = ModelSnapshot.take(model)
+        try:
+            return from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            if snapshot.injected_grafts(adapter_name):
+                snapshot.restore(adapter_name)
+            raise
+
+    wrapper.__graft_guard__ = True
+    return wrapper
+
+
+def _roll_back_failed_load_adapter(load_adapter: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(load_adapter)
+    def wrapper(self: peft.peft_model.PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
+        snapshot, known = ModelSnapshot.take(self), set(self.peft_config)
+        try:
+            return load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            if snapshot.injected_grafts(adapter_name):
+                snapshot.restore(adapter_name)
+                if adapter_name not in known:
+                    self.peft_config.pop(adapter_name, None)
+            raise
+
+    wrapper.__graft_guard__ = True
+    return wrapper
+
+
 def _add_loading_section(create: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(create)
     def create_or_update_model_card(self: peft.peft_model.PeftModel, output_dir: str) -> None:
@@ -93,9 +128,15 @@ def _add_loading_section(create: Callable[..., None]) -> Callable[..., None]:
 
 
 def install() -> None:
-    """Install both hooks (idempotent)."""
+    """Install the hooks (idempotent)."""
+    peft_model = peft.peft_model.PeftModel
     if not getattr(peft.peft_model.load_peft_weights, "__graft_guard__", False):
         peft.peft_model.load_peft_weights = _guard_loading(peft.peft_model.load_peft_weights)
+    from_pretrained = peft_model.__dict__["from_pretrained"].__func__
+    if not getattr(from_pretrained, "__graft_guard__", False):
+        peft_model.from_pretrained = classmethod(_roll_back_failed_from_pretrained(from_pretrained))
+    if not getattr(peft_model.load_adapter, "__graft_guard__", False):
+        peft_model.load_adapter = _roll_back_failed_load_adapter(peft_model.load_adapter)
     card = peft.peft_model.PeftModel.create_or_update_model_card
     if not getattr(card, "__graft_guard__", False):
         peft.peft_model.PeftModel.create_or_update_model_card = _add_loading_section(card)
