@@ -11,6 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,10 +44,17 @@ def attention_rows(config: DRMConfig, lengths: list[int], batch: int, repeats: i
     for length in lengths:
         hidden = torch.randn(batch, length, config.hidden_size)
         rope = DRMRotaryEmbedding(config)(hidden, torch.arange(length).expand(batch, length))
-        fast = median_seconds(lambda: attn(hidden, position_embeddings=rope), repeats)
-        naive = median_seconds(lambda: naive_drm_attention(attn, hidden, rope), repeats)
+        fast = median_seconds(partial(attn, hidden, position_embeddings=rope), repeats)
+        naive = median_seconds(partial(naive_drm_attention, attn, hidden, rope), repeats)
         rows.append(dict(tokens=length, batch=batch, naive_ms=naive * 1e3, fast_ms=fast * 1e3, speedup=naive / fast))
     return rows
+
+
+def cached_step(model: DRMForCausalLM, ids: torch.Tensor, context: int, cache: DynamicCache) -> None:
+    """Decode the token after ``context`` on top of ``cache`` (which holds the context), then drop it again, so that
+    every repeat decodes the same token."""
+    model(ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.crop(-1)
 
 
 @torch.no_grad()
@@ -58,13 +66,8 @@ def generation_rows(config: DRMConfig, contexts: list[int], repeats: int) -> lis
         ids = torch.randint(0, config.vocab_size, (1, context + 1))
         cache = DynamicCache(config=config)
         model(ids[:, :context], past_key_values=cache, use_cache=True)
-
-        def cached_step() -> None:
-            model(ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)  # drop the new token again, so every repeat decodes the same token
-
-        cached = median_seconds(cached_step, repeats)
-        uncached = median_seconds(lambda: model(ids, use_cache=False, logits_to_keep=1), repeats)
+        cached = median_seconds(partial(cached_step, model, ids, context, cache), repeats)
+        uncached = median_seconds(partial(model, ids, use_cache=False, logits_to_keep=1), repeats)
         rows.append(dict(context=context, cached_ms=cached * 1e3, uncached_ms=uncached * 1e3, ratio=uncached / cached))
     return rows
 

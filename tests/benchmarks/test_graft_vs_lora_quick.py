@@ -1,117 +1,125 @@
-"""`benchmarks/graft_vs_lora.py --quick`: the whole benchmark code path on a tiny Llama, in this process.
+"""`run.py --all --quick` then `report.py --quick`: the whole code path on a tiny Llama, in this process.
 
-Checks that the table, JSON and plot are produced with every column and target (not the numbers or timings), and
-that a quick run never touches the real results in benchmarks/results/.
+Checks the layout (one result file per run), that the report has every column, method and target (not the numbers
+or timings), that --resume re-runs nothing but stale files, and that a quick run never touches the committed
+results in benchmarks/results/graft_vs_lora/.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from benchmarks.graft_vs_lora import render, report, run, store
+from benchmarks.graft_vs_lora.experiments import Experiment
+from benchmarks.graft_vs_lora.protocol import Protocol
+from benchmarks.graft_vs_lora.targets import load_targets
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "graft_vs_lora.py"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("graft_vs_lora_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+QUICK = Protocol.load(quick=True)
 
 
 def _snapshot(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.glob("graft_vs_lora*")} if folder.exists() else {}
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
 
 @pytest.fixture(scope="module")
-def quick_run(bench, tmp_path_factory):
+def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("graft_vs_lora")
-    real_results = _snapshot(bench.RESULTS)
-    report = bench.main(["--quick", "--output-dir", str(out)])
-    assert _snapshot(bench.RESULTS) == real_results, "a --quick run must not write into benchmarks/results/"
-    return bench, out, report
+    committed = _snapshot(store.RESULTS_DIR.parent)
+    runner = run.main(["--all", "--quick", "--results-dir", str(out)])
+    result = report.main(["--quick", "--results-dir", str(out)])
+    assert _snapshot(store.RESULTS_DIR.parent) == committed, "a --quick run must not write into benchmarks/results/"
+    return out, runner, result
 
 
-def test_writes_table_json_and_plot(quick_run):
-    bench, out, _ = quick_run
-    assert {p.name for p in out.iterdir()} == {"graft_vs_lora.json", "graft_vs_lora.md", "graft_vs_lora.png",
-                                               "graft_vs_lora.runs.jsonl"}
-    assert (out / "graft_vs_lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = (out / "graft_vs_lora.md").read_text()
-    header = "| " + " | ".join(h for _, h in bench.COLUMNS) + " |"
-    assert header in markdown
-    table = [line for line in markdown.splitlines() if line.startswith("| ") and line != header]
-    assert len(table) == len(bench.lib.QUICK_METHODS) - 1  # one row per adapter (the base is the reference)
-    assert all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
+def test_one_result_file_per_run(quick_run):
+    out, runner, result = quick_run
+    files = sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*.json"))
+    expected = []
+    for row in result["rows"]:
+        m = row["method"]
+        expected += [f"runs/{m}/probe.json", *(f"runs/{m}/{QUICK.tuning_seed}_{lr}.json"
+                                               for lr in row["sweep_validation_loss"])]
+        expected += [f"runs/{m}/{seed}_{row['lr']:g}.json" for seed in row["seeds"]]
+    assert files == sorted(expected)
+    assert sorted(p.name for p in (out / "base").iterdir()) == ["fp32.json", "nf4.json"]
+    assert len(runner.written) == len(files) + 2 and not runner.reused
+    lora = result["rows"][0]
+    record = json.loads((out / "runs" / "lora_r8" / f"1_{lora['lr']:g}.json").read_text())
+    assert record["spec_hash"] == store.spec_hash(record["spec"])
+    assert record["spec"]["adapter_config"] == Experiment.load("lora_r8").adapter_config  # the config it used
+    assert (record["spec"]["seed"], record["spec"]["split"]) == (1, "test")
+    assert record["result"]["loss"] == lora["test_losses"][0] and record["result"]["trainable_params"] > 0
+    assert {"torch", "transformers", "peft", "cpu", "cores"} <= set(record["environment"]) and record["timestamp"]
 
 
-def test_json_has_every_column_method_and_target(quick_run):
-    bench, out, report = quick_run
-    saved = json.loads((out / "graft_vs_lora.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
-    expected = [m for m in bench.lib.QUICK_METHODS if m != "base"]
-    assert [row["method"] for row in saved["rows"]] == expected
-    for row in saved["rows"]:
-        for key, _ in bench.COLUMNS:
-            assert key in row, f"{row['method']} lacks {key}"
+def test_report_has_every_column_method_and_target(quick_run):
+    out, _, result = quick_run
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result))
+    assert [row["method"] for row in result["rows"]] == list(QUICK.methods) and not result["missing"]
+    for row in result["rows"]:
+        assert all(key in row for key, _ in render.COLUMNS), row["method"]
         assert row["trainable_params"] > 0 and row["adapter_bytes"] > row["adapter_tensor_bytes"] > 0
-        assert len(row["test_gains"]) == saved["config"]["seeds"] == 2
-        assert row["seeds"] == [1, 2]  # the tuning seed 0 is never reported
-        assert 2 <= len(row["sweep_validation_loss"]) <= 3  # the grid, plus one extension at most (quick)
-        assert row["lr"] in saved["config"]["lr_grids"][row["method"]]
-    assert {row["method"]: row["base"] for row in saved["rows"]}["graft_svd_r16_4bit"] == "nf4"
-    assert set(saved["base_losses"]) == {"fp32", "nf4"}
-    assert len(saved["targets"]) == 6
-    assert all(t["status"] in ("PASS", "MISS", "N/A") for t in saved["targets"])
-    assert {"steps", "batch_size", "seq_len", "seeds", "lr_grids", "targets", "optimizer"} <= set(saved["config"])
-    assert {"cpu", "cores", "torch", "torch_threads"} <= set(saved["machine"])
+        assert row["seeds"] == QUICK.final_seeds == [1, 2]  # the tuning seed 0 is never reported
+        assert len(row["test_gains"]) == QUICK.seeds
+        sweep = row["sweep_validation_loss"]
+        assert QUICK.lr_grid_size <= len(sweep) <= QUICK.lr_grid_size + QUICK.lr_extensions
+        assert f"{row['lr']:g}" in sweep
+    assert {row["method"]: row["base"] for row in result["rows"]}["graft_svd_r16_4bit"] == "nf4"
+    assert set(result["base_losses"]) == {"fp32", "nf4"}
+    assert [t["target"].split(" (")[0] for t in result["targets"]] == [t["title"] for t in load_targets()]
+    assert all(t["status"] in ("PASS", "MISS") for t in result["targets"])  # none N/A: every method ran
+    markdown = (out / "report.md").read_text()
+    ref = Experiment.load(QUICK.reference).label
+    header = "| " + " | ".join(h.format(reference=ref) for _, h in render.COLUMNS) + " |"
+    table = [line for line in markdown.splitlines() if line.startswith("| ") and line != header]
+    assert header in markdown and len(table) == len(QUICK.methods)
+    assert all(line.count("|") == len(render.COLUMNS) + 1 for line in table)
+    assert (out / "gain_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_grafts_respect_their_parameter_budgets(quick_run):
-    _, _, report = quick_run
-    rows = {row["method"]: row for row in report["rows"]}
+    _, _, result = quick_run
+    rows = {row["method"]: row for row in result["rows"]}
     lora = rows["lora_r8"]["trainable_params"]
-    for name in ("graft_spread_all", "graft_grad_spread_all"):
+    for name in ("graft_spread_all", "graft_grad_spread_all"):  # quick_overrides fit r to the tiny model
         assert rows[name]["trainable_params"] <= lora / 10, name
     assert rows["graft_orth_r8"]["adapter_tensor_bytes"] < rows["lora_r8"]["adapter_tensor_bytes"] / 10  # Φ only
 
 
-def test_resume_reuses_every_run_and_probe(quick_run):
-    bench, out, report = quick_run
-    again = bench.main(["--quick", "--output-dir", str(out), "--resume"])
-    cached = len((out / "graft_vs_lora.runs.jsonl").read_text().splitlines())
-    assert f"{cached} runs/probes reused" in again["notes"][-1]
-    assert [row["test_losses"] for row in again["rows"]] == [row["test_losses"] for row in report["rows"]]
-    assert [row["step_ms"] for row in again["rows"]] == [row["step_ms"] for row in report["rows"]]
+def test_resume_reruns_only_stale_results(quick_run):
+    out, _, result = quick_run
+    again = run.main(["--all", "--quick", "--results-dir", str(out), "--resume"])
+    assert not again.written and len(again.reused) == len(list(out.rglob("runs/*/*.json"))) + 2
+    stale = out / "runs" / "lora_r8" / f"{QUICK.final_seeds[0]}_{result['rows'][0]['lr']:g}.json"
+    record = json.loads(stale.read_text())
+    record["spec_hash"] = "0" * 16  # as if the run had been made with another config
+    stale.write_text(json.dumps(record))
+    assert report.build_report(QUICK, out)["missing"] == [f"lora_r8: {stale.relative_to(out)} (stale)"]
+    third = run.main(["lora_r8", "--quick", "--results-dir", str(out), "--resume"])
+    assert third.written == [stale]
+    assert report.build_report(QUICK, out)["rows"][0]["test_losses"] == result["rows"][0]["test_losses"]
 
 
-@pytest.mark.parametrize(
-    ("losses", "expected"),
-    [
-        ({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5}, None),  # optimum inside the grid
-        ({1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0}, 0.03),  # at the top: one ratio-3.3 step up, rounded
-        ({1e-3: 2.0, 3e-3: 2.5, 1e-2: 3.0}, 0.0003),  # at the bottom: one step down
-        ({1e-3: 3.0, 3e-3: 2.5, 1e-2: float("nan")}, None),  # a diverged top run does not extend upwards
-        ({2e-3: 3.0, 6e-3: 2.5, 2e-2: 2.0}, 0.07),
-    ],
-)
-def test_next_lr_steps_past_an_edge_optimum(bench, losses, expected):
-    runs = [dict(lr=lr, loss=loss) for lr, loss in losses.items()]
-    assert bench.next_lr(runs) == expected
+def test_one_run_and_a_probe_in_a_fresh_process(tmp_path, monkeypatch):
+    """A single (method, seed, lr) run writes exactly its file; the full protocol's subprocess probe works."""
+    runner = run.main(["graft_orth_r8", "--seed", "3", "--lr", "0.01", "--quick", "--results-dir", str(tmp_path)])
+    assert runner.written == [tmp_path / "runs" / "graft_orth_r8" / "3_0.01.json"]
+    assert json.loads(runner.written[0].read_text())["spec"]["split"] == "test"
+    subprocess_protocol = dataclasses.replace(QUICK, probe_mode="subprocess")
+    monkeypatch.setattr(Protocol, "load", classmethod(lambda cls, quick=False: subprocess_protocol))
+    runner = run.main(["lora_r8", "--quick", "--results-dir", str(tmp_path / "sub")])
+    probe = json.loads((tmp_path / "sub" / "runs" / "lora_r8" / "probe.json").read_text())
+    assert probe["spec"]["mode"] == "subprocess" and probe["result"]["trainable_params"] > 0
 
 
-def test_peak_tensor_memory_counts_model_and_transient_allocations(bench):
-    import torch
-
-    model = torch.nn.Linear(256, 256)  # 257 KiB of fp32 tensors
-    own = bench.lib.tensor_bytes(model) / 2**20
-    assert own == pytest.approx((256 * 256 + 256) * 4 / 2**20)
-    idle = bench.lib.peak_tensor_mib(model, lambda: None)
-    assert idle == pytest.approx(own)
-    transient = bench.lib.peak_tensor_mib(model, lambda: torch.ones(2**20).mul_(2))
-    assert own + 4 <= transient < own + 4.5  # the 4 MiB fp32 buffer, freed again, sets the peak
+@pytest.mark.parametrize("folder", [store.RESULTS_DIR, store.RESULTS_DIR.parent, store.RESULTS_DIR / "runs"])
+def test_quick_results_are_refused_among_the_committed_results(folder):
+    with pytest.raises(SystemExit):
+        run.main(["--all", "--quick", "--results-dir", str(folder)])
+    with pytest.raises(SystemExit):
+        report.main(["--quick", "--results-dir", str(folder)])

@@ -1,0 +1,86 @@
+"""The compared methods, one folder each under experiments/ (the layout of PEFT's method_comparison):
+
+    experiments/<method>/adapter_config.json    the adapter config as its class saved it (PeftConfig.from_pretrained
+                                                reads it once peft_graft is imported), for SmolLM2-135M
+    experiments/<method>/training_params.json   label, base ("fp32" or "nf4"), lr_grid, and where needed
+                                                calibration_batches and quick_overrides (config fields replaced on the
+                                                quick mode's tiny model, e.g. an r fitted to a parameter budget)
+
+Pure JSON: nothing here imports torch or peft, so the report reads the methods without loading a framework.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+# Training options that choose which runs are made or how they are shown, not what a run computes: changing them
+# must not invalidate stored runs.
+NOT_RUN_IDENTITY = ("label", "lr_grid")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    folder: Path
+    adapter_config: dict
+    training: dict
+
+    @classmethod
+    def load(cls, name: str, root: Path = EXPERIMENTS_DIR) -> Experiment:
+        folder = root / name
+        if not folder.is_dir():
+            raise SystemExit(f"no experiment {name!r} under {root} (known: {', '.join(experiment_names(root))})")
+        return cls(name, folder, json.loads((folder / "adapter_config.json").read_text()),
+                   json.loads((folder / "training_params.json").read_text()))
+
+    @property
+    def label(self) -> str:
+        return self.training["label"]
+
+    @property
+    def base(self) -> str:
+        return self.training["base"]
+
+    @property
+    def lr_grid(self) -> tuple[float, ...]:
+        return tuple(self.training["lr_grid"])
+
+    @property
+    def probe_lr(self) -> float:
+        """A real step size for the probe's training steps (the middle of the grid), so that the merged-vs-unmerged
+        logit check compares a non-trivial adapter."""
+        return self.lr_grid[len(self.lr_grid) // 2]
+
+    @property
+    def calibration_batches(self) -> int | None:
+        return self.training.get("calibration_batches")
+
+    @property
+    def quick_overrides(self) -> dict:
+        return self.training.get("quick_overrides", {})
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        return frozenset(self.adapter_config["target_modules"])
+
+    def matches(self, where: dict) -> bool:
+        """Whether every key of ``where`` equals this method's adapter-config field or training option."""
+        facts = {**self.adapter_config, **self.training}
+        return all(facts.get(key) == value for key, value in where.items())
+
+    def identity(self) -> dict:
+        """What a run of this method depends on besides the protocol's setup, its seed and its lr."""
+        training = {k: v for k, v in self.training.items() if k not in NOT_RUN_IDENTITY}
+        return dict(method=self.name, adapter_config=self.adapter_config, training=training)
+
+
+def load_experiments(names: list[str] | tuple[str, ...], root: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
+    return {name: Experiment.load(name, root) for name in names}
+
+
+def experiment_names(root: Path = EXPERIMENTS_DIR) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").exists())

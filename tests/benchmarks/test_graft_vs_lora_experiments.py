@@ -1,0 +1,47 @@
+"""The experiment folders, protocol.json and targets.json agree with each other and with PEFT."""
+
+from __future__ import annotations
+
+import pytest
+from peft import PeftConfig
+
+import peft_graft  # noqa: F401  (registers GRAFT, so PeftConfig.from_pretrained reads graft configs)
+from benchmarks.graft_vs_lora.experiments import Experiment, experiment_names
+from benchmarks.graft_vs_lora.protocol import Protocol
+from benchmarks.graft_vs_lora.targets import KINDS, load_targets
+
+
+PROTOCOL = Protocol.load()
+
+
+def test_every_folder_is_in_the_protocol_and_back():
+    assert experiment_names() == sorted(PROTOCOL.methods)
+
+
+@pytest.mark.parametrize("name", PROTOCOL.methods)
+def test_adapter_config_loads_with_peft(name):
+    exp = Experiment.load(name)
+    config = PeftConfig.from_pretrained(str(exp.folder))
+    assert config.peft_type == exp.adapter_config["peft_type"]
+    loaded = config.to_dict()
+    for key, saved in exp.adapter_config.items():  # the loaded config keeps every saved field
+        value = loaded[key]
+        assert (sorted(value) if isinstance(value, set) else value) == (sorted(saved) if key == "target_modules"
+                                                                        else saved), key
+    assert exp.base in PROTOCOL.bases and exp.label and exp.lr_grid == tuple(sorted(exp.lr_grid))
+    # a config that needs calibration says with how many batches; no other config asks for any
+    assert getattr(config, "needs_calibration", False) == (exp.calibration_batches is not None)
+    assert set(exp.quick_overrides) <= set(exp.adapter_config)
+
+
+def test_protocol_and_targets_refer_to_existing_methods():
+    names = set(PROTOCOL.methods)
+    assert PROTOCOL.reference in names
+    assert {b["timing_reference"] for b in PROTOCOL.bases.values()} <= names
+    for base, spec in PROTOCOL.bases.items():  # a base's timing reference runs on that base
+        assert Experiment.load(spec["timing_reference"]).base == base
+    for target in load_targets():
+        assert target["kind"] in KINDS
+        assert {target[k] for k in ("reference", "subject") if k in target} <= names
+        if "candidates" in target:
+            assert any(Experiment.load(n).matches(target["candidates"]) for n in names), target["title"]
