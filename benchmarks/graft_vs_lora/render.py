@@ -148,6 +148,23 @@ def readme_block(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label_points(ax, points: list[tuple[str, float, float]], size: float = 7.0) -> None:
+    """Name each point beside it, moving labels down just enough that none overlaps another (methods with nearly
+    equal parameter counts and gains sit on top of each other), with a leader line when a label had to move."""
+    ax.autoscale_view()
+    to_points = 72.0 / ax.figure.dpi  # display pixels -> typographic points
+    placed: list[tuple[float, float, float]] = []  # (x, y, width) of labels already placed, in points
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        lx, ly, width = px + 4, py + 2, 0.6 * size * len(name)
+        while any(abs(ly - oy) < size * 1.5 and lx < ox + ow and ox < lx + width for ox, oy, ow in placed):
+            ly -= size * 1.5
+        placed.append((lx, ly, width))
+        moved = ly != py + 2
+        ax.annotate(name, (x, y), xytext=(lx - px, ly - py), textcoords="offset points", fontsize=size,
+                    va="bottom", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if moved else None)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -161,9 +178,8 @@ def plot(report: dict, path: Path) -> None:
         ci = row["gain_ci95"] if math.isfinite(row["gain_ci95"]) else 0.0
         ax.errorbar(row["trainable_params"], row["gain_mean"], yerr=ci, fmt="s" if hollow else "o", color=color,
                     mfc="white" if hollow else color, capsize=3)
-        ax.annotate(row["method"], (row["trainable_params"], row["gain_mean"]), fontsize=7,
-                    xytext=(4, -9 if hollow else 3), textcoords="offset points")
     ax.set_xscale("log")
+    _label_points(ax, [(row["method"], row["trainable_params"], row["gain_mean"]) for row in rows])
     ax.axhline(0, color="grey", lw=0.5)
     reference = report["protocol"]["reference"]
     if ref := next((row for row in rows if row["method"] == reference), None):
