@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from peft_graft import GraftConfig
 from peft_graft.gates import (
+    Decision,
     ExactRecomposition,
     FiniteWeights,
     GateSet,
@@ -77,9 +78,9 @@ def train_candidate(model, name: str, data: GrowthData, callback: GraftGateCallb
     )
     Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[callback]).train()
     report = callback.reports[-1]
-    print(f"\n== candidate {name!r}: {callback.decision.value.upper()}")
+    print(f"\n== candidate {name!r}: {callback.decision.value}")
     for result in report.results:
-        print(f"   {result.verdict.value:>6}  {result.gate}: {result.message}")
+        print(f"   {result.verdict.value:>8}  {result.gate}: {result.message}")
 
 
 def main() -> None:
@@ -115,7 +116,7 @@ def main() -> None:
             callback = GraftGateCallback(play_gates, plays, candidate=name, accepted=["news"], registry=registry,
                                          hub=hub, parents=[news_id])
             train_candidate(model, name, plays, callback, lr=lr, args=args)
-            if callback.decision.value != "accept":
+            if callback.decision is not Decision.ACCEPT:
                 model.delete_adapter(name)
             else:
                 play_id, pushed = callback.graft_ids[-1], callback.pushed_commit
