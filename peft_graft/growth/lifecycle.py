@@ -34,9 +34,9 @@ def compose(base: Any, registry: GraftRegistry, verify: bool = True, progress: b
     from peft import PeftModel
 
     fingerprint = base_model_fingerprint(base)
-    accepted = sorted(registry.list(status=GraftStatus.ACCEPTED), key=lambda r: r.created_at)
-    ours = [r for r in accepted if r.base_fingerprint == fingerprint]
+    ours = sorted(registry.list(status=GraftStatus.ACCEPTED, base_fingerprint=fingerprint), key=lambda r: r.created_at)
     if not ours:
+        accepted = registry.list(status=GraftStatus.ACCEPTED)
         others = sorted({r.base_fingerprint[:16] for r in accepted}) or "none"
         raise BaseMismatchError(
             f"None of the {len(accepted)} accepted grafts in {registry.root} was trained on this base (fingerprint "

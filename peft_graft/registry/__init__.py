@@ -22,12 +22,11 @@ from ..errors import (
     UnknownGraftError,
 )
 from ..status import ALLOWED_TRANSITIONS, GraftStatus
-from .audit import AuditLog, AuditRecord
-from .content import adapter_content_id
-from .data_fingerprint import dataset_fingerprint
-from .model_fingerprint import base_model_fingerprint
-from .record import GraftRecord, StatusChange
+from .audit import AuditLog
+from .fingerprints import base_model_fingerprint, dataset_fingerprint
+from .records import AuditRecord, GraftRecord, StatusChange
 from .registry import GraftRegistry
+from .store import adapter_content_id
 
 
 __all__ = [

@@ -7,6 +7,8 @@ Ordering guarantees that nothing partial is ever visible: the artifact folder is
 database row commits, and the row, its history entry and its audit record commit in one transaction. A process
 killed in between leaves at most an orphan artifact folder, which no row points to: harmless (registering the same
 adapter again reuses it) and removed by `gc`.
+
+Opening a registry written by an older peft-graft upgrades its database in place, once (see database.py).
 """
 
 from __future__ import annotations
@@ -16,24 +18,32 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..errors import GraftMetadataError, RegistryError, UnknownGraftError
 from ..status import GraftStatus, check_transition
-from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, utc_now
-from .consistency import check_tables
-from .database import Database
-from .metadata import as_dict, as_status, registration_fields
-from .provenance import git_commit, package_version
-from .record import GraftRecord, StatusChange
-from .store import ArtifactStore
-from .tables import (
+from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, verify_tables
+from .database import (
+    Database,
     insert_graft,
     insert_history,
     select_children,
     select_graft,
+    select_graft_ids,
     select_grafts,
     select_history,
     update_status,
 )
+from .records import (
+    GraftRecord,
+    StatusChange,
+    checked_evidence,
+    checked_status,
+    provenance,
+    registration_fields,
+    utc_now,
+)
+from .store import ArtifactStore
 
 
 _PUBLISH_ATTEMPTS = 3
@@ -87,7 +97,7 @@ class GraftRegistry:
         if missing:
             raise UnknownGraftError(f"Parent graft {missing[0]} is not registered; register it first.")
 
-        provenance = {"package_version": package_version(), "git_commit": git_commit()}  # not under the lock
+        produced_by = provenance()  # not under the lock: it may run git
         for _ in range(_PUBLISH_ATTEMPTS):
             staged = self._store.stage(adapter_dir)
             self._store.publish(staged)
@@ -106,7 +116,7 @@ class GraftRegistry:
                 record = GraftRecord(
                     graft_id=staged.graft_id,
                     files=staged.files,
-                    **provenance,
+                    **produced_by,
                     created_at=now,
                     updated_at=now,
                     **fields,
@@ -136,7 +146,7 @@ class GraftRegistry:
 
     def list(self, status: GraftStatus | str | None = None, base_fingerprint: str | None = None) -> list[GraftRecord]:
         """Grafts in registration order, optionally only one status and/or one base model."""
-        status = None if status is None else as_status(status)
+        status = None if status is None else checked_status(status)
         with self._db.transaction(write=False) as conn:
             return select_grafts(conn, status, base_fingerprint)
 
@@ -157,10 +167,10 @@ class GraftRegistry:
         self, graft_id: str, new_status: GraftStatus | str, reason: str, evidence: dict[str, Any] | None = None
     ) -> GraftRecord:
         """Change a graft's status if the life cycle allows it (see status.py); return the updated record."""
-        new_status = as_status(new_status)
+        new_status = checked_status(new_status)
         if not isinstance(reason, str) or not reason.strip():
             raise GraftMetadataError("set_status needs a non-empty reason (it goes into the audit trail).")
-        evidence = as_dict("evidence", evidence, optional=True)
+        evidence = checked_evidence(evidence)
         with self._db.transaction(write=True) as conn:
             record = select_graft(conn, graft_id)
             if record is None:
@@ -190,16 +200,19 @@ class GraftRegistry:
             return self._store.verify(graft_id, record.files)
         return self._store.path(graft_id)
 
-    def verify(self, artifacts: bool = False) -> int:
-        """Check the audit chain and that the tables match it (and, with ``artifacts``, every artifact's bytes).
+    def verify(self, artifacts: bool = False, progress: bool = True) -> int:
+        """Check the file, the audit chain, the tables against it and (with ``artifacts``) every artifact's bytes.
 
-        Returns the number of audit records; raises `AuditTamperedError` / `ArtifactIntegrityError`.
+        The file check is SQLite's full ``integrity_check``, indexes against tables included: a damaged index would
+        make `list` miss grafts while the chain still verifies. Returns the number of audit records; raises
+        `RegistryCorruptError` / `AuditTamperedError` / `ArtifactIntegrityError`.
         """
         with self._db.transaction(write=False) as conn:
-            count = check_tables(conn)
+            self._db.check_structure(conn, thorough=True)
+            count = verify_tables(conn)
             records = select_grafts(conn)
         if artifacts:
-            for record in records:
+            for record in tqdm(records, desc="Verifying artifacts", disable=not progress or None):
                 self._store.verify(record.graft_id, record.files)
         return count
 
@@ -215,7 +228,7 @@ class GraftRegistry:
             self._store.remove_temp(leftover)
             removed.append(leftover)
         with self._db.transaction(write=True) as conn:
-            known = {row[0] for row in conn.execute("SELECT graft_id FROM grafts")}
+            known = select_graft_ids(conn)
             for graft_id in self._store.published_ids():
                 if graft_id not in known and self._store.age_s(graft_id) >= min_age_s:
                     self._store.unpublish(graft_id)

@@ -75,20 +75,9 @@ def register_forever(root: str, scratch: str, ready_file: str, first_seed: int) 
 def fixed_fingerprints() -> dict[str, str]:
     """Fingerprints of a seeded tiny Llama and of fixed data, computed the same way in every process."""
     import datasets
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = tiny_llama()
     data = datasets.Dataset.from_dict({"text": ["ünïcode", "b", "c"] * 700, "ids": [[1, 2], [3], []] * 700})
     return {
         "model": base_model_fingerprint(model),

@@ -8,7 +8,14 @@ import threading
 import pytest
 from registry_testing import register_kwargs
 
-from peft_graft.registry import GraftRegistry, RegistryBusyError, RegistryCorruptError, RegistryVersionError
+from peft_graft.registry import (
+    GraftRegistry,
+    GraftStatus,
+    RegistryBusyError,
+    RegistryCorruptError,
+    RegistryVersionError,
+)
+from peft_graft.registry.database import SCHEMA_VERSION, select_grafts
 
 
 @pytest.fixture
@@ -47,7 +54,7 @@ def test_database_settings(registry):
     conn = sqlite3.connect(registry.root / "registry.sqlite")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
     assert GraftRegistry(registry.root).list() == []  # reopening an existing registry
@@ -73,3 +80,33 @@ def test_writer_blocked_past_timeout_gets_registry_busy_error(registry):
     finally:
         released.join()
         blocker.close()
+
+
+def test_verify_catches_index_damage_that_the_open_check_misses(filled):
+    """An index that no longer matches its table passes quick_check (run at open) but not verify()."""
+    conn = sqlite3.connect(filled.root / "registry.sqlite", isolation_level=None)
+    try:  # the index keeps its entries (statuses) but now claims to index another column
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_schema SET sql = 'CREATE INDEX grafts_by_status ON grafts(updated_at)' "
+            "WHERE name = 'grafts_by_status'"
+        )
+    finally:
+        conn.close()
+
+    reopened = GraftRegistry(filled.root)
+    assert len(reopened.list()) == 12
+    with pytest.raises(RegistryCorruptError, match="grafts_by_status"):
+        reopened.verify()
+
+
+def test_listing_one_status_of_one_base_uses_the_composite_index(registry):
+    conn = sqlite3.connect(registry.root / "registry.sqlite")
+    try:
+        queries: list[str] = []
+        conn.set_trace_callback(queries.append)
+        select_grafts(conn, GraftStatus.ACCEPTED, "f" * 64)
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {queries[-1]}").fetchall()
+    finally:
+        conn.close()
+    assert "grafts_by_base_status" in " ".join(row[-1] for row in plan)

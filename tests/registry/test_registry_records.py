@@ -46,6 +46,18 @@ def test_register_get_list_round_trip(registry, adapter):
     assert registry.list(status="REJECTED") == []
 
 
+def test_status_filters_and_changes_take_any_case(registry, adapter):
+    accepted = registry.register(adapter(1), **register_kwargs(status="accepted"))
+    candidate = registry.register(adapter(2), **register_kwargs(status="Candidate"))
+
+    assert accepted.status is GraftStatus.ACCEPTED and candidate.status is GraftStatus.CANDIDATE
+    assert registry.list(status="accepted") == registry.list(status="ACCEPT") == [accepted]
+    assert registry.list(status="accepted", base_fingerprint=BASE) == [accepted]
+    assert registry.set_status(candidate.graft_id, "rejected", "failed a gate").status is GraftStatus.REJECTED
+    with pytest.raises(GraftMetadataError, match="Unknown graft status"):
+        registry.list(status="approved")
+
+
 def test_reregistering_same_content_is_idempotent(registry, adapter, tmp_path):
     first = registry.register(adapter(1), **register_kwargs())
     copy = tmp_path / "copy"

@@ -37,7 +37,7 @@ def tampered_adapter(tiny_llama, tmp_path):
     get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
-    last = sorted(k for k in tensors if k.endswith("signature"))[-1]
+    last = max(k for k in tensors if k.endswith("signature"))
     tensors[last][2] += 1
     save_file(tensors, path)
     return tmp_path

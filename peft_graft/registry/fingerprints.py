@@ -1,9 +1,20 @@
-"""Fingerprint of training and evaluation data, so a registry record says exactly which examples were used.
+"""Fingerprints: which base model a graft was trained on and which data it saw, as content hashes.
 
-The hash covers content only (values, column names and types), never cache-file paths or in-process ids, so it is
-the same in every process and on every machine for the same data. Supported: `datasets.Dataset` (after any
-select/shuffle: the order of rows counts), `DatasetDict` and plain dicts of supported values, torch tensors,
-numpy arrays, and (nested) lists of str/int/float/bool/None or of tensors.
+A graft is only ever applied to the base it was trained on, and a registry record says exactly which examples were
+used. Both hashes start with a scheme line (``peft-graft/<kind>-fingerprint/v1``) so a future encoding cannot collide
+with today's, and neither depends on the process, machine, cache paths or in-process ids.
+
+Base model: sha256 over the state dict in sorted name order; each tensor contributes ``name, dtype, shape, byte
+count`` and its raw bytes (little-endian, as on every platform torch supports). PEFT wrappers are stripped: for a
+`PeftModel` (or a model with graft/LoRA layers injected) the fingerprint equals that of the plain base model, as long
+as the adapters are NOT merged. A merged adapter changes the base weights and therefore the fingerprint (a warning
+says so); unmerging restores the weights only up to float rounding, so fingerprint the base before merging.
+Non-persistent buffers (e.g. rotary tables) are not part of a state dict and do not count; tied weights count under
+each name.
+
+Data: the hash covers content only (values, column names and types). Supported: `datasets.Dataset` (after any
+select/shuffle: the order of rows counts), `DatasetDict` and plain dicts of supported values, torch tensors, numpy
+arrays, and (nested) lists of str/int/float/bool/None or of tensors.
 """
 
 from __future__ import annotations
@@ -11,23 +22,98 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 from ..errors import FingerprintError
-from .canonical import canonical_json
+from .records import canonical_json
 
 
-_SCHEME = b"peft-graft/dataset-fingerprint/v1\n"
-_BATCH_ROWS = 1024  # fixed, so batch boundaries (and hence the byte stream) never depend on the caller
+_MODEL_SCHEME = b"peft-graft/base-model-fingerprint/v1\n"
+_DATASET_SCHEME = b"peft-graft/dataset-fingerprint/v1\n"
+_DATASET_BATCH_ROWS = 1024  # fixed, so batch boundaries (and hence the byte stream) never depend on the caller
+
+
+# Base model ----------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def _wrappers(model: torch.nn.Module) -> dict[str, str]:
+    """Module name of each PEFT wrapper -> the child that holds the original module."""
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            found[name] = "base_layer"
+            if getattr(module, "merged", False):
+                warnings.warn(
+                    f"{name} has a merged adapter: the fingerprint describes base + merged adapter, not the original "
+                    "base. Unmerge first to fingerprint the base model.",
+                    stacklevel=3,
+                )
+        elif isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save, trainable tokens
+            found[name] = "original_module"
+    return found
+
+
+def _base_name(key: str, wrappers: dict[str, str]) -> str | None:
+    """State-dict key as in the unwrapped model, or None for adapter state."""
+    parts = key.split(".")
+    kept = []
+    for i, part in enumerate(parts):
+        inner = wrappers.get(".".join(parts[:i]))
+        if inner is None:
+            kept.append(part)
+        elif part != inner:
+            return None
+    return ".".join(kept)
+
+
+def base_model_fingerprint(model: torch.nn.Module) -> str:
+    """Hex sha256 of the base model's weights (see the module docstring for what is and is not included)."""
+    model = _unwrap(model)
+    wrappers = _wrappers(model)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        name = _base_name(key, wrappers)
+        if name is not None:
+            state[name] = tensor
+    digest = hashlib.sha256(_MODEL_SCHEME)
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if tensor.device.type == "meta":
+            raise FingerprintError(
+                f"{name} is on the meta device (offloaded or not loaded); load the weights before fingerprinting."
+            )
+        tensor = tensor.to("cpu").contiguous().reshape(-1)
+        try:
+            raw = tensor.view(torch.uint8).numpy()
+        except (RuntimeError, TypeError) as err:
+            raise FingerprintError(f"Cannot read the bytes of {name} ({tensor.dtype}): {err}") from err
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(state[name].shape)}\0{raw.nbytes}\n".encode())
+        digest.update(raw.data)
+    return digest.hexdigest()
+
+
+# Data ----------------------------------------------------------------------------------------------------------------
 
 
 def dataset_fingerprint(data: Any) -> str:
     """Hex sha256 of ``data``'s content; equal content gives equal fingerprints across processes."""
-    digest = hashlib.sha256(_SCHEME)
+    digest = hashlib.sha256(_DATASET_SCHEME)
     _feed(digest, data)
     return digest.hexdigest()
 
@@ -108,7 +194,7 @@ def _feed_dataset(digest: Any, dataset: Any) -> None:
     """Schema, then rows in their current order, column by column in fixed-size Arrow batches."""
     header = {"features": dataset.features.to_dict(), "columns": list(dataset.column_names), "rows": dataset.num_rows}
     _feed_text(digest, b"dataset", canonical_json(header))
-    for batch in dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS):
+    for batch in dataset.with_format("arrow").iter(batch_size=_DATASET_BATCH_ROWS):
         for name in batch.column_names:
             _feed_arrow(digest, batch.column(name).combine_chunks())
 
