@@ -35,7 +35,7 @@ def held_out_loss(model, validation):
     return torch.stack([model(input_ids=b, labels=b).loss for b in validation.split(8)]).mean().item()
 
 
-def test_graft_lowers_held_out_loss_and_reloads_identically(smollm2, blocks, tmp_path):
+def test_graft_lowers_held_out_loss_and_reloads_identically(smollm2, blocks, tmp_path, record_property):
     train, validation, tokenizer = blocks
     model = get_peft_model(
         smollm2(), GraftConfig(r=32, phi="dense", projection="svd", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
@@ -52,7 +52,7 @@ def test_graft_lowers_held_out_loss_and_reloads_identically(smollm2, blocks, tmp
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     after = held_out_loss(model, validation)
-    print(f"SmolLM2 held-out loss: {before:.4f} -> {after:.4f} ({n_trainable} trainable)")
+    record_property("held_out_loss", f"{before:.4f} -> {after:.4f}")
     assert after < before - 0.02
 
     model.save_pretrained(tmp_path / "adapter")
