@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .errors import AdapterFileError, NonFiniteWeightsError
+from .tuners.graft import GraftConfig
 from .tuners.graft.peft_type import GRAFT_PEFT_TYPE
 
 
@@ -49,8 +52,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterSummary:
             raise AdapterFileError(f"{required} is missing; is {path} a saved adapter folder?")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as err:
+    except ValueError as err:  # UnicodeDecodeError included
         raise AdapterFileError(f"{config_file} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file} holds a JSON {type(config).__name__}, not an adapter config object.")
     if config.get("peft_type") != GRAFT_PEFT_TYPE.value:
         raise AdapterFileError(f"{path} holds a {config.get('peft_type')!r} adapter, not a graft adapter.")
     try:
@@ -60,9 +65,18 @@ def read_adapter(path: str | os.PathLike) -> AdapterSummary:
     return AdapterSummary(path=path, config=config, tensors=tensors)
 
 
+def parse_config(summary: AdapterSummary) -> GraftConfig:
+    """The adapter's config as a `GraftConfig`, as loading would build it: bad values raise `GraftConfigError`."""
+    fields = {f.name for f in dataclasses.fields(GraftConfig)} | {"save_projections"}  # 0.1's spelling
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the 0.1 spelling is read, as loading reads it
+        return GraftConfig(**{k: v for k, v in summary.config.items() if k in fields and k != "peft_type"})
+
+
 def verify_adapter(path: str | os.PathLike) -> AdapterSummary:
-    """`read_adapter` plus content checks: every module has Φ, and every floating tensor is finite."""
+    """`read_adapter` plus content checks: a valid config, every module has Φ, every floating tensor is finite."""
     summary = read_adapter(path)
+    parse_config(summary)
     if not summary.modules:
         raise AdapterFileError(f"{summary.path} contains no graft Φ tensors.")
     bad = [k for k, t in summary.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .artifacts import verify_adapter
+from .artifacts import parse_config, verify_adapter
 from .errors import PeftGraftError
 from .status import GraftStatus
 
@@ -48,19 +48,19 @@ def _resolve(registry: Any, prefix: str) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     summary = verify_adapter(args.path)
-    config = summary.config
+    config = parse_config(summary)
     _print(
         {
             "path": str(summary.path),
-            "r": config["r"],
-            "phi": config["phi"],
-            "projection": config["projection"],
-            "mode": config["mode"],
+            "r": config.r,
+            "phi": config.phi,
+            "projection": config.projection,
+            "mode": config.mode,
             "modules": len(summary.modules),
             "phi_params": summary.num_phi_params,
             "stores_projections": summary.stores_projections,
             "file_bytes": summary.file_bytes,
-            "base_model": config.get("base_model_name_or_path"),
+            "base_model": config.base_model_name_or_path,
         },
         args.json,
     )

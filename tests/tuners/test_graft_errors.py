@@ -22,6 +22,8 @@ from peft_graft import (
     ProjectionMismatchError,
     ShapeMismatchError,
 )
+from peft_graft.artifacts import verify_adapter
+from peft_graft.cli import main as cli_main
 
 
 def has_grafts(model):
@@ -167,3 +169,43 @@ def test_loading_without_the_plugin_fails_with_key_error_and_card_says_why(tiny_
 def test_unsupported_layer_type(tiny_llama):
     with pytest.raises(peft_graft.UnsupportedLayerError, match="Embedding"):
         get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["embed_tokens"]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"r": "4"},
+        {"scaling": "4"},
+        {"scaling": float("nan")},
+        {"phi": ["dense"]},
+        {"seed": -1},
+        {"init_lr": 0},
+        {"target_modules": 3},
+        {"rank_pattern": [4]},
+        {"sparse_residual": 1.5},
+        {"save_projection": "yes"},
+    ],
+    ids=lambda change: "-".join(f"{k}={v!r}" for k, v in change.items()),
+)
+def test_bad_config_values_fail_typed_everywhere(tiny_llama, tmp_path, change):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(change)
+    config_file.write_text(json.dumps(config))  # NaN is written as the JSON extension Python reads back
+    base = tiny_llama()
+    with pytest.raises(GraftConfigError, match=next(iter(change))):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not has_grafts(base)
+    with pytest.raises(GraftConfigError, match=next(iter(change))):
+        verify_adapter(tmp_path)
+    assert cli_main(["inspect", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("document", ["[1, 2]", '"config"', "3", "null"])
+def test_config_that_is_not_a_json_object(tiny_llama, tmp_path, document):
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(document)
+    with pytest.raises(AdapterFileError, match="not an adapter config object"):
+        verify_adapter(tmp_path)
+    assert cli_main(["verify", str(tmp_path)]) == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Collection
 from dataclasses import InitVar, dataclass, field
 from typing import Literal, Union
 
@@ -136,9 +138,32 @@ class GraftConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def choice(name: str, value: object, allowed: tuple) -> None:
-            if value not in allowed:
+        """Check every field's type and range, so a bad value (from code or a damaged adapter_config.json) fails
+        here with a `GraftConfigError` instead of deep inside loading or the first forward."""
+
+        def fail(name: str, expected: str, value: object) -> None:
+            raise GraftConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+        def choice(name: str, value: object, allowed: Collection[str]) -> None:
+            if not isinstance(value, str) or value not in allowed:
                 raise GraftConfigError(f"Unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}.")
+
+        def integer(name: str, value: object, minimum: int, optional: bool = False) -> None:
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                fail(name, f"an integer >= {minimum}" + (" or None" if optional else ""), value)
+
+        def number(name: str, value: object, positive: bool) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "a finite number", value)
+            if positive and value <= 0:
+                fail(name, "a number > 0", value)
+
+        def names(name: str, value: object) -> None:
+            many = isinstance(value, (set, list, tuple))
+            if not (value is None or isinstance(value, str) or many) or many and not all(isinstance(v, str) for v in value):
+                fail(name, "a string, a list of strings or None", value)
 
         choice("phi", self.phi, PHI_FAMILIES)
         choice("projection", self.projection, PROJECTIONS)
@@ -147,16 +172,28 @@ class GraftConfig(PeftConfig):
         if not isinstance(self.init_weights, bool):
             choice("init_weights", self.init_weights, NAMED_INITS)
         for name in ("r", "phi_rank", "phi_bandwidth"):
+            integer(name, getattr(self, name), 1)
+        if not isinstance(self.rank_pattern, dict) or not all(isinstance(k, str) for k in self.rank_pattern):
+            fail("rank_pattern", "a dict from module names to ranks", self.rank_pattern)
+        for key, value in self.rank_pattern.items():
+            integer(f"rank_pattern[{key!r}]", value, 1)
+        integer("sparse_residual", self.sparse_residual, 0)
+        integer("max_trainable_params", self.max_trainable_params, 1, optional=True)
+        integer("seed", self.seed, 0)
+        number("scaling", self.scaling, positive=False)
+        number("init_lr", self.init_lr, positive=True)
+        for name in ("save_projection", "fan_in_fan_out"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise GraftConfigError(f"{name} must be a positive integer, got {value!r}.")
-        bad_ranks = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
-        if bad_ranks:
-            raise GraftConfigError(f"rank_pattern values must be positive integers, got {bad_ranks}.")
-        if self.sparse_residual < 0:
-            raise GraftConfigError(f"sparse_residual must be >= 0, got {self.sparse_residual}.")
-        if self.max_trainable_params is not None and self.max_trainable_params < 1:
-            raise GraftConfigError(f"max_trainable_params must be positive, got {self.max_trainable_params}.")
+            if not isinstance(value, bool) and not (value is None and name == "save_projection"):
+                fail(name, "True or False" + (" or None" if name == "save_projection" else ""), value)
+        names("target_modules", self.target_modules)
+        names("exclude_modules", self.exclude_modules)
+        layers = self.layers_to_transform
+        indices = [layers] if isinstance(layers, int) else layers
+        if layers is not None and (
+            not isinstance(indices, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
+        ):
+            fail("layers_to_transform", "a layer index, a list of them or None", layers)
         if self.init_weights == "gradient_diag" and self.phi not in ("dense", "diagonal", "triangular", "banded"):
             raise GraftConfigError(
                 f"init_weights='gradient_diag' sets Φ's diagonal directly; phi={self.phi!r} has no free diagonal. "
