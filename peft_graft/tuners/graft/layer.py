@@ -87,8 +87,10 @@ class GraftLayer(BaseTunerLayer):
         # A random Φ (init_weights=False) differs per adapter, as LoRA's does; seeded projections below do not.
         generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, f"{adapter_name}/{module_name}"))
 
+        scaling = config.scaling_for(r, d, out_f)
         phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
-        phi.reset(identity=config.init_weights is not False, generator=generator)
+        # A random Φ under the scaling rule gives the ΔW it gives at s = 1; an explicit s scales it, as it says.
+        phi.reset(config.init_weights is not False, generator, scaling if config.scaling is None else 1.0)
 
         if config.projection == "svd":
             A, B = svd_projections(self._base_weight_out_in(), r, config.mode)
@@ -106,7 +108,7 @@ class GraftLayer(BaseTunerLayer):
         self.graft_phi[adapter_name] = phi
         if config.sparse_residual:
             self.graft_sparse[adapter_name] = SparseResidual(config.sparse_residual)
-        self.graft_scaling[adapter_name] = config.scaling
+        self.graft_scaling[adapter_name] = scaling
         self.graft_mode[adapter_name] = config.mode
         self.graft_pending[adapter_name] = tuple(config.calibration_needs)
 

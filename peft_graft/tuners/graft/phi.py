@@ -30,16 +30,27 @@ class Phi(nn.Module):
         return F.linear(h, self.matrix())
 
     @torch.no_grad()
-    def reset(self, identity: bool, generator: torch.Generator) -> None:
-        """Identity graft (ΔW = 0) when ``identity``, else a random non-zero Φ."""
+    def reset(self, identity: bool, generator: torch.Generator, scaling: float = 1.0) -> None:
+        """Identity graft (ΔW = 0) when ``identity``, else a random non-zero Φ.
+
+        A random Φ is divided by ``scaling``, so the random ΔW = s·AΦB is as large as at s = 1 when s =
+        ``scaling``: it is there to make a test's graft visible, not to depend on the scaling rule.
+        """
         for p in self.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * self.init_std)
         if identity:
             self._zero_for_identity()
+        else:
+            self._scale(1.0 / scaling)
 
     def _zero_for_identity(self) -> None:
         for p in self.parameters():
             p.zero_()
+
+    def _scale(self, factor: float) -> None:
+        """Multiply the matrix Φ by ``factor``."""
+        for p in self.parameters():
+            p.mul_(factor)
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
@@ -128,6 +139,9 @@ class LowRankPhi(Phi):
 
     def _zero_for_identity(self) -> None:
         self.P.zero_()
+
+    def _scale(self, factor: float) -> None:
+        self.P.mul_(factor)  # Φ is linear in P (for the Hadamard family too)
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
