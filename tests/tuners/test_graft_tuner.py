@@ -178,3 +178,20 @@ def test_module_selection(tiny_llama, kwargs, expected):
     model = get_peft_model(tiny_llama(), GraftConfig(r=2, **kwargs))
     grafted = {n for n, m in model.base_model.model.named_modules() if isinstance(m, GraftLayer)}
     assert grafted == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_scaling_rule_and_explicit_scaling(tiny_llama, mode):
+    # k_proj is 32×64 (out × in): the rule uses the graft's input size d (in, or out in output mode) and out.
+    model = get_peft_model(tiny_llama(), GraftConfig(r=16, target_modules=["k_proj"], mode=mode))
+    layer = graft_layers(model)[0]
+    d = 64 if mode == "additive" else 32
+    assert layer.graft_scaling["default"] == pytest.approx(2.5 * (d * 32) ** 0.5 / 16**1.5)
+    explicit = get_peft_model(tiny_llama(), GraftConfig(r=16, target_modules=["k_proj"], mode=mode, scaling=1.0))
+    assert graft_layers(explicit)[0].graft_scaling["default"] == 1.0
+
+
+def test_defaults_are_the_lr_robust_recipe():
+    config = GraftConfig()
+    assert (config.r, config.phi, config.projection, config.scaling) == (64, "dense", "orthogonal", None)
+    assert not config.stores_projections  # the adapter file holds Φ (and a fingerprint) only
