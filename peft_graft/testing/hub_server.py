@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +40,29 @@ MAX_FILES_PER_REQUEST = 1000
 REQUEST_TIMEOUT_S = 60  # a stalled client frees its thread after this
 
 
+def _is_loopback(host: str) -> bool:
+    """True for a loopback address, or a name (``localhost``) that resolves only to loopback addresses."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            return False
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def _json_object(raw: bytes | str, what: str) -> dict:
+    """``raw`` parsed as a JSON object; anything else (a list, a string, bad JSON) is the client's error, a 400."""
+    try:
+        value = json.loads(raw)
+    except ValueError as err:
+        raise StoreError(400, None, f"{what} is not valid JSON ({err}).") from err
+    if not isinstance(value, dict):
+        raise StoreError(400, None, f"{what} must be a JSON object, not a {type(value).__name__}.")
+    return value
+
+
 class LocalHubServer(ThreadingHTTPServer):
     """`ThreadingHTTPServer` bound to a loopback address, holding the store and an optional required token."""
 
@@ -46,8 +70,10 @@ class LocalHubServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, root: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"The local Hub only listens on loopback addresses, not {host!r}.")
+        if not _is_loopback(host):
+            raise ValueError(
+                f"The local Hub only listens on loopback addresses (127.0.0.1, ::1, localhost), not {host!r}."
+            )
         self.store = LocalRepoStore(root)
         self.token = token
         super().__init__((host, port), _HubHandler)
@@ -81,7 +107,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._route(method, parts, query)
         except StoreError as err:
             self._send_error(err.status, err.code, str(err))
-        except (ValueError, KeyError, binascii.Error) as err:
+        except (ValueError, KeyError, TypeError, binascii.Error) as err:  # malformed request fields
             self._send_error(400, None, f"Bad request: {err}")
 
     def do_GET(self) -> None:
@@ -101,6 +127,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise StoreError(411, None, "Content-Length is required.")
+        if not length.strip().isdigit():  # a negative length would make read() wait for the client to hang up
+            raise StoreError(400, None, f"Content-Length must be a non-negative integer, not {length!r}.")
         if int(length) > MAX_BODY_BYTES:
             raise StoreError(413, None, f"Request body over {MAX_BODY_BYTES} bytes.")
         return self.rfile.read(int(length))
@@ -149,7 +177,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     # --- endpoints ----------------------------------------------------------------------------------------------
 
     def _create_repo(self) -> None:
-        payload = json.loads(self.body)
+        payload = _json_object(self.body, "The request body")
         if payload.get("type", "model") not in (None, "model"):
             raise StoreError(400, None, "The local Hub only hosts model repos.")
         if not payload.get("organization"):
@@ -205,7 +233,9 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo_id: str, revision: str | None) -> None:
         commit = self.server.store.resolve(repo_id, revision)
-        files = json.loads(self.body)["files"]
+        files = _json_object(self.body, "The request body")["files"]
+        if not isinstance(files, list) or not all(isinstance(entry, dict) for entry in files):
+            raise StoreError(400, None, "'files' must be a list of objects.")
         if len(files) > MAX_FILES_PER_REQUEST:
             raise StoreError(413, None, f"At most {MAX_FILES_PER_REQUEST} files per request.")
         answer = []
@@ -231,8 +261,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         if len(lines) > MAX_FILES_PER_REQUEST + 1:
             raise StoreError(413, None, f"At most {MAX_FILES_PER_REQUEST} operations per commit.")
         for line in lines:
-            item = json.loads(line)
+            item = _json_object(line, "A commit line")
             key, value = item["key"], item["value"]
+            if not isinstance(value, dict):
+                raise StoreError(400, None, f"The value of a {key!r} commit line must be a JSON object.")
             if key == "header":
                 header = value
             elif key == "file":
@@ -276,9 +308,11 @@ class _HubHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_local_hub(root: str | os.PathLike, *, port: int = 0, token: str | None = None) -> Iterator[str]:
-    """Serve repos under ``root`` on a free 127.0.0.1 port in a background thread; yields the endpoint URL."""
-    server = LocalHubServer(root, port=port, token=token)
+def serve_local_hub(
+    root: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+) -> Iterator[str]:
+    """Serve repos under ``root`` on a free loopback port in a background thread; yields the endpoint URL."""
+    server = LocalHubServer(root, host=host, port=port, token=token)
     thread = threading.Thread(target=server.serve_forever, name="local-hub", daemon=True)
     thread.start()
     try:

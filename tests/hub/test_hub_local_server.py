@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,28 @@ def test_token_is_required_when_configured(local_hub, tmp_path):
 def test_listens_on_loopback_only(tmp_path):
     with pytest.raises(ValueError, match="loopback"):
         LocalHubServer(tmp_path, host="0.0.0.0")
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '"file"', "3", '{"key": "file", "value": "x"}', '{"key": "file"}', "{"])
+def test_malformed_commit_lines_get_a_400(local_hub, repo_id, line):
+    HfApi().create_repo(repo_id)
+    body = json.dumps({"key": "header", "value": {"summary": "bad"}}) + "\n" + line + "\n"
+    response = get_session().post(f"{local_hub.endpoint}/api/models/{repo_id}/commit/main", content=body)
+    assert response.status_code == 400
+    assert HfApi().list_repo_files(repo_id) == []
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_a_bad_content_length_is_answered_at_once(local_hub, repo_id, length):
+    host, port = local_hub.endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0]  # socket timeout: fails after 5 s instead of hanging
+    assert status_line.startswith(b"HTTP/1.0 400") or status_line.startswith(b"HTTP/1.1 400")
+
+
+def test_localhost_is_a_loopback_name(local_hub, tmp_path):
+    with serve_local_hub(tmp_path / "hub", host="localhost") as endpoint:
+        assert HfApi(endpoint=endpoint).repo_exists("nobody/nothing") is False
+    with pytest.raises(ValueError, match=r"loopback addresses \(127.0.0.1, ::1, localhost\)"):
+        LocalHubServer(tmp_path, host="example.invalid")
