@@ -67,9 +67,25 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_head(path: str) -> tuple[int, str]:
+    """A head written by `peft-graft head`."""
+    try:
+        head = json.loads(Path(path).read_text(encoding="utf-8"))
+        return int(head["seq"]), str(head["hash"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PeftGraftError(f"{path} is not an audit head written by `peft-graft head` ({err}).") from err
+
+
+def _head(args: argparse.Namespace) -> int:
+    seq, digest = _registry(args.root).audit.head()
+    print(json.dumps({"seq": seq, "hash": digest}))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     if (Path(args.path) / "registry.sqlite").is_file():
-        count = _registry(args.path).verify(artifacts=True)
+        expected = _read_head(args.expect_head) if args.expect_head else None
+        count = _registry(args.path).verify(artifacts=True, expected_head=expected)
         report = {"ok": True, "registry": args.path, "audit_records": count}
         text = f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it"
     else:
@@ -164,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path")
-    command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
+    command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path").add_argument(
+        "--expect-head", metavar="FILE", help="An audit head saved by `peft-graft head`: the chain must still hold it."
+    )
+    command("head", _head, "Print the registry's audit head, to keep outside it (pins the chain).", "root")
     command("list", _list, "List the grafts of a registry.", "root").add_argument(
         "--status", type=GraftStatus, choices=list(GraftStatus), metavar="STATUS",
         help=f"Only grafts with this status, any case: {', '.join(s.value.lower() for s in GraftStatus)}.",

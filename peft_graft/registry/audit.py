@@ -185,9 +185,10 @@ def _replay(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, Any]], list[S
     return grafts, history, last_seq
 
 
-def verify_tables(conn: sqlite3.Connection) -> int:
-    """Verify the chain, then the tables against its replay; return the number of audit records."""
-    count = verify_chain(conn)
+def verify_tables(conn: sqlite3.Connection, expected_head: tuple[int, str] | None = None) -> int:
+    """Verify the chain (anchored at ``expected_head`` if given), then the tables against its replay; return the
+    number of audit records."""
+    count = verify_chain(conn, expected_head)
     expected, expected_history, last_seq = _replay(conn)
     records = select_grafts(conn)
     for record in records:

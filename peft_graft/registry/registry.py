@@ -200,16 +200,20 @@ class GraftRegistry:
             return self._store.verify(graft_id, record.files)
         return self._store.path(graft_id)
 
-    def verify(self, artifacts: bool = False, progress: bool = True) -> int:
+    def verify(
+        self, artifacts: bool = False, progress: bool = True, expected_head: tuple[int, str] | None = None
+    ) -> int:
         """Check the file, the audit chain, the tables against it and (with ``artifacts``) every artifact's bytes.
 
         The file check is SQLite's full ``integrity_check``, indexes against tables included: a damaged index would
-        make `list` miss grafts while the chain still verifies. Returns the number of audit records; raises
-        `RegistryCorruptError` / `AuditTamperedError` / `ArtifactIntegrityError`.
+        make `list` miss grafts while the chain still verifies. Someone able to rewrite the whole file can
+        recompute a valid chain; pass ``expected_head``, a ``(seq, hash)`` from ``audit.head()`` kept outside the
+        registry (a file of `peft-graft head`, a Hub commit), to catch that too. Returns the number of audit records;
+        raises `RegistryCorruptError` / `AuditTamperedError` / `ArtifactIntegrityError`.
         """
         with self._db.transaction(write=False) as conn:
             self._db.check_structure(conn, thorough=True)
-            count = verify_tables(conn)
+            count = verify_tables(conn, expected_head)
             records = select_grafts(conn)
         if artifacts:
             for record in tqdm(records, desc="Verifying artifacts", disable=not progress or None):

@@ -153,6 +153,16 @@ class ArtifactStore:
                 expected=graft_id,
                 actual=content_id(files),
             )
+        links = [p for p in (folder, *(folder.iterdir() if folder.is_dir() else ())) if p.is_symlink()]
+        if links:  # a link can point at a copy outside the registry that anyone may change later
+            raise ArtifactIntegrityError(
+                f"Artifact of graft {graft_id}: {links[0]} is a symbolic link; artifacts must be plain files inside "
+                f"the registry. {fix}",
+                graft_id=graft_id,
+                file=links[0].name,
+                expected=None,
+                actual=None,
+            )
         if not folder.is_dir():
             raise ArtifactIntegrityError(
                 f"Artifact folder {folder} of graft {graft_id} is missing. {fix}",
