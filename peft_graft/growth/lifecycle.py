@@ -28,11 +28,15 @@ def _accepted_record(registry: GraftRegistry, graft_id: str) -> GraftRecord:
 def compose(base: Any, registry: GraftRegistry, verify: bool = True, progress: bool = True) -> Any:
     """Load every accepted graft trained on ``base`` onto it, in acceptance order, all active (a PeftModel).
 
-    The registry is the source of truth: after `rollback` a graft is no longer composed. Artifacts are re-hashed
-    first (``verify``); grafts registered for another base (different fingerprint) raise `BaseMismatchError`.
+    The registry is the source of truth: after `rollback` a graft is no longer composed. With ``verify`` (the
+    default) the statuses are first checked against the audit chain (a status edited behind the registry's back
+    raises `AuditTamperedError`) and artifacts are re-hashed; grafts registered for another base (different
+    fingerprint) raise `BaseMismatchError`.
     """
     from peft import PeftModel
 
+    if verify:
+        registry.verify()
     fingerprint = base_model_fingerprint(base)
     ours = sorted(registry.list(status=GraftStatus.ACCEPTED, base_fingerprint=fingerprint), key=lambda r: r.created_at)
     if not ours:

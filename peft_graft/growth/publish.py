@@ -20,6 +20,7 @@ def push_accepted(registry: GraftRegistry, graft_id: str, hub: HubTarget) -> str
     """Upload an accepted graft (adapter files, registry metadata, model card); returns the commit sha."""
     from ..hub import push_graft
 
+    registry.verify()  # the status must be the one the audit chain records, not an edited column
     record = registry.get(graft_id)
     if record.status is not GraftStatus.ACCEPTED:
         raise GraftNotAcceptedError(

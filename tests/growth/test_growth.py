@@ -2,6 +2,7 @@
 
 import copy
 import shutil
+import sqlite3
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ from peft_graft.growth import (
     train_until_decided,
 )
 from peft_graft.hub import use_hub_endpoint
-from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint
+from peft_graft.registry import AuditTamperedError, GraftRegistry, GraftStatus, base_model_fingerprint
 
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -265,3 +266,20 @@ def test_pushed_card_names_the_base_and_publishes_only_measurements(grown, tmp_p
     assert "minimum_gain.gain" in published and "parameter_budget.params" in published
     settings = ("min_gain", "max_regression", "max_params", "tolerance", "confidence")
     assert not [name for name in published if name.rpartition(".")[2] in settings]
+
+
+def test_a_status_edited_behind_the_registry_is_neither_composed_nor_pushed(grown, tiny_llama, local_hub, tmp_path):
+    registry, model, _ = grown
+    add_candidate(model, "refused")
+    callback = GraftGateCallback(GateSet([ParameterBudget(0)]), NEW, candidate="refused", accepted=["old"],
+                                 registry=registry)
+    callback.decide(model)
+    refused = callback.graft_ids[-1]
+    assert registry.get(refused).status is GraftStatus.REJECTED
+    with sqlite3.connect(registry.root / "registry.sqlite") as conn:  # raw SQL, as an attacker with file access
+        conn.execute("UPDATE grafts SET status = 'ACCEPTED' WHERE graft_id = ?", (refused,))
+    with pytest.raises(AuditTamperedError):
+        compose(tiny_llama(), registry)
+    with pytest.raises(AuditTamperedError):
+        push_accepted(registry, refused, HubTarget("grafts/forged", endpoint=local_hub.endpoint))
+    assert not local_hub.store.exists("grafts/forged")
