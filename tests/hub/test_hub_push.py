@@ -12,7 +12,8 @@ from peft_graft.testing.hub_server import serve_local_hub
 from peft_graft.testing.hub_store import LocalRepoStore
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What save_pretrained writes for a graft adapter (besides the model card): config, weights and their manifest.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "graft_manifest.json")
 
 
 def test_push_then_pull_gives_identical_bytes(local_hub, repo_id, save_graft, accepted_record, metrics, tmp_path):

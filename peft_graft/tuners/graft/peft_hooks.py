@@ -5,6 +5,12 @@
   the Hub). Folders of other PEFT methods are passed through untouched.
 * Failed loads: when `PeftModel.from_pretrained` or `load_adapter` fails after graft layers were injected (a
   shape or projection mismatch...), the model is rolled back exactly to what it was (see `rollback.py`).
+* Integrity: every save of a graft adapter ends with a checksum manifest (``graft_manifest.json``, see
+  `integrity.py`) written after PEFT wrote the config and weights. Every load of a local graft folder holds the
+  weights to what the config allows before PEFT copies them into the model, then refuses a load that left a
+  targeted module without its graft weights (PEFT only warns), then checks the manifest when there is one. The
+  precise checks come first so their errors name the defect; all run inside the wrapped load, so a refused
+  adapter also rolls the model back.
 * Saving: the model card PEFT writes gets a "how to load" section, because loading a GRAFT adapter without
   ``import peft_graft`` fails with a bare ``KeyError('GRAFT')`` from PEFT.
 """
@@ -12,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +28,15 @@ import peft.peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
 from ...atomic import atomic_write_text
-from ...errors import AdapterFileError
+from ...errors import AdapterContentError, AdapterFileError, PeftGraftError, ShapeMismatchError
+from .integrity import (
+    MANIFEST_NAME,
+    check_loaded_modules,
+    check_manifest,
+    check_tensors,
+    read_config,
+    write_manifest,
+)
 from .peft_type import GRAFT_PEFT_TYPE
 from .rollback import ModelSnapshot
 
@@ -40,7 +55,8 @@ model = PeftModel.from_pretrained(base_model, "<this folder or repo id>")
 
 
 def _local_graft_dir(model_id: Any, subfolder: str | None) -> str | None:
-    """The local folder of ``model_id`` if it holds a GRAFT adapter config, else None."""
+    """The local folder of ``model_id`` if it holds a GRAFT adapter config or a graft manifest, else None (a
+    manifest beside another ``peft_type`` means the config was changed: the manifest check then refuses it)."""
     if not isinstance(model_id, (str, os.PathLike)):
         return None
     path = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
@@ -52,7 +68,8 @@ def _local_graft_dir(model_id: Any, subfolder: str | None) -> str | None:
             peft_type = json.load(f).get("peft_type")
     except (OSError, ValueError):
         return None
-    return path if peft_type == GRAFT_PEFT_TYPE.value else None
+    is_graft = peft_type == GRAFT_PEFT_TYPE.value or os.path.isfile(os.path.join(path, MANIFEST_NAME))
+    return path if is_graft else None
 
 
 def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
@@ -67,13 +84,16 @@ def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
                 f"{weights} is missing: the graft adapter in {path} has a config but no weights. The save was "
                 "interrupted or the file was moved; save the adapter again or restore the file."
             )
+        config = read_config(path)
         try:
-            return load(model_id, *args, **kwargs)
+            tensors = load(model_id, *args, **kwargs)
         except Exception as err:  # safetensors raises its own error types, none of them OSError
             raise AdapterFileError(
                 f"{weights} ({os.path.getsize(weights):,} bytes) is not a valid safetensors file ({err}). It is "
                 "probably truncated or corrupt: save the adapter again or restore the file."
             ) from err
+        check_tensors(tensors, config, weights)
+        return tensors
 
     load_peft_weights.__graft_guard__ = True
     return load_peft_weights
@@ -94,18 +114,68 @@ def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Ca
     return wrapper
 
 
+def _typed_state_dict_error(err: KeyError | RuntimeError, model_id: Any) -> PeftGraftError | None:
+    """PEFT's own errors for a file that lacks, or has a wrong-shape, ``modules_to_save`` tensor (the graft tensors
+    were checked before), as typed errors; None for any other error."""
+    if isinstance(err, KeyError):
+        return AdapterContentError(
+            f"{model_id} lacks {err.args[0]!r}, which its config (modules_to_save) makes the model expect. The file "
+            "is damaged or adapter_config.json was changed; restore the folder or save the adapter again."
+        )
+    if "size mismatch" in str(err):
+        return ShapeMismatchError(f"{model_id} does not fit this base model: {err}")
+    return None
+
+
 def _roll_back_failed_load_adapter(load_adapter: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_adapter)
     def wrapper(self: peft.peft_model.PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
         snapshot, known = ModelSnapshot.take(self), set(self.peft_config)
         try:
-            return load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            try:
+                load_result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            except (KeyError, RuntimeError) as err:
+                if getattr(self.peft_config.get(adapter_name), "peft_type", None) != GRAFT_PEFT_TYPE:
+                    raise
+                typed = _typed_state_dict_error(err, model_id)
+                if typed is None:
+                    raise
+                raise typed from err
+            path = _local_graft_dir(model_id, kwargs.get("subfolder"))
+            if self.peft_config[adapter_name].peft_type == GRAFT_PEFT_TYPE:
+                check_loaded_modules(load_result.missing_keys, adapter_name, path or model_id)
+            if path is not None:
+                # Last, so the structural and base-model checks above and in PEFT's load name a precise defect
+                # first; the manifest then refuses every remaining change of the saved bytes.
+                check_manifest(path)
+            return load_result
         except BaseException:
             if snapshot.injected_grafts(adapter_name):
                 snapshot.restore(adapter_name)
                 if adapter_name not in known:
                     self.peft_config.pop(adapter_name, None)
             raise
+
+    wrapper.__graft_guard__ = True
+    return wrapper
+
+
+def _write_manifests(save_pretrained: Callable[..., None]) -> Callable[..., None]:
+    signature = inspect.signature(save_pretrained)
+
+    @functools.wraps(save_pretrained)
+    def wrapper(self: peft.peft_model.PeftModel, *args: Any, **kwargs: Any) -> None:
+        save_pretrained(self, *args, **kwargs)
+        call = signature.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        if not call.arguments["is_main_process"]:  # other ranks write no files
+            return
+        save_directory = call.arguments["save_directory"]
+        for adapter_name in call.arguments["selected_adapters"] or list(self.peft_config):
+            if self.peft_config[adapter_name].peft_type == GRAFT_PEFT_TYPE:
+                # PEFT's own rule for where a named adapter goes; config and weights are written by now.
+                folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+                write_manifest(folder)
 
     wrapper.__graft_guard__ = True
     return wrapper
@@ -137,6 +207,8 @@ def install() -> None:
         peft_model.from_pretrained = classmethod(_roll_back_failed_from_pretrained(from_pretrained))
     if not getattr(peft_model.load_adapter, "__graft_guard__", False):
         peft_model.load_adapter = _roll_back_failed_load_adapter(peft_model.load_adapter)
+    if not getattr(peft_model.save_pretrained, "__graft_guard__", False):
+        peft_model.save_pretrained = _write_manifests(peft_model.save_pretrained)
     card = peft.peft_model.PeftModel.create_or_update_model_card
     if not getattr(card, "__graft_guard__", False):
         peft.peft_model.PeftModel.create_or_update_model_card = _add_loading_section(card)

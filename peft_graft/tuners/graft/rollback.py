@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .layer import GraftLayer
@@ -51,8 +52,14 @@ class ModelSnapshot:
         return adapter_name in module.graft_phi and adapter_name not in self.graft_adapters.get(id(module), ())
 
     def injected_grafts(self, adapter_name: str) -> bool:
-        """Whether graft layers carrying ``adapter_name`` appeared since the snapshot."""
-        return any(isinstance(m, GraftLayer) and self._gained(m, adapter_name) for m in self.model.modules())
+        """Whether graft layers carrying ``adapter_name`` (or any new adapter layer: a damaged graft folder whose
+        config names another method) appeared since the snapshot."""
+        known = set(map(id, self.modules.values()))
+        return any(
+            isinstance(m, GraftLayer) and self._gained(m, adapter_name)
+            or isinstance(m, BaseTunerLayer) and id(m) not in known
+            for m in self.model.modules()
+        )
 
     def restore(self, adapter_name: str) -> None:
         """Put every module object back at its path, drop ``adapter_name`` from graft layers that existed before,

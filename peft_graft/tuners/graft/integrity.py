@@ -1,0 +1,299 @@
+"""Integrity of a saved graft adapter: a checksum manifest written on every save, and structural checks of its tensors.
+
+Why both: a plain PEFT adapter folder carries no checksum, and PEFT loads whatever tensors match by name (casting
+their dtype, only warning about missing keys), so a damaged graft adapter could load silently with other weights.
+
+* The manifest, ``graft_manifest.json`` beside ``adapter_config.json`` and the weights, records the sha256 of both
+  files and ``graft_id``, a content hash of them: sha256 over the files in sorted name order, each contributing the
+  line ``<name>\\0<sha256 of its bytes>\\n`` (per-file hashes first, so a failed check names the file). Any change of
+  a covered byte, or an edit of the manifest itself, is refused by `check_manifest`.
+* `check_tensors` holds a state dict to what a graft adapter with its config can contain: key names, the Φ shapes of
+  the configured family and rank, index and signature dtypes, one floating dtype, finite values, and the projection
+  fingerprint of stored projections. Adapters saved before manifests existed get these checks only.
+
+Loading (`peft_hooks`) and `peft_graft.artifacts.verify_adapter` call the same functions, so ``peft-graft verify``
+refuses what loading refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from ...atomic import atomic_write_text
+from ...errors import (
+    AdapterContentError,
+    AdapterFileError,
+    AdapterIntegrityError,
+    NonFiniteWeightsError,
+    ShapeMismatchError,
+)
+from .config import GraftConfig
+from .phi import build_phi
+from .projections import fingerprint
+
+
+MANIFEST_NAME = "graft_manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK_BYTES = 1 << 20
+# PEFT prefixes every saved key with the path of the base model inside the PeftModel.
+_KEY_PREFIX = "base_model.model."
+_GRAFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>graft_phi|graft_proj|graft_sparse)\.(?P<name>[^.]+)$")
+# Floating dtypes a graft layer can hold (fp32, or the half dtype of a base loaded without adapter autocast).
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ manifest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of one file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_id(file_hashes: Mapping[str, str]) -> str:
+    """The graft id of adapter files given their sha256 (encoding in the module docstring)."""
+    digest = hashlib.sha256()
+    for name in sorted(file_hashes):
+        digest.update(f"{name}\0{file_hashes[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def _weights_name(folder: Path) -> str:
+    """The weights file PEFT wrote: safetensors unless the adapter was saved with ``safe_serialization=False``."""
+    return SAFETENSORS_WEIGHTS_NAME if (folder / SAFETENSORS_WEIGHTS_NAME).is_file() else WEIGHTS_NAME
+
+
+def write_manifest(folder: str | os.PathLike) -> str:
+    """Hash the config and weights PEFT just wrote into ``folder``, write the manifest atomically, return graft_id.
+
+    Called after PEFT's save has written every file, so the hashes cover the final bytes.
+    """
+    folder = Path(folder)
+    files = {name: file_sha256(folder / name) for name in (CONFIG_NAME, _weights_name(folder))}
+    graft_id = content_id(files)
+    manifest = {"format": MANIFEST_FORMAT, "graft_id": graft_id, "files": files}
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return graft_id
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    """The ``files`` table of a manifest, or `AdapterIntegrityError` if the manifest itself is damaged."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files, graft_id = manifest["files"], manifest["graft_id"]
+        valid = isinstance(files, dict) and all(isinstance(v, str) for v in files.values()) and files
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        valid, files, graft_id, reason = False, None, None, f"unreadable ({err})"
+    else:
+        reason = "malformed"
+    if valid and graft_id != content_id(files):
+        valid, reason = False, f"edited: its graft_id {graft_id} is not the content hash of its file table"
+    if not valid:
+        raise AdapterIntegrityError(
+            f"{path} is {reason}, so the adapter's files cannot be checked. Restore the folder from a good copy, or "
+            "delete the manifest and run `peft-graft verify` on the folder to load it with structural checks only.",
+            file=str(path), expected=graft_id if isinstance(graft_id, str) else None, actual=None,
+        )
+    return files
+
+
+def check_manifest(folder: str | os.PathLike) -> str | None:
+    """Check every file against ``graft_manifest.json``; return the graft id, or None when there is no manifest
+    (an adapter saved before manifests existed: only the structural checks apply)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    files = _read_manifest(folder / MANIFEST_NAME)
+    required = {CONFIG_NAME, _weights_name(folder)}
+    for name in sorted(required | set(files)):
+        expected = files.get(name)
+        actual = file_sha256(folder / name) if (folder / name).is_file() else None
+        if expected != actual:
+            raise AdapterIntegrityError(
+                f"{folder / name} does not match {folder / MANIFEST_NAME}: sha256 {actual or 'none (file missing)'} "
+                f"instead of {expected or 'none (not listed)'}. The file was changed after the adapter was saved; "
+                "restore it from a good copy or save the adapter again.",
+                file=str(folder / name), expected=expected, actual=actual,
+            )
+    return content_id(files)
+
+
+# ------------------------------------------------------------------ config
+
+
+def config_from_dict(values: Mapping[str, Any]) -> GraftConfig:
+    """A `GraftConfig` from adapter_config.json values, as loading builds it: bad values raise `GraftConfigError`."""
+    fields = {f.name for f in dataclasses.fields(GraftConfig)} | {"save_projections"}  # 0.1's spelling
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the 0.1 spelling is read, as loading reads it
+        return GraftConfig(**{k: v for k, v in values.items() if k in fields and k != "peft_type"})
+
+
+def read_config(folder: str | os.PathLike) -> GraftConfig:
+    """The `GraftConfig` saved in ``folder``; `AdapterFileError` when the file is not a JSON object."""
+    config_file = Path(folder) / CONFIG_NAME
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError included
+        raise AdapterFileError(f"{config_file} is unreadable or not valid JSON ({err}).") from err
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{config_file} holds a JSON {type(values).__name__}, not an adapter config object.")
+    return config_from_dict(values)
+
+
+# ------------------------------------------------------------------ tensors
+
+
+def _is_extra_key(key: str, config: GraftConfig) -> bool:
+    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies and trained biases."""
+    path = f".{key}."
+    return any(f".{name}." in path for name in config.modules_to_save or ()) or (
+        config.bias != "none" and key.endswith(".bias")
+    )
+
+
+def _expected_shapes(config: GraftConfig, module: str, signature: list[int]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a graft module must have in the file, by ``<part>.<name>``, with its shape."""
+    r = config.r_for(module)
+    out_features, in_features = signature[:2]
+    d = in_features if config.mode == "additive" else out_features
+    phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
+    shapes = {f"graft_phi.{name}": tuple(p.shape) for name, p in phi.named_parameters()}
+    shapes["graft_proj.signature"] = (3,)
+    if config.stores_projections:
+        shapes["graft_proj.A"], shapes["graft_proj.B"] = (out_features, r), (r, d)
+    if config.sparse_residual:
+        k = config.sparse_residual
+        shapes.update({"graft_sparse.values": (k,), "graft_sparse.rows": (k,), "graft_sparse.cols": (k,)})
+    return shapes
+
+
+def _check_signature(source: str, module: str, signature: torch.Tensor | None) -> list[int]:
+    if signature is None or tuple(signature.shape) != (3,):
+        found = "missing" if signature is None else f"{signature.dtype} of shape {tuple(signature.shape)}"
+        raise AdapterContentError(
+            f"{source}: {module}.graft_proj.signature must be int64 of shape (3,), found {found}. The file is "
+            "damaged; restore it or save the adapter again."
+        )
+    values = signature.tolist()
+    if min(values[:2]) <= 0:
+        raise AdapterContentError(f"{source}: {module}.graft_proj.signature holds the base shape {values[:2]}.")
+    return values
+
+
+def _check_module(source: str, config: GraftConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One graft module's tensors (keys relative to the module) against its config."""
+    signature = _check_signature(source, module, tensors.get("graft_proj.signature"))
+    expected = _expected_shapes(config, module, signature)
+    for name in sorted(set(expected) ^ set(tensors)):
+        state = "is missing" if name in expected else "is not part of a graft adapter with this config"
+        raise AdapterContentError(
+            f"{source}: {module}.{name} {state} (config: phi={config.phi!r}, projection={config.projection!r}, "
+            f"sparse_residual={config.sparse_residual}). The file is damaged or belongs to another config."
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ShapeMismatchError(
+                f"{source}: {module}.{name} has shape {tuple(tensors[name].shape)}, but r={config.r_for(module)} and "
+                f"phi={config.phi!r} in the config give {shape}. The weights or adapter_config.json were changed."
+            )
+    if config.sparse_residual:
+        for name, bound in (("rows", signature[0]), ("cols", signature[1])):
+            index = tensors[f"graft_sparse.{name}"]
+            if index.dtype != torch.int64 or (index.numel() and not (0 <= int(index.min()) <= int(index.max()) < bound)):
+                raise AdapterContentError(
+                    f"{source}: {module}.graft_sparse.{name} must be int64 indices in [0, {bound}), found "
+                    f"{index.dtype}. The file is damaged."
+                )
+    if config.stores_projections and config.projection != "trainable":
+        A, B = tensors["graft_proj.A"], tensors["graft_proj.B"]
+        if A.dtype == B.dtype == torch.float32 and fingerprint(A, B) != signature[2]:
+            raise AdapterContentError(
+                f"{source}: the stored projections of {module} do not match the fingerprint saved with them. The "
+                "file is damaged; restore it or save the adapter again."
+            )
+
+
+def _check_values(source: str, tensors: Iterable[tuple[str, torch.Tensor]], graft: bool) -> None:
+    """Finite values; for graft tensors int64 indices and one floating dtype out of those a graft layer can hold."""
+    dtypes = set()
+    for key, tensor in tensors:
+        if graft and key.endswith((".signature", ".rows", ".cols")):
+            if tensor.dtype != torch.int64:
+                raise AdapterContentError(
+                    f"{source}: {key} is {tensor.dtype}, but graft signatures and sparse indices are int64. Its "
+                    "dtype tag was changed; restore the file or save the adapter again."
+                )
+        elif graft:
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise AdapterContentError(
+                    f"{source}: {key} is {tensor.dtype}, but graft weights are float32 (or the fp16/bf16 of a half "
+                    "precision base). Its dtype tag was changed; restore the file or save the adapter again."
+                )
+            dtypes.add(tensor.dtype)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteWeightsError(f"{source}: {key} holds NaN/Inf. Restore the file or retrain the adapter.")
+    if len(dtypes) > 1:
+        raise AdapterContentError(
+            f"{source}: graft weights come in {sorted(map(str, dtypes))}, but a save writes them all in one dtype. "
+            "A dtype tag was changed; restore the file or save the adapter again."
+        )
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], config: GraftConfig, source: str) -> list[str]:
+    """Refuse a state dict that a graft adapter saved with ``config`` cannot contain; return its grafted modules.
+
+    Raises `AdapterContentError` (unknown, missing or mistyped keys), `ShapeMismatchError` (Φ or projection shapes
+    that do not follow r / phi / mode) or `NonFiniteWeightsError`. ``source`` names the file in messages.
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    extras = []
+    for key, tensor in tensors.items():
+        match = _GRAFT_KEY.match(key)
+        if match:
+            modules.setdefault(match["module"], {})[f"{match['part']}.{match['name']}"] = tensor
+        elif _is_extra_key(key, config):
+            extras.append((key, tensor))
+        else:
+            raise AdapterContentError(
+                f"{source}: {key!r} is not a key a graft adapter holds (expected <module>.graft_phi.<param>, "
+                "<module>.graft_proj.{A,B,signature}, <module>.graft_sparse.{values,rows,cols} or modules_to_save). "
+                "The file is damaged; restore it or save the adapter again."
+            )
+    if not modules:
+        raise AdapterContentError(f"{source} contains no graft Φ tensors.")
+    _check_values(source, ((f"{m}.{n}", t) for m, ts in modules.items() for n, t in ts.items()), graft=True)
+    _check_values(source, extras, graft=False)
+    for module, module_tensors in modules.items():
+        _check_module(source, config, module.removeprefix(_KEY_PREFIX), module_tensors)
+    return sorted(module.removeprefix(_KEY_PREFIX) for module in modules)
+
+
+def check_loaded_modules(missing_keys: Iterable[str], adapter_name: str, source: Any) -> None:
+    """After PEFT loaded the weights: every module the config targets got its graft tensors.
+
+    PEFT only warns about missing adapter keys; for a graft that would leave a targeted module at its initial Φ,
+    silently computing something else than the saved adapter.
+    """
+    missing = sorted(k for k in missing_keys if ".graft_" in k and f".{adapter_name}." in k)
+    if missing:
+        modules = sorted({k.partition(".graft_")[0].removeprefix(_KEY_PREFIX) for k in missing})
+        raise AdapterContentError(
+            f"{source} lacks the graft weights of {len(modules)} module(s) its config targets, e.g. {modules[0]!r} "
+            f"(missing {missing[0]!r}). The file is damaged or belongs to another config/base model."
+        )
