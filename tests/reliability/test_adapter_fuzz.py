@@ -17,7 +17,13 @@ from safetensors.torch import load_file, save_file
 from benchmarks import adapter_fuzz
 from peft_graft import GraftConfig
 from peft_graft.artifacts import verify_adapter
-from peft_graft.errors import AdapterContentError, AdapterIntegrityError, NonFiniteWeightsError, ShapeMismatchError
+from peft_graft.errors import (
+    AdapterContentError,
+    AdapterIntegrityError,
+    NonFiniteWeightsError,
+    PeftGraftError,
+    ShapeMismatchError,
+)
 from peft_graft.tuners.graft import GraftLayer
 from peft_graft.tuners.graft.integrity import MANIFEST_NAME, check_manifest, content_id, file_sha256
 
@@ -115,3 +121,21 @@ def test_bounded_fuzz_sample_meets_every_target():
     assert len(cases) == 4 * (2 * len(adapter_fuzz.FILE_MUTATIONS) + len(adapter_fuzz.MANIFEST_MUTATIONS))
     met = adapter_fuzz.targets(cases)
     assert all(ok for name, (ok, _) in met.items() if "incl. no manifest" not in name), met
+
+
+# (A LoRA config without a graft manifest is a LoRA adapter as far as anyone can tell: not a case.)
+@pytest.mark.parametrize(("peft_type", "manifest"), [("graft", True), ("graft", False), ("LORA", True)])
+def test_a_config_naming_another_method_is_refused_typed(tiny_llama, tmp_path, peft_type, manifest):
+    """An edited ``peft_type`` must not slip past the graft checks (LORA) or out of the typed errors (a name PEFT
+    does not know)."""
+    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    if not manifest:
+        (tmp_path / "graft_manifest.json").unlink()
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "peft_type": peft_type}))
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(PeftGraftError):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert base.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

@@ -63,13 +63,19 @@ def _local_graft_dir(model_id: Any, subfolder: str | None) -> str | None:
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
         return None
+    peft_type = _peft_type(config_file)
+    is_graft = str(peft_type).upper() == GRAFT_PEFT_TYPE.value or os.path.isfile(os.path.join(path, MANIFEST_NAME))
+    return path if is_graft else None
+
+
+def _peft_type(config_file: str) -> Any:
+    """The ``peft_type`` an adapter_config.json names (None if unreadable)."""
     try:
         with open(config_file, encoding="utf-8") as f:
-            peft_type = json.load(f).get("peft_type")
+            config = json.load(f)
     except (OSError, ValueError):
         return None
-    is_graft = peft_type == GRAFT_PEFT_TYPE.value or os.path.isfile(os.path.join(path, MANIFEST_NAME))
-    return path if is_graft else None
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
@@ -105,6 +111,16 @@ def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Ca
         snapshot = ModelSnapshot.take(model)
         try:
             return from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        except KeyError as err:  # PEFT's lookup of a method name it does not know
+            path = _local_graft_dir(model_id, kwargs.get("subfolder"))
+            config_file = os.path.join(path, "adapter_config.json") if path else None
+            if config_file is None or not err.args or err.args[0] != _peft_type(config_file):
+                raise
+            check_manifest(path)  # a config changed after saving fails here, naming the file and both hashes
+            raise AdapterFileError(
+                f"{config_file} names the PEFT method {err.args[0]!r}, which PEFT does not know; a graft adapter "
+                f"says {GRAFT_PEFT_TYPE.value!r}. Restore the file or save the adapter again."
+            ) from err
         except BaseException:
             if snapshot.injected_grafts(adapter_name):
                 snapshot.restore(adapter_name)
