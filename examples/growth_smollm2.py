@@ -43,6 +43,8 @@ from peft_graft.testing.hub_server import serve_local_hub
 
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+# The recipe the learning rates below were chosen for, and the README's table measured with: SVD projections, s = 1.
+RECIPE = dict(phi="dense", projection="svd", scaling=1.0)
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +70,7 @@ def blocks(corpus: str, tokenizer, args: argparse.Namespace) -> GrowthData:
 def train_candidate(model, name: str, data: GrowthData, callback: GraftGateCallback, lr: float,
                     args: argparse.Namespace) -> None:
     if name not in model.peft_config:
-        model.add_adapter(name, GraftConfig(r=args.r, phi="dense", projection="svd", target_modules=TARGETS))
+        model.add_adapter(name, GraftConfig(r=args.r, target_modules=TARGETS, **RECIPE))
     model.base_model.set_adapter(name)
     dataset = Dataset.from_dict({"input_ids": data.train.tolist(), "labels": data.train.tolist()})
     training_args = TrainingArguments(
@@ -95,7 +97,7 @@ def main() -> None:
 
     # A first graft for the old domain, accepted on its own merits.
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           GraftConfig(r=args.r, target_modules=TARGETS), adapter_name="news")
+                           GraftConfig(r=args.r, target_modules=TARGETS, **RECIPE), adapter_name="news")
     news_gates = GateSet([MinimumGain(min_gain=0.0), FiniteWeights(), budget, ExactRecomposition(rtol=1e-5)])
     news_cb = GraftGateCallback(news_gates, news, candidate="news", registry=registry)
     train_candidate(model, "news", news, news_cb, lr=2e-3, args=args)
