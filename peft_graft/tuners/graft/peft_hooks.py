@@ -105,25 +105,32 @@ def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
     return load_peft_weights
 
 
+def _unknown_method_error(err: KeyError, model_id: Any, subfolder: str | None) -> PeftGraftError | None:
+    """PEFT's ``KeyError`` for a method name it does not know, when a graft folder's config names one (an edited
+    ``peft_type``), as a typed error; None for any other ``KeyError``."""
+    path = _local_graft_dir(model_id, subfolder)
+    config_file = os.path.join(path, "adapter_config.json") if path else None
+    if config_file is None or not err.args or err.args[0] != _peft_type(config_file):
+        return None
+    check_manifest(path)  # a config changed after saving fails here, naming the file and both hashes
+    return AdapterFileError(
+        f"{config_file} names the PEFT method {err.args[0]!r}, which PEFT does not know; a graft adapter says "
+        f"{GRAFT_PEFT_TYPE.value!r}. Restore the file or save the adapter again."
+    )
+
+
 def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(from_pretrained)
     def wrapper(cls: type, model: Any, model_id: Any, adapter_name: str = "default", *args: Any, **kwargs: Any):
         snapshot = ModelSnapshot.take(model)
         try:
             return from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
-        except KeyError as err:  # PEFT's lookup of a method name it does not know
-            path = _local_graft_dir(model_id, kwargs.get("subfolder"))
-            config_file = os.path.join(path, "adapter_config.json") if path else None
-            if config_file is None or not err.args or err.args[0] != _peft_type(config_file):
-                raise
-            check_manifest(path)  # a config changed after saving fails here, naming the file and both hashes
-            raise AdapterFileError(
-                f"{config_file} names the PEFT method {err.args[0]!r}, which PEFT does not know; a graft adapter "
-                f"says {GRAFT_PEFT_TYPE.value!r}. Restore the file or save the adapter again."
-            ) from err
-        except BaseException:
+        except BaseException as err:
             if snapshot.injected_grafts(adapter_name):
                 snapshot.restore(adapter_name)
+            typed = _unknown_method_error(err, model_id, kwargs.get("subfolder")) if isinstance(err, KeyError) else None
+            if typed is not None:
+                raise typed from err
             raise
 
     wrapper.__graft_guard__ = True
