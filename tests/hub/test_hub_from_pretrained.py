@@ -7,10 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+from huggingface_hub import HfApi
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from peft_graft.errors import AdapterIntegrityError
 from peft_graft.hub import push_graft
 
 
@@ -73,3 +76,24 @@ def test_hf_endpoint_in_the_environment_is_all_a_user_needs(
     with torch.no_grad():
         expected = PeftModel.from_pretrained(base, adapter).eval()(tokens).logits
     assert torch.equal(load_file(tmp_path / "tokens.pt.logits")["logits"], expected)
+
+
+def test_from_pretrained_repo_id_checks_the_repo_manifest(
+    local_hub, repo_id, save_graft, accepted_record, metrics, tiny_llama, tokens
+):
+    """Weights replaced on the Hub behind the graft's back (a plain upload, no metadata) are refused at load, and the
+    caller's base model is left as it was."""
+    adapter = save_graft()
+    push_graft(adapter, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    forged = {k: (v * 2 if v.is_floating_point() else v) for k, v in weights.items()}  # same keys, shapes, dtypes
+    forged_file = adapter.parent / "forged.safetensors"
+    save_file(forged, forged_file)
+    HfApi().upload_file(path_or_fileobj=str(forged_file), path_in_repo="adapter_model.safetensors", repo_id=repo_id)
+
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterIntegrityError, match="adapter_model.safetensors does not match"):
+        PeftModel.from_pretrained(base, repo_id)
+    assert base.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

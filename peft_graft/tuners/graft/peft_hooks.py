@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -25,7 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 import peft.peft_model
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+)
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ...atomic import atomic_write_text
 from ...errors import AdapterContentError, AdapterFileError, PeftGraftError, ShapeMismatchError
@@ -78,14 +86,35 @@ def _peft_type(config_file: str) -> Any:
     return config.get("peft_type") if isinstance(config, dict) else None
 
 
+def _hub_graft_dir(model_id: Any, kwargs: dict[str, Any]) -> str | None:
+    """For a Hub repo id: the cached snapshot folder of its graft adapter, with the repo's manifest fetched into it
+    when the repo has one; None for anything else. PEFT has just downloaded the config into that folder (the weights
+    go there too), so nothing new is fetched but the small manifest."""
+    if not isinstance(model_id, str) or os.path.isdir(model_id):
+        return None
+    download = {k: kwargs[k] for k in ("subfolder", "revision", "token", "cache_dir") if kwargs.get(k) is not None}
+    missing = (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError)
+    try:
+        config_file = hf_hub_download(model_id, CONFIG_NAME, **download)
+    except (*missing, HfHubHTTPError, ValueError):  # not a repo PEFT can read either: PEFT reports it
+        return None
+    if str(_peft_type(config_file)).upper() != GRAFT_PEFT_TYPE.value:
+        return None
+    with contextlib.suppress(*missing):  # repos pushed before manifests existed get the structural checks only
+        hf_hub_download(model_id, MANIFEST_NAME, **download)
+    return os.path.dirname(config_file)
+
+
 def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
     @functools.wraps(load)
     def load_peft_weights(model_id: str, *args: Any, **kwargs: Any) -> dict:
         path = _local_graft_dir(model_id, kwargs.get("subfolder"))
         if path is None:
-            return load(model_id, *args, **kwargs)
+            path = _hub_graft_dir(model_id, kwargs)
+            if path is None:
+                return load(model_id, *args, **kwargs)
         weights = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
-        if not os.path.isfile(weights):
+        if os.path.isdir(model_id) and not os.path.isfile(weights):
             raise AdapterFileError(
                 f"{weights} is missing: the graft adapter in {path} has a config but no weights. The save was "
                 "interrupted or the file was moved; save the adapter again or restore the file."
@@ -94,11 +123,14 @@ def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
         try:
             tensors = load(model_id, *args, **kwargs)
         except Exception as err:  # safetensors raises its own error types, none of them OSError
+            size = f"{os.path.getsize(weights):,} bytes" if os.path.isfile(weights) else "not readable"
             raise AdapterFileError(
-                f"{weights} ({os.path.getsize(weights):,} bytes) is not a valid safetensors file ({err}). It is "
-                "probably truncated or corrupt: save the adapter again or restore the file."
+                f"{weights} ({size}) is not a valid safetensors file ({err}). It is probably truncated or corrupt: "
+                "save the adapter again or restore the file."
             ) from err
         check_tensors(tensors, config, weights)
+        if not os.path.isdir(model_id):
+            check_manifest(path)  # a Hub snapshot: its files as downloaded, against the repo's manifest
         return tensors
 
     load_peft_weights.__graft_guard__ = True
