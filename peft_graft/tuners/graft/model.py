@@ -150,8 +150,8 @@ class GraftModel(BaseTuner):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """PEFT's merge; with ``safe_merge``, every layer is checked before any is written (all or nothing)."""
         if safe_merge:
-            self._check_every_merge(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            self._check_every_merge(adapter_names)  # every layer checked: the layers need not check again
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
 
     def _unload_and_optionally_merge(
         self,
@@ -161,9 +161,9 @@ class GraftModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge and safe_merge:
-            self._check_every_merge(adapter_names)
+            self._check_every_merge(adapter_names)  # every layer checked: the layers need not check again
         return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
         )
 
     def _check_every_merge(self, adapter_names: list[str] | None) -> None:
