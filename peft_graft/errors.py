@@ -119,11 +119,19 @@ class RegistryVersionError(RegistryError, RuntimeError):
     """The registry was written by a newer peft-graft with a schema this version does not know."""
 
 
+class GateEvidenceError(RegistryError, PermissionError):
+    """A graft was to become ACCEPTED without a gate report that accepts it, or with weights no gate could accept."""
+
+
 class FingerprintError(RegistryError, ValueError):
     """A model or data set cannot be fingerprinted (unsupported type, weights on the meta device...)."""
 
 
 # --- growth workflow ------------------------------------------------------------------------------------------------
+
+
+class GraftSignatureError(PeftGraftError, ValueError):
+    """A graft's signature is missing, does not verify against the trusted key, or signing support is not installed."""
 
 
 class GraftNotAcceptedError(PeftGraftError, PermissionError):
