@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path, PurePath
 from typing import Any
 
-from ..errors import GraftMetadataError
+from ..errors import GateEvidenceError, GraftMetadataError
 from ..status import INITIAL_STATUSES, GraftStatus
 
 
@@ -191,6 +191,34 @@ def checked_object(name: str, value: Any) -> dict[str, Any]:
 def checked_evidence(evidence: Any) -> dict[str, Any] | None:
     """Evidence for a status (gate reports...): optional, a dict otherwise."""
     return None if evidence is None else checked_object("evidence", evidence)
+
+
+def accepting_report(evidence: dict[str, Any] | None, label: str) -> dict[str, Any]:
+    """The gate report that lets ``label`` become ACCEPTED, found in its (checked) ``evidence``.
+
+    ACCEPTED is the one status the gates alone may give: a registry row must not claim it because a caller said so.
+    The report is ``evidence`` itself or ``evidence["report"]`` (what `GraftGateCallback` records), in the form of
+    `GateReport.to_dict`: decision ACCEPTED and at least one gate result, every one of them ACCEPTED. It is stored in
+    the audit chain with the status change, so the decision behind every accepted graft can be read back.
+    """
+    report = evidence.get("report", evidence) if isinstance(evidence, dict) else None
+    results = report.get("results") if isinstance(report, dict) else None
+    verdicts = [r.get("verdict") if isinstance(r, dict) else None for r in results] if isinstance(results, list) else []
+    decision = report.get("decision") if isinstance(report, dict) else None
+    if not verdicts or any(_status_or_none(v) is not GraftStatus.ACCEPTED for v in (decision, *verdicts)):
+        raise GateEvidenceError(
+            f"{label} cannot become ACCEPTED without a gate report that accepts it: pass "
+            "evidence=GateSet(...).decide(ctx) (or {'report': report.to_dict()}) with decision ACCEPTED and every gate "
+            "ACCEPTED. GraftGateCallback does this for you; a rejected or deferred graft stays so."
+        )
+    return report
+
+
+def _status_or_none(value: Any) -> GraftStatus | None:
+    try:
+        return GraftStatus(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _checked_sequence(name: str, values: Any, kind: type) -> tuple[Any, ...]:

@@ -14,13 +14,15 @@ Opening a registry written by an older peft-graft upgrades its database in place
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..errors import GraftMetadataError, RegistryError, UnknownGraftError
+from ..artifacts import verify_adapter
+from ..errors import GateEvidenceError, GraftMetadataError, PeftGraftError, RegistryError, UnknownGraftError
 from ..status import GraftStatus, check_transition
 from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, verify_tables
 from .database import (
@@ -37,6 +39,7 @@ from .database import (
 from .records import (
     GraftRecord,
     StatusChange,
+    accepting_report,
     checked_evidence,
     checked_status,
     provenance,
@@ -79,7 +82,8 @@ class GraftRegistry:
         """Copy the adapter in ``adapter_dir`` into the registry and record it; return its record.
 
         Idempotent: registering content that is already registered returns the existing record unchanged (the new
-        metadata is ignored; use `set_status` to change the status). Parents must be registered first.
+        metadata is ignored; use `set_status` to change the status). Parents must be registered first. ACCEPTED needs
+        ``evidence`` holding the accepting gate report (see `set_status`).
         """
         fields = registration_fields(
             base_fingerprint=base_fingerprint,
@@ -96,10 +100,19 @@ class GraftRegistry:
             missing = [p for p in fields["parents"] if select_graft(conn, p) is None]
         if missing:
             raise UnknownGraftError(f"Parent graft {missing[0]} is not registered; register it first.")
+        accepting = fields["status"] is GraftStatus.ACCEPTED
+        if accepting:
+            accepting_report(fields["evidence"], f"The graft in {adapter_dir}")
 
         produced_by = provenance()  # not under the lock: it may run git
         for _ in range(_PUBLISH_ATTEMPTS):
             staged = self._store.stage(adapter_dir)
+            if accepting:
+                try:
+                    _require_loadable(staged.path, f"The graft in {adapter_dir}")
+                except GateEvidenceError:
+                    shutil.rmtree(staged.path, ignore_errors=True)
+                    raise
             self._store.publish(staged)
             with self._db.transaction(write=True) as conn:
                 existing = select_graft(conn, staged.graft_id)
@@ -166,7 +179,12 @@ class GraftRegistry:
     def set_status(
         self, graft_id: str, new_status: GraftStatus | str, reason: str, evidence: dict[str, Any] | None = None
     ) -> GraftRecord:
-        """Change a graft's status if the life cycle allows it (see status.py); return the updated record."""
+        """Change a graft's status if the life cycle allows it (see status.py); return the updated record.
+
+        ACCEPTED is the gates' word only: ``evidence`` must be the accepting `GateReport` (or a dict with it under
+        ``"report"``), and the artifact must pass every check loading makes (finite weights included), else
+        `GateEvidenceError`. The report goes into the audit chain with the change.
+        """
         new_status = checked_status(new_status)
         if not isinstance(reason, str) or not reason.strip():
             raise GraftMetadataError("set_status needs a non-empty reason (it goes into the audit trail).")
@@ -176,6 +194,9 @@ class GraftRegistry:
             if record is None:
                 raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
             check_transition(graft_id, record.status, new_status)
+            if new_status is GraftStatus.ACCEPTED:
+                accepting_report(evidence, f"Graft {graft_id}")
+                _require_loadable(self._store.verify(graft_id, record.files), f"Graft {graft_id}")
             now = utc_now()
             update_status(conn, graft_id, new_status, now)
             payload = {
@@ -238,3 +259,11 @@ class GraftRegistry:
                     self._store.unpublish(graft_id)
                     removed.append(self._store.path(graft_id))
         return removed
+
+
+def _require_loadable(folder: Path, label: str) -> None:
+    """An accepted graft must load: no report can vouch for weights that loading refuses (NaN, damaged tensors)."""
+    try:
+        verify_adapter(folder)
+    except PeftGraftError as err:
+        raise GateEvidenceError(f"{label} cannot become ACCEPTED: its weights fail the checks loading makes ({err}).")

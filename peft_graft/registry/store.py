@@ -4,7 +4,9 @@ Content ids: a graft's id is a hash of exactly the files PEFT loads, so equal by
 graft_id = sha256 over the adapter files in sorted name order, each contributing the line
 ``<name>\\0<sha256 of its bytes>\\n`` (`peft_graft.tuners.graft.integrity.content_id`, the id an adapter's own
 manifest records). Hashing per file first lets a failed check name the file that changed.
-Other files in an adapter folder (README.md model cards, training logs) are not part of the graft.
+Other files in an adapter folder (README.md model cards, training logs) are not part of the graft. Each artifact
+also carries the adapter's ``graft_manifest.json`` (written here, derived from the two files, so it does not change
+the id), so a folder handed out by `GraftRegistry.artifact_dir` or pushed to the Hub is checked wherever it is loaded.
 
 Publishing copies the adapter files into a temp folder on the same filesystem (hashing while copying), fsyncs
 files and folder, validates the copies, then renames the folder to its content id and fsyncs the parent. A reader
@@ -29,11 +31,13 @@ from pathlib import Path
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..artifacts import read_adapter
-from ..errors import AdapterFileError, ArtifactIntegrityError
-from ..tuners.graft.integrity import content_id, file_sha256
+from ..errors import AdapterFileError, AdapterIntegrityError, ArtifactIntegrityError
+from ..tuners.graft.integrity import MANIFEST_NAME, check_manifest, content_id, file_sha256, write_manifest
 
 
 ADAPTER_FILES: tuple[str, ...] = tuple(sorted((CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)))
+# Files an artifact may hold besides ADAPTER_FILES; each is checked against the graft's id, not hashed into it.
+DERIVED_FILES: tuple[str, ...] = (MANIFEST_NAME,)
 CHUNK_BYTES = 1 << 20
 TEMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 _CONTENT_ID = re.compile(r"[0-9a-f]{64}")
@@ -99,6 +103,8 @@ class ArtifactStore:
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
         try:
             files = {name: _copy_hashing(source / name, tmp / name) for name in ADAPTER_FILES}
+            write_manifest(tmp)
+            os.chmod(tmp / MANIFEST_NAME, _READ_ONLY)
             fsync_dir(tmp)
             read_adapter(tmp)  # AdapterFileError for truncated safetensors, bad JSON or a non-graft adapter
         except BaseException:
@@ -156,7 +162,7 @@ class ArtifactStore:
                 expected=None,
                 actual=None,
             )
-        present = {p.name for p in folder.iterdir()}
+        present = {p.name for p in folder.iterdir()} - set(DERIVED_FILES)
         for name in sorted(present | set(files)):
             expected = files.get(name)
             actual = file_sha256(folder / name) if (folder / name).is_file() else None
@@ -165,7 +171,10 @@ class ArtifactStore:
             if actual is None:
                 problem = f"{name} is missing (registered with sha256 {expected})"
             elif expected is None:
-                problem = f"{name} is an unexpected extra file (sha256 {actual}); artifacts hold only {ADAPTER_FILES}"
+                problem = (
+                    f"{name} is an unexpected extra file (sha256 {actual}); artifacts hold only "
+                    f"{ADAPTER_FILES + DERIVED_FILES}"
+                )
             else:
                 problem = f"{name} has sha256 {actual} but was registered with sha256 {expected}"
             raise ArtifactIntegrityError(
@@ -175,7 +184,26 @@ class ArtifactStore:
                 expected=expected,
                 actual=actual,
             )
+        self._check_manifest(folder, graft_id, fix)
         return folder
+
+    @staticmethod
+    def _check_manifest(folder: Path, graft_id: str, fix: str) -> None:
+        """The manifest must name this graft (artifacts registered before 0.2 have none; that is fine)."""
+        try:
+            named = check_manifest(folder)
+        except AdapterIntegrityError as err:
+            named, detail = None, str(err)
+        else:
+            detail = f"it names graft {named}"
+        if named not in (None, graft_id) or ((folder / MANIFEST_NAME).exists() and named is None):
+            raise ArtifactIntegrityError(
+                f"Artifact of graft {graft_id}: {MANIFEST_NAME} does not belong to it ({detail}). {fix}",
+                graft_id=graft_id,
+                file=MANIFEST_NAME,
+                expected=graft_id,
+                actual=named,
+            )
 
     def published_ids(self) -> list[str]:
         """Names of published artifact folders (anything else a user put in ``artifacts/`` is left alone)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gate_evidence import accepting_evidence
 from safetensors.torch import save_file
 
 from peft_graft.registry import GraftRegistry, GraftStatus, base_model_fingerprint, dataset_fingerprint
@@ -21,15 +22,19 @@ def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
     """A small, valid graft adapter folder whose bytes depend on ``seed`` (no base model needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    key = "base_model.model.model.layers.0.self_attn.q_proj.graft_phi.weight"
-    save_file({key: torch.randn(rank, rank, generator=g)}, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "GRAFT", "r": rank, "target_modules": ["q_proj"], "seed": seed}
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{module}.graft_phi.weight": torch.randn(rank, rank, generator=g),
+        f"{module}.graft_proj.signature": torch.tensor([16, 16, 0]),  # a 16x16 base weight; seeded projections
+    }
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "GRAFT", "r": rank, "target_modules": ["q_proj"], "save_projection": False, "seed": seed}
     (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
 
 def register_kwargs(**overrides: Any) -> dict[str, Any]:
-    """Valid metadata for `GraftRegistry.register`."""
+    """Valid metadata for `GraftRegistry.register` (with the gates' report when the status asked for is ACCEPTED)."""
     kwargs: dict[str, Any] = dict(
         base_fingerprint=BASE,
         targets=["q_proj"],
@@ -40,6 +45,8 @@ def register_kwargs(**overrides: Any) -> dict[str, Any]:
         status=GraftStatus.CANDIDATE,
     )
     kwargs.update(overrides)
+    if str(kwargs["status"]).upper() in ("ACCEPT", "ACCEPTED") and "evidence" not in overrides:
+        kwargs["evidence"] = accepting_evidence()
     return kwargs
 
 
@@ -66,7 +73,7 @@ def register_forever(root: str, scratch: str, ready_file: str, first_seed: int) 
     while True:
         folder = write_adapter(Path(scratch, f"k{i}"), seed=first_seed + i)
         record = reg.register(folder, **register_kwargs())
-        reg.set_status(record.graft_id, GraftStatus.ACCEPTED, "loop")
+        reg.set_status(record.graft_id, GraftStatus.ACCEPTED, "loop", evidence=accepting_evidence())
         if i == 0:
             Path(ready_file).touch()
         i += 1

@@ -8,6 +8,7 @@ import json
 import sqlite3
 
 import pytest
+from gate_evidence import accepting_evidence
 from registry_testing import register_kwargs
 
 from peft_graft.registry import AuditTamperedError, GraftMetadataError, GraftStatus
@@ -19,7 +20,7 @@ def audited(registry, adapter):
     """A registry with 5 audit records: two registrations, a status change and two custom events."""
     graft_id = registry.register(adapter(1), **register_kwargs()).graft_id
     registry.audit.append("gate.decision", {"graft_id": graft_id, "decision": "accept", "gain": 0.2})
-    registry.set_status(graft_id, GraftStatus.ACCEPTED, "gates passed")
+    registry.set_status(graft_id, GraftStatus.ACCEPTED, "gates passed", evidence=accepting_evidence())
     registry.register(adapter(2), **register_kwargs())
     registry.audit.append("gate.decision", {"decision": "defer"})
     return registry

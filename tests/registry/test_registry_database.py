@@ -6,6 +6,7 @@ import sqlite3
 import threading
 
 import pytest
+from gate_evidence import accepting_evidence
 from registry_testing import register_kwargs
 
 from peft_graft.registry import (
@@ -22,7 +23,7 @@ from peft_graft.registry.database import SCHEMA_VERSION, select_grafts
 def filled(registry, adapter):
     for seed in range(12):
         record = registry.register(adapter(seed), **register_kwargs(metrics={"note": "x" * 2000}))
-        registry.set_status(record.graft_id, "ACCEPTED", "ok")
+        registry.set_status(record.graft_id, "ACCEPTED", "ok", evidence=accepting_evidence())
     return registry
 
 

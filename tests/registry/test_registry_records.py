@@ -19,6 +19,7 @@ from peft_graft.registry import (
     adapter_content_id,
     base_model_fingerprint,
 )
+from peft_graft.tuners.graft.integrity import MANIFEST_NAME, check_manifest
 
 
 def test_register_get_list_round_trip(registry, adapter):
@@ -70,7 +71,9 @@ def test_reregistering_same_content_is_idempotent(registry, adapter, tmp_path):
 
     assert again == first
     assert len(registry.list()) == 1 and registry.audit.verify() == 1
-    assert sorted(p.name for p in registry.artifact_dir(first.graft_id).iterdir()) == sorted(first.files)
+    folder = registry.artifact_dir(first.graft_id)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*first.files, MANIFEST_NAME])
+    assert check_manifest(folder) == first.graft_id  # the manifest travels with the artifact and names it
 
 
 def test_real_peft_adapter_round_trips_through_the_registry(registry, tiny_llama, tokens, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from gate_evidence import accepting_evidence
 from registry_testing import register_kwargs
 
 from peft_graft.registry import ALLOWED_TRANSITIONS, GraftStatus, InvalidTransitionError
@@ -22,11 +23,15 @@ _REACH = {
 }
 
 
+def _evidence_for(status: GraftStatus) -> dict:
+    return accepting_evidence() if status is S.ACCEPTED else {"gain": 0.5}
+
+
 def _graft_in(registry, adapter, status: GraftStatus) -> str:
     initial, changes = _REACH[status]
     graft_id = registry.register(adapter(1), **register_kwargs(status=initial)).graft_id
     for new in changes:
-        registry.set_status(graft_id, new, "setup")
+        registry.set_status(graft_id, new, "setup", evidence=_evidence_for(new))
     return graft_id
 
 
@@ -36,7 +41,7 @@ def test_transition_table_is_enforced(registry, adapter, old, new):
     audit_before = registry.audit.head()
 
     if new in ALLOWED_TRANSITIONS[old]:
-        record = registry.set_status(graft_id, new, "because", evidence={"gain": 0.5})
+        record = registry.set_status(graft_id, new, "because", evidence=_evidence_for(new))
         assert record.status is new and registry.get(graft_id) == record
         assert registry.history(graft_id)[-1].to_status is new
     else:
