@@ -84,6 +84,8 @@ def _head(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     if (Path(args.path) / "registry.sqlite").is_file():
+        if args.trusted_key:
+            raise PeftGraftError(f"--trusted-key checks the graft.sig of an adapter folder; {args.path} is a registry.")
         expected = _read_head(args.expect_head) if args.expect_head else None
         count = _registry(args.path).verify(artifacts=True, expected_head=expected)
         report = {"ok": True, "registry": args.path, "audit_records": count}
@@ -93,7 +95,23 @@ def _verify(args: argparse.Namespace) -> int:
         report = {"ok": True, "adapter": str(summary.path), "modules": len(summary.modules),
                   "file_bytes": summary.file_bytes}
         text = f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)"
+        if args.trusted_key:
+            from .signing import verify_graft_signature
+
+            check = verify_graft_signature(args.path, args.trusted_key)
+            report["signature"] = check.to_dict()
+            text += f", signature verified against key sha256 {check.key_sha256[:12]}"
     print(json.dumps(report, indent=2) if args.json else text)
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from .signing import SIGNATURE_NAME, sign_graft
+
+    digest = sign_graft(args.path, args.key)
+    signature = Path(args.path) / SIGNATURE_NAME
+    report = {"signed": args.path, "signature": str(signature), "signature_sha256": digest}
+    _done(report, f"signed {args.path}: {signature} (sha256 {digest})", args.json)
     return 0
 
 
@@ -180,8 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path")
-    command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path").add_argument(
+    verify = command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
+    verify.add_argument(
         "--expect-head", metavar="FILE", help="An audit head saved by `peft-graft head`: the chain must still hold it."
+    )
+    verify.add_argument(
+        "--trusted-key", metavar="PUBLIC.pem", help="Also check the adapter folder's graft.sig against this public key."
+    )
+    command("sign", _sign, "Sign an adapter folder (writes graft.sig; needs the signing extra).", "path").add_argument(
+        "--key", required=True, metavar="PRIVATE.pem", help="PEM elliptic-curve private key (P-256, P-384 or P-521)."
     )
     command("head", _head, "Print the registry's audit head, to keep outside it (pins the chain).", "root")
     command("list", _list, "List the grafts of a registry.", "root").add_argument(

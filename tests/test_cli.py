@@ -1,12 +1,15 @@
 """The `peft-graft` console script."""
 
+import hashlib
 import json
 import subprocess
 import sys
 from importlib.metadata import entry_points
 
 import pytest
+from gate_evidence import accepting_evidence
 from peft import get_peft_model
+from test_signing import write_key_pair
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -50,6 +53,28 @@ def test_verify_fails_on_a_truncated_file(tiny_llama, tmp_path):
     assert bad.returncode == 1 and "truncated or corrupt" in bad.stderr
 
 
+def test_sign_then_verify_with_a_trusted_key(tiny_llama, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    save_adapter(tiny_llama(), adapter)
+    private, public = write_key_pair(tmp_path)
+    assert main(["sign", str(adapter), "--key", str(private), "--json"]) == 0
+    digest = json.loads(capsys.readouterr().out)["signature_sha256"]
+    assert digest == hashlib.sha256((adapter / "graft.sig").read_bytes()).hexdigest()
+    assert main(["verify", str(adapter), "--trusted-key", str(public)]) == 0
+    assert "signature verified" in capsys.readouterr().out
+    assert main(["verify", str(adapter), "--trusted-key", str(public), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["signature"]["signature_sha256"] == digest
+
+    _, other = write_key_pair(tmp_path, "other")
+    assert main(["verify", str(adapter), "--trusted-key", str(other)]) == 1
+    assert "does not verify against" in capsys.readouterr().err
+    assert main(["sign", str(adapter), "--key", str(public)]) == 1  # a public key cannot sign
+    assert "Cannot sign with" in capsys.readouterr().err
+    (tmp_path / "registry.sqlite").touch()
+    assert main(["verify", str(tmp_path), "--trusted-key", str(public)]) == 1
+    assert "is a registry" in capsys.readouterr().err
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the tiny Llama's 128 ids, built in code (no download)."""
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 128)}}
@@ -77,6 +102,7 @@ def registry_with_two(tiny_llama, tmp_path):
             base_fingerprint=base_model_fingerprint(tiny_llama()), targets=["q_proj"],
             config={**model.peft_config[name].to_dict(), "adapter_name": name}, metrics={"gain": 0.1},
             dataset_fingerprints={}, seeds=[seed], status=status,
+            evidence=accepting_evidence() if status is GraftStatus.ACCEPTED else None,
         ).graft_id
     return registry, base_dir, ids
 
@@ -134,7 +160,7 @@ def test_every_command_speaks_json_and_unknown_ids_say_so(registry_with_two, cap
     assert "No graft id" in capsys.readouterr().err
     assert main(["rollback", root, ids["good"][:10], "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"rolled_back": ids["good"]}
-    for command in ("inspect", "verify", "list", "show", "rollback", "consolidate", "push", "pull"):
+    for command in ("inspect", "verify", "sign", "list", "show", "rollback", "consolidate", "push", "pull"):
         assert "--json" in build_parser()._subparsers._group_actions[0].choices[command].format_help()
 
 
