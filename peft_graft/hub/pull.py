@@ -13,9 +13,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from ..errors import PullDestinationError
+from ..artifacts import verify_adapter
+from ..errors import GraftIntegrityError, PullDestinationError
+from ..signing import verify_graft_signature
 from .endpoint import require_online
-from .record import GRAFT_METADATA_NAME, read_record, require_accepted, verify_files
+from .record import GRAFT_METADATA_NAME, check_record, read_record, require_accepted, verify_files
 
 
 def pull_graft(
@@ -23,13 +25,19 @@ def pull_graft(
     local_dir: str | os.PathLike,
     *,
     revision: str | None = None,
+    graft_id: str | None = None,
+    trusted_key: str | os.PathLike | None = None,
     endpoint: str | None = None,
     token: str | None = None,
 ) -> Path:
     """Download ``repo_id`` at ``revision`` (branch or commit sha; default ``main``) into ``local_dir``, verified.
 
-    ``local_dir`` must be missing, empty, or an earlier pull (it is then replaced). The result loads with
-    ``PeftModel.from_pretrained(base, local_dir)``.
+    Always checked: every byte of the repo against its sealed ``graft_metadata.json`` (see record.py), the status,
+    and that the adapter passes the checks loading makes. The hashes travel with the files, so they catch damage,
+    not someone who rewrites both: pin what you trust with ``graft_id`` (the id your registry or a colleague gave
+    you) and/or ``trusted_key`` (a PEM public key; the repo's ``graft.sig`` must verify against it, see
+    `peft_graft.signing`). ``local_dir`` must be missing, empty, or an earlier pull (it is then replaced). The result
+    loads with ``PeftModel.from_pretrained(base, local_dir)``.
     """
     local_dir = Path(local_dir).absolute()
     _check_destination(local_dir)
@@ -42,8 +50,17 @@ def pull_graft(
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # the client's download bookkeeping
         source = f"{repo_id}@{revision or 'main'}"
         record = read_record(staging)
+        check_record(record, source)
+        if graft_id is not None and record["graft_id"] != graft_id:
+            raise GraftIntegrityError(
+                f"{source} holds graft {record['graft_id']}, not the pinned graft {graft_id}: the repo was changed since "
+                "you took that id, or it is another graft. Pull the revision that holds it, or pin the new id."
+            )
         require_accepted(record, source)
         verify_files(record, staging, source)
+        verify_adapter(staging)  # what loading checks: config schema, tensor names, shapes, dtypes, finite values
+        if trusted_key is not None:
+            verify_graft_signature(staging, trusted_key)
         _move_into_place(staging, local_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,10 +18,16 @@ from ..artifacts import read_adapter
 from ..errors import GraftIntegrityError
 from .card import render_card
 from .endpoint import require_online
-from .record import GRAFT_METADATA_NAME, build_record, dumps_record, graft_label, require_accepted, sha256_hex
-
-
-README_NAME = "README.md"
+from .record import (
+    GRAFT_METADATA_NAME,
+    README_NAME,
+    build_record,
+    dumps_record,
+    graft_label,
+    require_accepted,
+    seal_record,
+    sha256_hex,
+)
 
 
 def push_graft(
@@ -47,8 +53,8 @@ def push_graft(
     read_adapter(adapter_dir)  # a complete, readable graft adapter, or AdapterFileError before anything is sent
     payloads = _adapter_files(adapter_dir)
     record = build_record(metadata, metrics, base_model, {name: sha256_hex(data) for name, data in payloads.items()})
-    payloads[GRAFT_METADATA_NAME] = dumps_record(record).encode()
     payloads[README_NAME] = str(render_card(repo_id, record)).encode()
+    payloads[GRAFT_METADATA_NAME] = dumps_record(seal_record(record, payloads[README_NAME])).encode()
 
     require_online(f"push {repo_id}")
     api = HfApi(endpoint=endpoint, token=token)

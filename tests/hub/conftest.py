@@ -22,9 +22,9 @@ def repo_id() -> str:
 
 @pytest.fixture
 def accepted_record() -> dict:
-    """An accepted graft's registry record, shaped like `peft_graft.registry.GraftRecord.to_dict()`."""
+    """An accepted graft's registry record, shaped like `peft_graft.registry.GraftRecord.to_dict()` (without its
+    ``graft_id``, which push derives from the adapter files)."""
     return {
-        "graft_id": "0f3a" * 16,
         "status": "ACCEPTED",
         "base_fingerprint": "sha256:base",
         "targets": ["q_proj", "v_proj"],

@@ -5,12 +5,14 @@ from __future__ import annotations
 from huggingface_hub import ModelCard
 
 from peft_graft.hub import push_graft
+from peft_graft.registry import adapter_content_id
 
 
 def test_card_round_trips_model_index_metrics(local_hub, repo_id, save_graft, accepted_record, metrics):
     gate_evidence = {"retention": {"regression": 0.002, "verdict": "accept"}}  # nested, as the gates report it
     all_metrics = {**metrics, **gate_evidence}
-    push_graft(save_graft(), repo_id, metadata=accepted_record, metrics=all_metrics, base_model="org/tiny-base")
+    adapter = save_graft()
+    push_graft(adapter, repo_id, metadata=accepted_record, metrics=all_metrics, base_model="org/tiny-base")
 
     card = ModelCard.load(repo_id)  # downloaded from the local Hub and parsed back
     numeric = {**metrics, "retention.regression": 0.002}  # the verdict string stays in graft_metadata.json only
@@ -19,4 +21,4 @@ def test_card_round_trips_model_index_metrics(local_hub, repo_id, save_graft, ac
     assert {"peft", "peft-graft", "graft"} <= set(card.data.tags)
     assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-base"
     assert "import peft_graft" in card.text and "KeyError: 'GRAFT'" in card.text
-    assert accepted_record["graft_id"] in card.text and accepted_record["base_fingerprint"] in card.text
+    assert adapter_content_id(adapter) in card.text and accepted_record["base_fingerprint"] in card.text

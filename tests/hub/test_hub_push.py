@@ -64,7 +64,7 @@ def test_new_version_is_a_new_commit_and_old_ones_stay_pinnable(
     weights = "adapter_model.safetensors"
     assert (v1 / weights).read_bytes() != (v2 / weights).read_bytes()
     sha1 = push_graft(v1, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
-    sha2 = push_graft(v2, repo_id, metadata={**accepted_record, "graft_id": "v2"}, metrics=metrics, base_model=None)
+    sha2 = push_graft(v2, repo_id, metadata=accepted_record, metrics=metrics, base_model=None)
 
     assert sha1 != sha2
     assert HfApi().model_info(repo_id).sha == sha2

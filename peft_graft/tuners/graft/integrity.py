@@ -86,18 +86,24 @@ def write_manifest(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     files = {name: file_sha256(folder / name) for name in (CONFIG_NAME, _weights_name(folder))}
     graft_id = content_id(files)
-    manifest = {"format": MANIFEST_FORMAT, "graft_id": graft_id, "files": files}
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / MANIFEST_NAME, _dumps_manifest({"format": MANIFEST_FORMAT, "graft_id": graft_id, "files": files}))
     return graft_id
+
+
+def _dumps_manifest(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def _read_manifest(path: Path) -> dict[str, str]:
     """The ``files`` table of a manifest, or `AdapterIntegrityError` if the manifest itself is damaged."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        manifest = json.loads(text)
         files, graft_id = manifest["files"], manifest["graft_id"]
         valid = isinstance(files, dict) and all(isinstance(v, str) for v in files.values()) and files
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        # Byte for byte what write_manifest writes: any edit of a field it does not interpret is caught too.
+        valid = valid and manifest.get("format") == MANIFEST_FORMAT and text == _dumps_manifest(manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         valid, files, graft_id, reason = False, None, None, f"unreadable ({err})"
     else:
         reason = "malformed"
