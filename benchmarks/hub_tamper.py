@@ -45,6 +45,7 @@ from peft_graft.errors import PeftGraftError
 from peft_graft.hub import pull_graft, push_graft, use_hub_endpoint
 from peft_graft.testing.hub_server import serve_local_hub
 from peft_graft.testing.hub_store import LocalRepoStore
+from peft_graft.testing.keys import write_key_pair
 
 
 RESULTS = Path(__file__).parent / "results" / "hub_tamper"
@@ -136,19 +137,6 @@ def run_flips(
     return flips
 
 
-def _write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
-
-
 def rewrites(store: LocalRepoStore, work: Path, repo_id: str = REPO_ID) -> list[dict]:
     """Deliberate rewrites of a signed graft's repo, each pulled without a pin, with ``graft_id=`` and with
     ``trusted_key=``. Returns one row per rewrite with the outcome of each pull."""
@@ -162,8 +150,8 @@ def rewrites(store: LocalRepoStore, work: Path, repo_id: str = REPO_ID) -> list[
     )
     from peft_graft.signing import sign_graft
 
-    private, public = _write_key_pair(work, "owner")
-    attacker, _ = _write_key_pair(work, "attacker")
+    private, public = write_key_pair(work, "owner")
+    attacker, _ = write_key_pair(work, "attacker")
     original = sign_graft(save_graft(work / "signed"), private) and work / "signed"
     push_graft(original, repo_id, metadata=RECORD, metrics=METRICS, base_model=None)
     pinned_id = json.loads(store.file_path(repo_id, GRAFT_METADATA_NAME).read_text())["graft_id"]

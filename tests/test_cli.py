@@ -9,7 +9,6 @@ from importlib.metadata import entry_points
 import pytest
 from gate_evidence import accepting_evidence
 from peft import get_peft_model
-from test_signing import write_key_pair
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -18,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import peft_graft
 from peft_graft import GraftConfig
 from peft_graft.cli import build_parser, main
+from peft_graft.testing.keys import write_key_pair
 
 
 def save_adapter(model, path, **kwargs):

@@ -17,16 +17,7 @@ from peft import get_peft_model
 from peft_graft import AdapterFileError, GraftConfig
 from peft_graft.errors import GraftSignatureError
 from peft_graft.signing import SIGNATURE_NAME, sign_graft, verify_graft_signature
-
-
-def write_key_pair(folder: Path, name: str = "key", password: bytes | None = None) -> tuple[Path, Path]:
-    """A fresh P-256 key pair as PEM files ``<name>.pem`` (private) and ``<name>.pub.pem``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
+from peft_graft.testing.keys import write_key_pair
 
 
 @pytest.fixture(scope="module")

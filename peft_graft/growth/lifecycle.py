@@ -25,13 +25,20 @@ def _accepted_record(registry: GraftRegistry, graft_id: str) -> GraftRecord:
     return record
 
 
-def compose(base: Any, registry: GraftRegistry, verify: bool = True, progress: bool = True) -> Any:
+def compose(
+    base: Any,
+    registry: GraftRegistry,
+    verify: bool = True,
+    progress: bool = True,
+    trusted_key: str | os.PathLike | None = None,
+) -> Any:
     """Load every accepted graft trained on ``base`` onto it, in acceptance order, all active (a PeftModel).
 
     The registry is the source of truth: after `rollback` a graft is no longer composed. With ``verify`` (the
     default) the statuses are first checked against the audit chain (a status edited behind the registry's back
     raises `AuditTamperedError`) and artifacts are re-hashed; grafts registered for another base (different
-    fingerprint) raise `BaseMismatchError`.
+    fingerprint) raise `BaseMismatchError`. With ``trusted_key`` (a PEM public key) every graft must carry a
+    signature by that key (`GraftSignatureError` otherwise), checked before anything is loaded.
     """
     from peft import PeftModel
 
@@ -46,9 +53,11 @@ def compose(base: Any, registry: GraftRegistry, verify: bool = True, progress: b
             f"None of the {len(accepted)} accepted grafts in {registry.root} was trained on this base (fingerprint "
             f"{fingerprint[:16]}; accepted grafts exist for bases {others}). Load the base they were trained on."
         )
+    paths = [registry.artifact_dir(r.graft_id, verify=verify, trusted_key=trusted_key) for r in ours]
     model = None
-    for record in tqdm(ours, desc="Composing accepted grafts", disable=not progress or None):
-        path, name = registry.artifact_dir(record.graft_id, verify=verify), record.config["adapter_name"]
+    for record, path in tqdm(zip(ours, paths), total=len(ours), desc="Composing accepted grafts",
+                             disable=not progress or None):
+        name = record.config["adapter_name"]
         if model is None:
             model = PeftModel.from_pretrained(base, path, adapter_name=name)
         elif name in model.peft_config:

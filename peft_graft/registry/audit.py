@@ -42,6 +42,7 @@ GENESIS_HASH = "0" * 64
 RESERVED_PREFIX = "graft."  # events the registry itself writes (and replays in verify_tables)
 REGISTERED_EVENT = RESERVED_PREFIX + "registered"  # payload: GraftRecord.to_dict()
 STATUS_EVENT = RESERVED_PREFIX + "status_changed"  # payload: graft_id, from, to, reason, evidence, at
+SIGNED_EVENT = RESERVED_PREFIX + "signature_verified"  # payload: graft_id, signature_sha256, key_sha256
 
 
 # The chain -----------------------------------------------------------------------------------------------------------

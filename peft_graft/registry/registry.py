@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from tqdm.auto import tqdm
 
 from ..artifacts import verify_adapter
 from ..errors import GateEvidenceError, GraftMetadataError, PeftGraftError, RegistryError, UnknownGraftError
+from ..signing import verify_graft_signature
 from ..status import GraftStatus, check_transition
-from .audit import REGISTERED_EVENT, STATUS_EVENT, AuditLog, append_record, verify_tables
+from .audit import REGISTERED_EVENT, SIGNED_EVENT, STATUS_EVENT, AuditLog, append_record, verify_tables
 from .database import (
     Database,
     insert_graft,
     insert_history,
+    select_audit,
     select_children,
     select_graft,
     select_graft_ids,
@@ -78,12 +81,17 @@ class GraftRegistry:
         status: GraftStatus | str,
         parents: list[str] | tuple[str, ...] = (),
         evidence: dict[str, Any] | None = None,
+        trusted_key: str | os.PathLike | None = None,
     ) -> GraftRecord:
         """Copy the adapter in ``adapter_dir`` into the registry and record it; return its record.
 
         Idempotent: registering content that is already registered returns the existing record unchanged (the new
         metadata is ignored; use `set_status` to change the status). Parents must be registered first. ACCEPTED needs
         ``evidence`` holding the accepting gate report (see `set_status`).
+
+        With ``trusted_key`` (a PEM public key) the folder must be signed (`peft_graft.signing`): the signature is
+        verified on the copy the registry keeps, stored with it, and its digest and the key's are recorded in the
+        audit chain; `artifact_dir` and `verify` then check that exact signature is still there.
         """
         fields = registration_fields(
             base_fingerprint=base_fingerprint,
@@ -103,16 +111,19 @@ class GraftRegistry:
         accepting = fields["status"] is GraftStatus.ACCEPTED
         if accepting:
             accepting_report(fields["evidence"], f"The graft in {adapter_dir}")
+        if trusted_key is not None:  # the caller's folder first, for errors that name it; the copy again below
+            verify_graft_signature(adapter_dir, trusted_key)
 
         produced_by = provenance()  # not under the lock: it may run git
         for _ in range(_PUBLISH_ATTEMPTS):
-            staged = self._store.stage(adapter_dir)
-            if accepting:
-                try:
+            staged = self._store.stage(adapter_dir, signed=trusted_key is not None)
+            try:
+                if accepting:
                     _require_loadable(staged.path, f"The graft in {adapter_dir}")
-                except GateEvidenceError:
-                    shutil.rmtree(staged.path, ignore_errors=True)
-                    raise
+                signature = None if trusted_key is None else verify_graft_signature(staged.path, trusted_key)
+            except PeftGraftError:
+                shutil.rmtree(staged.path, ignore_errors=True)
+                raise
             self._store.publish(staged)
             with self._db.transaction(write=True) as conn:
                 existing = select_graft(conn, staged.graft_id)
@@ -140,6 +151,8 @@ class GraftRegistry:
                     conn,
                     StatusChange(record.graft_id, None, record.status, "registered", record.evidence, now, entry.seq),
                 )
+                if signature is not None:
+                    append_record(conn, SIGNED_EVENT, {"graft_id": record.graft_id, **signature.to_dict()}, now)
                 return record
         raise RegistryError(
             f"The artifact of {adapter_dir} kept disappearing while registering; is another "
@@ -196,7 +209,8 @@ class GraftRegistry:
             check_transition(graft_id, record.status, new_status)
             if new_status is GraftStatus.ACCEPTED:
                 accepting_report(evidence, f"Graft {graft_id}")
-                _require_loadable(self._store.verify(graft_id, record.files), f"Graft {graft_id}")
+                folder = self._store.verify(graft_id, record.files, _signatures(conn).get(graft_id))
+                _require_loadable(folder, f"Graft {graft_id}")
             now = utc_now()
             update_status(conn, graft_id, new_status, now)
             payload = {
@@ -211,15 +225,26 @@ class GraftRegistry:
             insert_history(conn, StatusChange(graft_id, record.status, new_status, reason, evidence, now, entry.seq))
         return replace(record, status=new_status, updated_at=now)
 
-    def artifact_dir(self, graft_id: str, verify: bool = True) -> Path:
+    def artifact_dir(
+        self, graft_id: str, verify: bool = True, trusted_key: str | os.PathLike | None = None
+    ) -> Path:
         """Folder to load the graft from (``PeftModel.from_pretrained(base, path)``); re-hashed unless told not to.
 
-        Raises `ArtifactIntegrityError` naming the file and both hashes if anything changed since registration.
+        Raises `ArtifactIntegrityError` naming the file and both hashes if anything changed since registration. With
+        ``trusted_key`` the graft's signature is verified against it too (`GraftSignatureError` if it was registered
+        unsigned or signed by another key).
         """
-        record = self.get(graft_id)
-        if verify:
-            return self._store.verify(graft_id, record.files)
-        return self._store.path(graft_id)
+        with self._db.transaction(write=False) as conn:
+            record = select_graft(conn, graft_id)
+            signature = _signatures(conn).get(graft_id)
+        if record is None:
+            raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
+        if not verify and trusted_key is None:
+            return self._store.path(graft_id)
+        folder = self._store.verify(graft_id, record.files, signature)
+        if trusted_key is not None:
+            verify_graft_signature(folder, trusted_key)
+        return folder
 
     def verify(
         self, artifacts: bool = False, progress: bool = True, expected_head: tuple[int, str] | None = None
@@ -236,9 +261,10 @@ class GraftRegistry:
             self._db.check_structure(conn, thorough=True)
             count = verify_tables(conn, expected_head)
             records = select_grafts(conn)
+            signatures = _signatures(conn)
         if artifacts:
             for record in tqdm(records, desc="Verifying artifacts", disable=not progress or None):
-                self._store.verify(record.graft_id, record.files)
+                self._store.verify(record.graft_id, record.files, signatures.get(record.graft_id))
         return count
 
     def gc(self, min_age_s: float = 3600.0) -> list[Path]:
@@ -267,3 +293,8 @@ def _require_loadable(folder: Path, label: str) -> None:
         verify_adapter(folder)
     except PeftGraftError as err:
         raise GateEvidenceError(f"{label} cannot become ACCEPTED: its weights fail the checks loading makes ({err}).")
+
+
+def _signatures(conn: sqlite3.Connection) -> dict[str, str]:
+    """graft_id -> sha256 of the signature verified when it was registered, as the audit chain records it."""
+    return {r.payload["graft_id"]: r.payload["signature_sha256"] for r in select_audit(conn, (SIGNED_EVENT,))}

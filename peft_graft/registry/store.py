@@ -32,12 +32,14 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..artifacts import read_adapter
 from ..errors import AdapterFileError, AdapterIntegrityError, ArtifactIntegrityError
+from ..signing import SIGNATURE_NAME
 from ..tuners.graft.integrity import MANIFEST_NAME, check_manifest, content_id, file_sha256, write_manifest
 
 
 ADAPTER_FILES: tuple[str, ...] = tuple(sorted((CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)))
-# Files an artifact may hold besides ADAPTER_FILES; each is checked against the graft's id, not hashed into it.
-DERIVED_FILES: tuple[str, ...] = (MANIFEST_NAME,)
+# Files an artifact may hold besides ADAPTER_FILES, checked but not hashed into the id: the manifest must name the
+# graft; a signature must be the one the audit chain says was verified at registration.
+DERIVED_FILES: tuple[str, ...] = (MANIFEST_NAME, SIGNATURE_NAME)
 CHUNK_BYTES = 1 << 20
 TEMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 _CONTENT_ID = re.compile(r"[0-9a-f]{64}")
@@ -91,10 +93,11 @@ class ArtifactStore:
     def path(self, graft_id: str) -> Path:
         return self.root / graft_id
 
-    def stage(self, adapter_dir: str | os.PathLike) -> StagedArtifact:
-        """Copy and hash the adapter files of ``adapter_dir``, then check the copies load as a graft adapter."""
+    def stage(self, adapter_dir: str | os.PathLike, signed: bool = False) -> StagedArtifact:
+        """Copy and hash the adapter files of ``adapter_dir`` (and its ``graft.sig`` if ``signed``), then check the
+        copies load as a graft adapter."""
         source = Path(adapter_dir)
-        for name in ADAPTER_FILES:
+        for name in ADAPTER_FILES + ((SIGNATURE_NAME,) if signed else ()):
             if not (source / name).is_file():
                 raise AdapterFileError(
                     f"{source / name} is missing; register the folder written by save_pretrained() "
@@ -105,6 +108,8 @@ class ArtifactStore:
             files = {name: _copy_hashing(source / name, tmp / name) for name in ADAPTER_FILES}
             write_manifest(tmp)
             os.chmod(tmp / MANIFEST_NAME, _READ_ONLY)
+            if signed:
+                _copy_hashing(source / SIGNATURE_NAME, tmp / SIGNATURE_NAME)
             fsync_dir(tmp)
             read_adapter(tmp)  # AdapterFileError for truncated safetensors, bad JSON or a non-graft adapter
         except BaseException:
@@ -131,8 +136,11 @@ class ArtifactStore:
         finally:
             shutil.rmtree(staged.path, ignore_errors=True)  # no-op after a successful rename
 
-    def verify(self, graft_id: str, files: dict[str, str]) -> Path:
-        """Re-hash an artifact; raise `ArtifactIntegrityError` for a changed, missing or extra file."""
+    def verify(self, graft_id: str, files: dict[str, str], signature_sha256: str | None = None) -> Path:
+        """Re-hash an artifact; raise `ArtifactIntegrityError` for a changed, missing or extra file.
+
+        ``signature_sha256``: the digest of the ``graft.sig`` verified at registration (None: the graft has none).
+        """
         folder = self.path(graft_id)
         fix = f"Restore it from a backup or the Hub, or delete {folder} and register the original adapter again."
         if content_id(files) != graft_id:
@@ -185,6 +193,17 @@ class ArtifactStore:
                 actual=actual,
             )
         self._check_manifest(folder, graft_id, fix)
+        signature = folder / SIGNATURE_NAME
+        actual = file_sha256(signature) if signature.is_file() else None
+        if actual != signature_sha256 or (signature.exists() and actual is None):
+            raise ArtifactIntegrityError(
+                f"Artifact of graft {graft_id}: {SIGNATURE_NAME} has sha256 {actual or 'none (missing)'}, but the "
+                f"audit chain records {signature_sha256 or 'no verified signature'}. {fix}",
+                graft_id=graft_id,
+                file=SIGNATURE_NAME,
+                expected=signature_sha256,
+                actual=actual,
+            )
         return folder
 
     @staticmethod

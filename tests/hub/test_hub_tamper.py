@@ -12,6 +12,7 @@ from benchmarks import hub_tamper
 from peft_graft.errors import GraftIntegrityError, GraftMetadataError, GraftSignatureError
 from peft_graft.hub import pull_graft, push_graft
 from peft_graft.hub.record import GRAFT_METADATA_NAME, dumps_record
+from peft_graft.testing.keys import write_key_pair
 
 
 @pytest.fixture
@@ -69,8 +70,8 @@ def test_rewrites_are_caught_by_the_pins(local_hub, tmp_path, repo_id):
 def test_signed_graft_pulls_with_its_key_only(local_hub, tmp_path, repo_id):
     from peft_graft.signing import sign_graft
 
-    private, public = hub_tamper._write_key_pair(tmp_path, "owner")
-    _, stranger = hub_tamper._write_key_pair(tmp_path, "stranger")
+    private, public = write_key_pair(tmp_path, "owner")
+    _, stranger = write_key_pair(tmp_path, "stranger")
     graft = hub_tamper.save_graft(tmp_path / "graft")
     sign_graft(graft, private)
     push_graft(graft, repo_id, metadata=hub_tamper.RECORD, metrics=hub_tamper.METRICS, base_model=None)
