@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    huggingface_hub.utils.disable_progress_bars()  # thousands of pulls
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp, local_hub(Path(tmp)) as store:
         work = Path(tmp)
