@@ -179,7 +179,8 @@ def _push(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from .hub import pull_graft
 
-    path = pull_graft(args.repo_id, args.local_dir, revision=args.revision, endpoint=args.endpoint, token=args.token)
+    path = pull_graft(args.repo_id, args.local_dir, revision=args.revision, graft_id=args.graft_id,
+                      trusted_key=args.trusted_key, endpoint=args.endpoint, token=args.token)
     _done({"pulled": args.repo_id, "path": str(path)}, f"pulled {args.repo_id} into {path} (hashes verified)", args.json)
     return 0
 
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     push = command("push", _push, "Push an accepted graft to the Hub.", "root", "graft_id", "repo_id")
     pull = command("pull", _pull, "Download a graft from the Hub and verify it.", "repo_id", "local_dir")
     pull.add_argument("--revision")
+    pull.add_argument("--graft-id", help="Refuse the repo unless it holds exactly this graft (pins the content).")
+    pull.add_argument("--trusted-key", metavar="PUBLIC.pem", help="Refuse the repo unless graft.sig verifies with it.")
     for p in (push, pull):
         p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
         p.add_argument("--token")

@@ -120,7 +120,10 @@ def test_registry_commands(registry_with_two, tmp_path, capsys, local_hub):
     assert main(["push", root, ids["bad"][:10], "grafts/bad", "--endpoint", local_hub.endpoint]) == 1
     assert "not accepted" in capsys.readouterr().err
     assert main(["push", root, ids["good"][:10], "grafts/good", "--endpoint", local_hub.endpoint]) == 0
-    assert main(["pull", "grafts/good", str(tmp_path / "pulled"), "--endpoint", local_hub.endpoint]) == 0
+    hub = ["--endpoint", local_hub.endpoint]
+    assert main(["pull", "grafts/good", str(tmp_path / "other"), "--graft-id", ids["bad"], *hub]) == 1
+    assert "not the pinned graft" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert main(["pull", "grafts/good", str(tmp_path / "pulled"), "--graft-id", ids["good"], *hub]) == 0
     assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (
         registry.artifact_dir(ids["good"]) / "adapter_model.safetensors"
     ).read_bytes()
