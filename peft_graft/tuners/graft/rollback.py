@@ -3,9 +3,9 @@
 PEFT injects adapter layers into the model *before* it reads the adapter's weights, so a load that fails on the
 weights (a shape or projection mismatch, a corrupt file) used to leave graft layers behind in the caller's base
 model, sometimes with a trained Φ already in them. `ModelSnapshot` records what a load may change (which module
-object sits at each path, the adapters of existing graft layers, which parameters train, the ``peft_config`` and
-``model_tags`` attributes) and puts all of it back. Only loads that injected graft layers are rolled back: other
-PEFT methods are left to PEFT.
+object sits at each path, the adapters of existing graft layers, which parameters train, train/eval mode, the
+``peft_config``, ``model_tags`` and ``_hf_peft_config_loaded`` attributes) and puts all of it back. Only loads that
+injected graft layers are rolled back: other PEFT methods are left to PEFT.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .layer import GraftLayer
 
 
 _MISSING = object()
-_ATTRIBUTES = ("peft_config", "model_tags")  # what PEFT and transformers set on the model object itself
+_ATTRIBUTES = ("peft_config", "model_tags", "_hf_peft_config_loaded")  # what PEFT and transformers set on the model
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ModelSnapshot:
     modules: dict[str, nn.Module]
     graft_adapters: dict[int, set[str]]  # id of an existing graft layer -> its adapters
     requires_grad: dict[str, bool]
+    training: dict[str, bool]  # path -> train/eval mode (loads without is_trainable switch the model to eval)
     attributes: dict[str, Any]
 
     @classmethod
@@ -45,6 +46,7 @@ class ModelSnapshot:
             modules,
             {id(m): set(m.graft_phi) for m in modules.values() if isinstance(m, GraftLayer)},
             {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+            {path: m.training for path, m in modules.items()},
             attributes,
         )
 
@@ -63,7 +65,7 @@ class ModelSnapshot:
 
     def restore(self, adapter_name: str) -> None:
         """Put every module object back at its path, drop ``adapter_name`` from graft layers that existed before,
-        and restore trainability and the attributes PEFT sets on the model."""
+        and restore trainability, train/eval mode and the attributes PEFT and transformers set on the model."""
         for path, module in sorted(self.modules.items(), key=lambda item: item[0].count(".")):
             if path:
                 parent_path, _, child = path.rpartition(".")
@@ -74,6 +76,8 @@ class ModelSnapshot:
         for name, parameter in self.model.named_parameters(remove_duplicate=False):
             if name in self.requires_grad:
                 parameter.requires_grad_(self.requires_grad[name])
+        for path, module in self.modules.items():
+            module.training = self.training[path]
         for name, value in self.attributes.items():
             if value is _MISSING:
                 self.model.__dict__.pop(name, None)
