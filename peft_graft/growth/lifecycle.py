@@ -133,7 +133,6 @@ def consolidate(model: Any, registry: GraftRegistry, out_dir: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fingerprint = base_model_fingerprint(reloaded)
-    for record in records:
-        registry.set_status(record.graft_id, GraftStatus.CONSOLIDATED, f"merged into {out_dir}",
-                            evidence={"new_base": str(out_dir), "base_fingerprint": fingerprint, "max_drift": drift})
+    registry.set_statuses([r.graft_id for r in records], GraftStatus.CONSOLIDATED, f"merged into {out_dir}",
+                          evidence={"new_base": str(out_dir), "base_fingerprint": fingerprint, "max_drift": drift})
     return Consolidation(out_dir, fingerprint, drift, tuple(r.graft_id for r in records))

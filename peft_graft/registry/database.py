@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryBusyError, RegistryCorruptError, RegistryError, RegistryVersionError
+from ..errors import AuditTamperedError, RegistryBusyError, RegistryCorruptError, RegistryError, RegistryVersionError
 from ..status import GraftStatus
 from .records import AuditRecord, GraftRecord, StatusChange, canonical_json, utc_now
 from .store import fsync_dir
@@ -187,8 +187,11 @@ class Database:
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             try:
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
+                try:
+                    conn.execute("PRAGMA synchronous=FULL")  # the first statement parses the schema
+                    conn.execute("PRAGMA foreign_keys=ON")
+                except UnicodeDecodeError as err:  # SQLite's message quotes damaged schema text Python cannot decode
+                    raise self._corrupt(f"its schema no longer decodes: {err}") from err
                 yield conn
             finally:
                 conn.close()
@@ -198,7 +201,8 @@ class Database:
     def _translate(self, err: sqlite3.Error) -> RegistryError:
         name = getattr(err, "sqlite_errorname", "") or ""
         text = str(err)
-        if name.startswith(_CORRUPT) or any(s in text for s in ("malformed", "not a database", "no such table")):
+        damage = ("malformed", "not a database", "no such table", "no such column", "Could not decode")
+        if name.startswith(_CORRUPT) or any(s in text for s in damage):
             return self._corrupt(text)
         if _is_busy(err):
             return RegistryBusyError(
@@ -330,11 +334,24 @@ _SELECT_HISTORY = "SELECT graft_id, from_status, to_status, reason, evidence, at
 _AUDIT_COLUMNS = "seq, event, payload, created_at, prev_hash, hash"
 
 
+@contextmanager
+def _decoding(table: str, key: object) -> Iterator[None]:
+    """A stored row that no longer decodes (bad JSON, an unknown status) was changed outside peft-graft."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as err:
+        raise RegistryCorruptError(
+            f"Row {key!r} of the registry's {table} table no longer decodes ({err}): registry.sqlite was damaged or "
+            "edited outside peft-graft. Run `peft-graft verify` on it and restore it from a backup."
+        ) from err
+
+
 def _graft_record(row: tuple[Any, ...]) -> GraftRecord:
     data = dict(zip(_GRAFT_COLUMNS, row, strict=True))
-    return GraftRecord.from_dict(
-        {c: json.loads(v) if c in _JSON_COLUMNS and v is not None else v for c, v in data.items()}
-    )
+    with _decoding("grafts", data["graft_id"]):
+        return GraftRecord.from_dict(
+            {c: json.loads(v) if c in _JSON_COLUMNS and v is not None else v for c, v in data.items()}
+        )
 
 
 def insert_graft(conn: sqlite3.Connection, record: GraftRecord) -> None:
@@ -405,8 +422,13 @@ def insert_history(conn: sqlite3.Connection, change: StatusChange) -> None:
 def select_history(conn: sqlite3.Connection, graft_id: str | None = None) -> list[StatusChange]:
     """Status changes in the order they happened (all grafts when ``graft_id`` is None)."""
     clause, args = (" WHERE graft_id = ?", (graft_id,)) if graft_id is not None else ("", ())
-    return [
-        StatusChange(
+    return [_status_change(row) for row in conn.execute(f"{_SELECT_HISTORY}{clause} ORDER BY id", args)]
+
+
+def _status_change(row: tuple[Any, ...]) -> StatusChange:
+    gid, old, new, reason, evidence, at, seq = row
+    with _decoding("status_history", f"{gid} at audit record {seq}"):
+        return StatusChange(
             gid,
             GraftStatus(old) if old else None,
             GraftStatus(new),
@@ -415,8 +437,6 @@ def select_history(conn: sqlite3.Connection, graft_id: str | None = None) -> lis
             at,
             seq,
         )
-        for gid, old, new, reason, evidence, at, seq in conn.execute(f"{_SELECT_HISTORY}{clause} ORDER BY id", args)
-    ]
 
 
 # Audit trail ---------------------------------------------------------------------------------------------------------
@@ -449,5 +469,15 @@ def audit_rows(conn: sqlite3.Connection, events: tuple[str, ...] = (), since_seq
 
 
 def select_audit(conn: sqlite3.Connection, events: tuple[str, ...] = (), since_seq: int = 0) -> list[AuditRecord]:
-    """`audit_rows` as records."""
-    return [AuditRecord(s, e, json.loads(p), c, ph, h) for s, e, p, c, ph, h in audit_rows(conn, events, since_seq)]
+    """`audit_rows` as records; a payload that no longer parses is `AuditTamperedError` naming its record."""
+    records = []
+    for seq, event, payload, created_at, prev_hash, digest in audit_rows(conn, events, since_seq):
+        try:
+            records.append(AuditRecord(seq, event, json.loads(payload), created_at, prev_hash, digest))
+        except (ValueError, TypeError) as err:
+            raise AuditTamperedError(
+                f"Audit record {seq} no longer parses ({err}): registry.sqlite was damaged or edited outside "
+                "peft-graft. Restore it from a backup.",
+                seq=seq,
+            ) from err
+    return records

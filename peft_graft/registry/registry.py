@@ -198,31 +198,56 @@ class GraftRegistry:
         ``"report"``), and the artifact must pass every check loading makes (finite weights included), else
         `GateEvidenceError`. The report goes into the audit chain with the change.
         """
+        return self.set_statuses([graft_id], new_status, reason, evidence)[0]
+
+    def set_statuses(
+        self,
+        graft_ids: list[str] | tuple[str, ...],
+        new_status: GraftStatus | str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+    ) -> list[GraftRecord]:
+        """`set_status` for several grafts in one transaction: all change, or (on any error, or a crash) none does.
+
+        For decisions about a set, such as a consolidation merging them all into one new base: a half-recorded one
+        would leave some merged grafts ACCEPTED, to be applied a second time on top of the new base.
+        """
         new_status = checked_status(new_status)
         if not isinstance(reason, str) or not reason.strip():
             raise GraftMetadataError("set_status needs a non-empty reason (it goes into the audit trail).")
+        if len(set(graft_ids)) != len(graft_ids):
+            raise GraftMetadataError(f"set_statuses lists a graft twice: {list(graft_ids)}.")
         evidence = checked_evidence(evidence)
+        updated = []
         with self._db.transaction(write=True) as conn:
-            record = select_graft(conn, graft_id)
-            if record is None:
-                raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
-            check_transition(graft_id, record.status, new_status)
-            if new_status is GraftStatus.ACCEPTED:
-                accepting_report(evidence, f"Graft {graft_id}")
-                folder = self._store.verify(graft_id, record.files, _signatures(conn).get(graft_id))
-                _require_loadable(folder, f"Graft {graft_id}")
-            now = utc_now()
-            update_status(conn, graft_id, new_status, now)
-            payload = {
-                "graft_id": graft_id,
-                "from": record.status.value,
-                "to": new_status.value,
-                "reason": reason,
-                "evidence": evidence,
-                "at": now,
-            }
-            entry = append_record(conn, STATUS_EVENT, payload, now)
-            insert_history(conn, StatusChange(graft_id, record.status, new_status, reason, evidence, now, entry.seq))
+            for graft_id in graft_ids:
+                updated.append(self._change_status(conn, graft_id, new_status, reason, evidence))
+        return updated
+
+    def _change_status(
+        self, conn: sqlite3.Connection, graft_id: str, new_status: GraftStatus, reason: str, evidence: dict | None
+    ) -> GraftRecord:
+        """One checked status change, its audit record and history row, inside the caller's write transaction."""
+        record = select_graft(conn, graft_id)
+        if record is None:
+            raise UnknownGraftError(f"No graft {graft_id!r} in the registry at {self.root}.")
+        check_transition(graft_id, record.status, new_status)
+        if new_status is GraftStatus.ACCEPTED:
+            accepting_report(evidence, f"Graft {graft_id}")
+            folder = self._store.verify(graft_id, record.files, _signatures(conn).get(graft_id))
+            _require_loadable(folder, f"Graft {graft_id}")
+        now = utc_now()
+        update_status(conn, graft_id, new_status, now)
+        payload = {
+            "graft_id": graft_id,
+            "from": record.status.value,
+            "to": new_status.value,
+            "reason": reason,
+            "evidence": evidence,
+            "at": now,
+        }
+        entry = append_record(conn, STATUS_EVENT, payload, now)
+        insert_history(conn, StatusChange(graft_id, record.status, new_status, reason, evidence, now, entry.seq))
         return replace(record, status=new_status, updated_at=now)
 
     def artifact_dir(

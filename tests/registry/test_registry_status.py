@@ -78,3 +78,16 @@ def test_set_status_needs_a_reason(registry, adapter):
     graft_id = registry.register(adapter(1), **register_kwargs()).graft_id
     with pytest.raises(ValueError, match="reason"):
         registry.set_status(graft_id, S.ACCEPTED, " ")
+
+
+def test_set_statuses_changes_all_or_none(registry, adapter):
+    accepted = [registry.register(adapter(i), **register_kwargs(status="ACCEPTED")).graft_id for i in (1, 2)]
+    candidate = registry.register(adapter(3), **register_kwargs()).graft_id
+    head = registry.audit.head()
+    with pytest.raises(InvalidTransitionError):  # the last one cannot be consolidated: nothing may change
+        registry.set_statuses([*accepted, candidate], S.CONSOLIDATED, "merged")
+    assert [registry.get(g).status for g in accepted] == [S.ACCEPTED] * 2 and registry.audit.head() == head
+
+    updated = registry.set_statuses(accepted, S.CONSOLIDATED, "merged", evidence={"new_base": "v2"})
+    assert [r.status for r in updated] == [registry.get(g).status for g in accepted] == [S.CONSOLIDATED] * 2
+    assert registry.audit.head()[0] == head[0] + 2 and registry.verify() == head[0] + 2
