@@ -2,7 +2,8 @@
 
 Each case copies a pristine adapter (saved by `PeftModel.save_pretrained`, so with its ``graft_manifest.json``),
 applies one seeded mutation, then loads it with `PeftModel.from_pretrained` onto a fresh tiny Llama and runs
-`peft_graft.artifacts.verify_adapter` on it. Outcomes:
+`peft_graft.artifacts.verify_adapter` on it, given a fresh base too (``peft-graft verify DIR --base MODEL``), as
+some damage only the base reveals. Outcomes:
 
 * ``refused``: the load raised a peft_graft typed error (`PeftGraftError`);
 * ``identical``: it loaded and the logits are bit-identical to the pristine adapter's (the mutation changed nothing
@@ -314,7 +315,7 @@ def run_case(folder: Path, reference_logits: torch.Tensor, base_state: dict[str,
         outcome = "refused" if isinstance(err, PeftGraftError) else "foreign"
         intact = _intact(base, base_state)
     try:
-        verify_adapter(folder)
+        verify_adapter(folder, base=tiny_llama())
         verify = "ok"
     except Exception as err:  # noqa: BLE001 (classified like the load)
         verify = type(err).__name__ if isinstance(err, PeftGraftError) else f"foreign:{type(err).__name__}"

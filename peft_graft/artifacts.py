@@ -1,4 +1,4 @@
-"""Reading and checking a saved graft adapter folder without a base model (for the CLI and for audits)."""
+"""Reading and checking a saved graft adapter folder, without a base model or against one (for the CLI and audits)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
+from torch import nn
 
 from .errors import AdapterFileError
 from .tuners.graft import GraftConfig
 from .tuners.graft.integrity import check_manifest, check_tensors, config_from_dict, read_config
 from .tuners.graft.peft_type import GRAFT_PEFT_TYPE
+from .tuners.graft.rollback import ModelSnapshot
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,31 @@ def parse_config(summary: AdapterSummary) -> GraftConfig:
     return config_from_dict(summary.config)
 
 
-def verify_adapter(path: str | os.PathLike) -> AdapterSummary:
-    """Check without a base model everything loading checks: the manifest (when the adapter has one), a valid
+def verify_adapter(path: str | os.PathLike, base: nn.Module | None = None) -> AdapterSummary:
+    """Check everything loading checks that needs no base model: the manifest (when the adapter has one), a valid
     config, and tensors a graft adapter with that config can contain (`integrity.check_tensors`: key names, Φ
-    shapes, dtypes, finite values). Raises the typed error loading would raise."""
+    shapes, dtypes, finite values). Raises the typed error loading would raise.
+
+    Some damage only the base can reveal: which modules ``target_modules`` matches (and so whether each got its Φ),
+    the base shapes, projections regenerated from a seed or the base weights. With ``base`` (the model the adapter
+    is for), the adapter is also loaded onto it and taken off again, so verify then refuses exactly what loading
+    refuses; ``base`` is left as it was, module objects, weights and attributes.
+    """
     config = read_config(path)  # in loading's order, so both raise the same error for the same damage
     summary = read_adapter(path)
     check_tensors(summary.tensors, config, str(summary.path / SAFETENSORS_WEIGHTS_NAME))
     check_manifest(path)
+    if base is not None:
+        _load_and_unload(Path(path), base)
     return summary
+
+
+def _load_and_unload(path: Path, base: nn.Module) -> None:
+    from peft import PeftModel
+
+    name = "peft_graft_verify"
+    snapshot = ModelSnapshot.take(base)
+    try:
+        PeftModel.from_pretrained(base, str(path), adapter_name=name)
+    finally:
+        snapshot.restore(name)

@@ -91,10 +91,12 @@ def _verify(args: argparse.Namespace) -> int:
         report = {"ok": True, "registry": args.path, "audit_records": count}
         text = f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it"
     else:
-        summary = verify_adapter(args.path)
+        summary = verify_adapter(args.path, base=_base_for(args.path, args.base) if args.base else None)
         report = {"ok": True, "adapter": str(summary.path), "modules": len(summary.modules),
-                  "file_bytes": summary.file_bytes}
+                  "file_bytes": summary.file_bytes, "loaded_onto": args.base}
         text = f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)"
+        if args.base:
+            text += f", loads onto {args.base}"
         if args.trusted_key:
             from .signing import verify_graft_signature
 
@@ -103,6 +105,26 @@ def _verify(args: argparse.Namespace) -> int:
             text += f", signature verified against key sha256 {check.key_sha256[:12]}"
     print(json.dumps(report, indent=2) if args.json else text)
     return 0
+
+
+def _base_for(adapter_dir: str, base: str) -> Any:
+    """The base model for a dry-run load: the class its config names (the one the adapter was trained on), else the
+    head class the adapter's task type asks for."""
+    import transformers
+
+    from .tuners.graft.integrity import read_config
+
+    architectures = transformers.AutoConfig.from_pretrained(base).architectures or []
+    named = getattr(transformers, architectures[0], None) if architectures else None
+    task = getattr(read_config(adapter_dir).task_type, "value", read_config(adapter_dir).task_type)
+    auto = named or {
+        "CAUSAL_LM": transformers.AutoModelForCausalLM,
+        "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
+        "SEQ_CLS": transformers.AutoModelForSequenceClassification,
+        "TOKEN_CLS": transformers.AutoModelForTokenClassification,
+        "QUESTION_ANS": transformers.AutoModelForQuestionAnswering,
+    }.get(task, transformers.AutoModel)
+    return auto.from_pretrained(base)
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -205,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--trusted-key", metavar="PUBLIC.pem", help="Also check the adapter folder's graft.sig against this public key."
+    )
+    verify.add_argument(
+        "--base", metavar="MODEL", help="Also load the adapter onto this base (folder or Hub id) and take it off again: "
+        "catches what only the base can tell (targets without their Φ, base shapes, regenerated projections)."
     )
     command("sign", _sign, "Sign an adapter folder (writes graft.sig; needs the signing extra).", "path").add_argument(
         "--key", required=True, metavar="PRIVATE.pem", help="PEM elliptic-curve private key (P-256, P-384 or P-521)."

@@ -53,6 +53,19 @@ def test_verify_fails_on_a_truncated_file(tiny_llama, tmp_path):
     assert bad.returncode == 1 and "truncated or corrupt" in bad.stderr
 
 
+def test_verify_with_a_base_loads_the_adapter_onto_it(tiny_llama, tmp_path, capsys):
+    base_dir, adapter = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    save_adapter(tiny_llama(), adapter, projection="svd")
+    assert main(["verify", str(adapter), "--base", str(base_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loaded_onto"] == str(base_dir)
+    other = tmp_path / "other_base"  # same architecture, other widths: every tensor of the adapter is fine alone
+    tiny_llama(intermediate_size=48, hidden_size=48, num_attention_heads=4).save_pretrained(other)
+    assert main(["verify", str(adapter)]) == 0
+    assert main(["verify", str(adapter), "--base", str(other)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
 def test_sign_then_verify_with_a_trusted_key(tiny_llama, tmp_path, capsys):
     adapter = tmp_path / "adapter"
     save_adapter(tiny_llama(), adapter)

@@ -139,3 +139,38 @@ def test_a_config_naming_another_method_is_refused_typed(tiny_llama, tmp_path, p
         PeftModel.from_pretrained(base, tmp_path)
     assert base.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def _module_tree(model) -> list[tuple[str, int]]:
+    return [(name, id(module)) for name, module in model.named_modules()]
+
+
+def test_verify_with_the_base_refuses_what_only_the_base_reveals_and_leaves_it_as_it_was(saved, tiny_llama):
+    (saved / MANIFEST_NAME).unlink()  # as saved before 0.2: no checksum to catch the edit
+    _edit_tensors(saved, lambda t: [t.pop(k) for k in [k for k in t if ".layers.1.self_attn.v_proj." in k]])
+    verify_adapter(saved)  # every remaining tensor is fine on its own
+    base = tiny_llama()
+    state, tree = {k: v.clone() for k, v in base.state_dict().items()}, _module_tree(base)
+    with pytest.raises(AdapterContentError, match="v_proj"):
+        verify_adapter(saved, base=base)  # the base says layer 1's v_proj is a target and got no Φ
+    assert _module_tree(base) == tree and all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+
+
+def test_verify_with_the_base_passes_a_good_adapter_and_takes_it_off_again(saved, tiny_llama, tokens):
+    base = tiny_llama()
+    before, tree = base(tokens).logits, _module_tree(base)
+    assert verify_adapter(saved, base=base).modules
+    assert _module_tree(base) == tree and "peft_config" not in base.__dict__
+    assert torch.equal(base(tokens).logits, before)
+
+
+def test_graft_weights_under_another_methods_config_are_refused(saved, tiny_llama):
+    (saved / MANIFEST_NAME).unlink()
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    base = tiny_llama()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterContentError, match="names another method"):
+        PeftModel.from_pretrained(base, saved)
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    assert not any(type(m).__module__.startswith("peft.") for m in base.modules())

@@ -137,6 +137,18 @@ def _corrupt_weights_error(weights: str, err: Exception) -> AdapterFileError:
     )
 
 
+def _not_graft_weights(tensors: dict, model_id: Any) -> dict:
+    """Weights loaded for another method must not be a graft's: an adapter_config.json whose peft_type was changed
+    would make PEFT build, say, LoRA layers and only warn that their keys are missing."""
+    graft_key = next((key for key in tensors if ".graft_phi." in key or ".graft_proj." in key), None)
+    if graft_key is not None:
+        raise AdapterContentError(
+            f"{model_id}: the weights are a graft adapter's ({graft_key!r}), but adapter_config.json names another "
+            f"method. The config was changed or belongs to another adapter; restore it from a good copy."
+        )
+    return tensors
+
+
 def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
     @functools.wraps(load)
     def load_peft_weights(model_id: str, *args: Any, **kwargs: Any) -> dict:
@@ -144,7 +156,7 @@ def _guard_loading(load: Callable[..., dict]) -> Callable[..., dict]:
         if path is None:
             path = _hub_graft_dir(model_id, kwargs)
             if path is None:
-                return load(model_id, *args, **kwargs)
+                return _not_graft_weights(load(model_id, *args, **kwargs), model_id)
         weights = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
         if os.path.isdir(model_id) and not os.path.isfile(weights):
             raise _missing_weights_error(weights, path)
