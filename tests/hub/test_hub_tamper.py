@@ -80,3 +80,14 @@ def test_signed_graft_pulls_with_its_key_only(local_hub, tmp_path, repo_id):
     with pytest.raises(GraftSignatureError):
         pull_graft(repo_id, tmp_path / "again", trusted_key=stranger)
     assert not (tmp_path / "again").exists()
+
+
+def test_extra_metadata_fields_travel_sealed(local_hub, tmp_path, repo_id):
+    graft = hub_tamper.save_graft(tmp_path / "graft", seed=3)
+    push_graft(graft, repo_id, metadata={**hub_tamper.RECORD, "notes": "trained on the 2026 dump"},
+               metrics=hub_tamper.METRICS, base_model=None)
+    record = json.loads((pull_graft(repo_id, tmp_path / "pulled") / GRAFT_METADATA_NAME).read_text())
+    assert record["notes"] == "trained on the 2026 dump"
+    _edit_record(local_hub.store, repo_id, lambda r: r.__setitem__("notes", "trained on something else"))
+    with pytest.raises(GraftIntegrityError, match="altered after it was pushed"):
+        pull_graft(repo_id, tmp_path / "again")
