@@ -22,3 +22,15 @@ def test_card_round_trips_model_index_metrics(local_hub, repo_id, save_graft, ac
     assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-base"
     assert "import peft_graft" in card.text and "KeyError: 'GRAFT'" in card.text
     assert adapter_content_id(adapter) in card.text and accepted_record["base_fingerprint"] in card.text
+
+
+def test_card_states_the_gates_and_how_to_load_without_peft_graft(local_hub, repo_id, save_graft, accepted_record,
+                                                                  metrics):
+    from gate_evidence import accepting_evidence
+
+    record = {**accepted_record, "evidence": accepting_evidence(gain=0.125)}
+    push_graft(save_graft(), repo_id, metadata=record, metrics=metrics, base_model="org/tiny-base")
+    text = ModelCard.load(repo_id).text
+    assert "Decision: **ACCEPTED**" in text
+    assert "| min_gain | ACCEPTED | gain above threshold | threshold=0.0 |" in text
+    assert "--format peft-lora" in text and "--format gguf-lora" in text
