@@ -43,6 +43,11 @@ class NonFiniteWeightsError(PeftGraftError, ValueError):
     """Merging would write NaN/Inf into the base weights; the base is left untouched."""
 
 
+class BlendError(PeftGraftError, ValueError):
+    """`add_weighted_adapter` cannot build the asked blend of graft adapters (unknown or merged adapters, mixed
+    modes, projections a ``"linear"`` blend cannot share, an unsupported combination type...); nothing was added."""
+
+
 class AdapterFileError(PeftGraftError, OSError):
     """An adapter file is missing, truncated or not a valid safetensors file."""
 
@@ -163,3 +168,12 @@ class PullDestinationError(HubError, FileExistsError):
 
 class HubOfflineError(HubError, ConnectionError):
     """``HF_HUB_OFFLINE`` is set, so the Hub cannot be reached."""
+
+
+# --- export ---------------------------------------------------------------------------------------------------------
+
+
+class ExportError(PeftGraftError, ValueError):
+    """An adapter cannot be written exactly in another format: it has a feature with no equivalent there (a sparse
+    residual for a LoRA folder; DoRA, trained biases, ``modules_to_save`` or an unsupported base architecture for a
+    llama.cpp GGUF...), or the writer for that format is not installed."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -18,9 +20,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
+from . import blend
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
 from .layer import GraftLayer, Linear
+from .lora_export import export_lora
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
 
@@ -147,6 +151,22 @@ class GraftModel(BaseTuner):
             )
         return Linear(target, adapter_name, config=config, module_name=key, fan_in_fan_out=fan_in_fan_out)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add ``adapter_name`` with ΔW = Σ wᵢ ΔWᵢ of ``adapters`` (PEFT LoRA's method; the math is in `blend.py`).
+
+        ``"linear"`` sums Φ (exact; the adapters must share their projections), ``"cat"`` concatenates the grafts
+        (exact, r = Σ rᵢ), ``"svd"`` keeps the top ``svd_rank`` directions of the sum (default: the largest source
+        r; exact when it reaches the sum's rank). A blend that cannot be built raises `BlendError` and adds nothing.
+        """
+        blend.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """PEFT's merge; with ``safe_merge``, every layer is checked before any is written (all or nothing)."""
         if safe_merge:
@@ -200,3 +220,19 @@ class GraftModel(BaseTuner):
         if quantizer is not None:
             quantizer.remove_quantization_config(merged)
         return merged.to(dtype)
+
+    def to_lora(
+        self,
+        out_dir: str | os.PathLike,
+        adapter_name: str = "default",
+        *,
+        graft_dir: str | os.PathLike | None = None,
+        safe_serialization: bool = True,
+    ) -> Path:
+        """Write graft adapter ``adapter_name`` as a plain PEFT LoRA adapter folder, exactly (see `export_lora`).
+
+        Reachable as ``peft_model.to_lora(out_dir)``. The folder loads with PEFT, vLLM or TGI without peft_graft.
+        ``graft_dir``: the folder this adapter was saved to or loaded from, whose graft_id the model card then names.
+        Raises `ExportError` for what no LoRA reproduces (sparse residuals, merged adapters); the model is unchanged.
+        """
+        return export_lora(self, out_dir, adapter_name, graft_dir=graft_dir, safe_serialization=safe_serialization)
