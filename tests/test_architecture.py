@@ -33,6 +33,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.sewl": "lifecycle",
     "peft_graft.search": "lifecycle",
     "peft_graft.signing": "lifecycle",
+    "peft_graft.export": "lifecycle",
     "peft_graft.cli": "cli",
     "peft_graft.testing": "testing",
     "drm_transformer": "drm",
