@@ -1,4 +1,7 @@
-"""`peft-graft` command line: inspect and verify adapters, and manage a graft registry and its Hub copies."""
+"""`peft-graft` command line: inspect and verify adapters, and manage a graft registry and its Hub copies.
+
+Building the parser and `--help` import no model library: each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .artifacts import parse_config, verify_adapter
-from .errors import PeftGraftError
+from .errors import GraftConfigError, PeftGraftError
 from .status import GraftStatus
+
+
+if TYPE_CHECKING:
+    from .inspect_base import BaseReport
+    from .tuners.graft import GraftConfig
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -47,6 +54,8 @@ def _resolve(registry: Any, prefix: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .artifacts import parse_config, verify_adapter
+
     summary = verify_adapter(args.path)
     config = parse_config(summary)
     _print(
@@ -91,7 +100,10 @@ def _verify(args: argparse.Namespace) -> int:
         report = {"ok": True, "registry": args.path, "audit_records": count}
         text = f"OK: registry {args.path}: audit chain of {count} records intact, tables and artifacts match it"
     else:
-        summary = verify_adapter(args.path, base=_base_for(args.path, args.base) if args.base else None)
+        from .artifacts import verify_adapter
+        from .export import load_base
+
+        summary = verify_adapter(args.path, base=load_base(args.path, args.base) if args.base else None)
         report = {"ok": True, "adapter": str(summary.path), "modules": len(summary.modules),
                   "file_bytes": summary.file_bytes, "loaded_onto": args.base}
         text = f"OK: {summary.path} ({len(summary.modules)} grafted modules, {summary.file_bytes:,} bytes)"
@@ -105,26 +117,6 @@ def _verify(args: argparse.Namespace) -> int:
             text += f", signature verified against key sha256 {check.key_sha256[:12]}"
     print(json.dumps(report, indent=2) if args.json else text)
     return 0
-
-
-def _base_for(adapter_dir: str, base: str) -> Any:
-    """The base model for a dry-run load: the class its config names (the one the adapter was trained on), else the
-    head class the adapter's task type asks for."""
-    import transformers
-
-    from .tuners.graft.integrity import read_config
-
-    architectures = transformers.AutoConfig.from_pretrained(base).architectures or []
-    named = getattr(transformers, architectures[0], None) if architectures else None
-    task = getattr(read_config(adapter_dir).task_type, "value", read_config(adapter_dir).task_type)
-    auto = named or {
-        "CAUSAL_LM": transformers.AutoModelForCausalLM,
-        "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
-        "SEQ_CLS": transformers.AutoModelForSequenceClassification,
-        "TOKEN_CLS": transformers.AutoModelForTokenClassification,
-        "QUESTION_ANS": transformers.AutoModelForQuestionAnswering,
-    }.get(task, transformers.AutoModel)
-    return auto.from_pretrained(base)
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -198,6 +190,14 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_adapter
+
+    out = export_adapter(args.path, args.out, format=args.format, base=args.base, outtype=args.outtype)
+    _done({"exported": args.path, "format": args.format, "path": str(out)}, f"wrote {args.format} {out}", args.json)
+    return 0
+
+
 def _pull(args: argparse.Namespace) -> int:
     from .hub import pull_graft
 
@@ -207,9 +207,128 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graft_config(args: argparse.Namespace) -> GraftConfig:
+    """The GraftConfig to count: ``--config`` (an adapter_config.json or its folder), then the flags over it."""
+    from .tuners.graft.integrity import config_from_dict, read_config
+
+    values: dict[str, Any] = {}
+    if args.config:
+        if Path(args.config).is_dir():
+            values = read_config(args.config).to_dict()
+        else:
+            try:
+                values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise GraftConfigError(f"--config {args.config}: not a readable JSON GraftConfig ({err}).") from err
+            if not isinstance(values, dict):
+                raise GraftConfigError(f"--config {args.config} holds a JSON {type(values).__name__}, not an object.")
+    flags = {"r": args.r, "phi": args.phi, "projection": args.projection, "target_modules": args.target_modules}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["inference_mode"] = False  # a saved adapter's config says True: count what training it trains
+    return config_from_dict(values)
+
+
+def _target_modules(value: str) -> str | list[str]:
+    return value if value == "all-linear" else [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _inspect_base(args: argparse.Namespace) -> int:
+    from .inspect_base import inspect_base
+
+    report = inspect_base(args.model_or_config, _graft_config(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print("\n".join(_base_report_lines(report)))
+    return 0
+
+
+def _base_report_lines(report: BaseReport) -> list[str]:
+    """The human-readable `inspect-base` report: modules by name, by layer, and what the graft adds."""
+    quantization = report.quantization
+    quantized = "not quantized"
+    if quantization:
+        bits = "4-bit" if quantization.get("load_in_4bit") else "8-bit" if quantization.get("load_in_8bit") else ""
+        quantized = f"quantized: {quantization.get('quant_method')} {bits}".rstrip()
+        if quantization.get("bnb_4bit_quant_type") and bits == "4-bit":
+            quantized += f" {quantization['bnb_4bit_quant_type']}"
+    lines = [
+        (f"{report.source} ({report.model_type}, {report.architecture}, {report.dtype}): "
+         f"{report.base_params:,} parameters, {quantized}"),
+        f"Default graft targets for {report.model_type}: "
+        + (", ".join(report.default_targets) + " (marked *)" if report.default_targets else "none known"),
+        "",
+        "Modules a graft can wrap, by name:",
+    ]
+    rows = [("", "name", "type", "in × out", "count", "params each", "graft r", "graft params", "adapter bytes")]
+    for g in report.by_kind():
+        grafted = g["graft_r"] is not None
+        rows.append((
+            "*" if g["default_target"] else "", g["name"], g["type"], f"{g['in_features']} × {g['out_features']}",
+            str(g["count"]), f"{g['params_each']:,}", str(g["graft_r"]) if grafted else "-",
+            f"{g['graft_params']:,}" if grafted else "-", f"{g['graft_bytes']:,}" if grafted else "-",
+        ) + (("output head: all-linear leaves it out",) if g["output_head"] else ()))
+    lines += _table(rows)
+    lines += ["", "By layer:"]
+    for span, count, layer in _layer_runs(report.by_layer()):
+        if layer["layer"] is None:
+            lines.append(f"  outside the layers: {', '.join(layer['modules'])}")
+            continue
+        graft = f", graft {layer['graft_params']:,} params each" if layer["graft_params"] else ""
+        lines.append(f"  {span}: {count} layer(s) of {len(layer['modules'])} modules, "
+                     f"{layer['params']:,} params each{graft}")
+    lines.append("")
+    plan = report.graft
+    if plan is None:
+        lines.append(f"Graft: {report.graft_note}")
+        return lines
+    config = plan.config
+    kinds = [g for g in report.by_kind() if g["graft_r"] is not None]
+    lines += [
+        (f"Graft: r={config['r']}, phi={config['phi']}, projection={config['projection']}, mode={config['mode']}, "
+         f"on {sum(g['count'] for g in kinds)} modules ({', '.join(dict.fromkeys(g['name'] for g in kinds))})"),
+        (f"  trainable params: {plan.trainable_params:,} || all params: {plan.all_params:,} || "
+         f"trainable%: {plan.trainable_percent:.4f}"),
+        (f"  adapter_model.safetensors: {plan.adapter_bytes:,} bytes in {plan.adapter_tensors} tensors, "
+         "plus its JSON header"),
+    ]
+    if plan.other_trainable_params:
+        lines.append(f"  of which outside the grafted modules (modules_to_save, biases): "
+                     f"{plan.other_trainable_params:,}")
+    if plan.clamped:
+        narrow = dict.fromkeys(f"{name.rpartition('.')[2]} (r={r})" for name, r in plan.clamped.items())
+        lines.append(f"  {len(plan.clamped)} modules narrower than r={config['r']} get a smaller one: {', '.join(narrow)}")
+    return lines
+
+
+def _layer_runs(layers: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Consecutive layers of one stack with the same modules and counts, as (span, count, first layer)."""
+    runs: list[tuple[str, int, dict[str, Any]]] = []
+    same = ("modules", "params", "graft_params")
+    for layer in layers:
+        if runs and layer["layer"] is not None and runs[-1][2]["layer"] is not None:
+            _, count, first = runs[-1]
+            stack, _, index = first["layer"].rpartition(".")
+            if layer["layer"].rpartition(".")[0] == stack and all(layer[k] == first[k] for k in same):
+                runs[-1] = (f"{stack}.{index}-{layer['layer'].rpartition('.')[2]}", count + 1, first)
+                continue
+        runs.append((layer["layer"] or "", 1, layer))
+    return runs
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
+    numeric = {4, 5, 6, 7, 8}  # right-aligned columns
+    return [
+        "  " + "  ".join((cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])) if i < len(widths) else cell
+                         for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect graft adapters and manage a registry.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction, help="Show the versions of peft-graft and its libraries.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Any, help: str, *positionals: str) -> argparse.ArgumentParser:
@@ -221,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path")
+    base = command(
+        "inspect-base", _inspect_base, "List what in a base model can take a graft, and what a GraftConfig adds, from "
+        "its config alone (built on the meta device: no weights downloaded or loaded).", "model_or_config",
+    )
+    base.add_argument("--config", metavar="GRAFT_CONFIG_JSON", help="GraftConfig to count: an adapter_config.json or "
+                      "a folder holding one (default: GraftConfig() with the model type's default targets).")
+    base.add_argument("--r", type=int, help="Graft space size (overrides --config).")
+    base.add_argument("--phi", help="Φ family: dense, diagonal, triangular, banded, lowrank or hadamard.")
+    base.add_argument("--projection", help="svd, orthogonal, activation, gradient or trainable.")
+    base.add_argument("--target-modules", type=_target_modules, metavar="A,B",
+                      help="Comma-separated module names, or all-linear.")
     verify = command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
     verify.add_argument(
         "--expect-head", metavar="FILE", help="An audit head saved by `peft-graft head`: the chain must still hold it."
@@ -249,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("--out", required=True, help="Folder to write the consolidated base to.")
     consolidate.add_argument("--atol", type=float, default=1e-5, help="Largest allowed |Δlogit| vs unmerged.")
     push = command("push", _push, "Push an accepted graft to the Hub.", "root", "graft_id", "repo_id")
+    export = command("export", _export, "Write a graft adapter as a plain PEFT LoRA folder or a llama.cpp GGUF LoRA.",
+                     "path", "out")
+    export.add_argument("--format", choices=["peft-lora", "gguf-lora"], default="peft-lora",
+                        help="peft-lora: a LoRA folder for PEFT, vLLM, TGI; gguf-lora: a .gguf for llama.cpp/Ollama.")
+    export.add_argument("--base", help="Base model folder or Hub id (default: the one adapter_config.json names).")
+    export.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f32", help="GGUF tensor type.")
     pull = command("pull", _pull, "Download a graft from the Hub and verify it.", "repo_id", "local_dir")
     pull.add_argument("--revision")
     pull.add_argument("--graft-id", help="Refuse the repo unless it holds exactly this graft (pins the content).")
@@ -259,16 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the library versions are read when asked, from the installed distributions (no import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
 def _version() -> str:
-    import peft
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     from . import __version__
 
     return (
-        f"peft-graft {__version__} (peft {peft.__version__}, transformers {transformers.__version__}, "
-        f"torch {torch.__version__})"
+        f"peft-graft {__version__} (peft {version('peft')}, transformers {version('transformers')}, "
+        f"torch {version('torch')})"
     )
 
 

@@ -23,6 +23,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.atomic": "core",
     "peft_graft.artifacts": "core",
     "peft_graft.calibration": "core",
+    "peft_graft.inspect_base": "core",
     "peft_graft.tuners": "core",
     "peft_graft.status": "lifecycle",
     "peft_graft.gates": "lifecycle",

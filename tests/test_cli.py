@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 from gate_evidence import accepting_evidence
@@ -176,8 +178,59 @@ def test_every_command_speaks_json_and_unknown_ids_say_so(registry_with_two, cap
     assert "No graft id" in capsys.readouterr().err
     assert main(["rollback", root, ids["good"][:10], "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"rolled_back": ids["good"]}
-    for command in ("inspect", "verify", "sign", "list", "show", "rollback", "consolidate", "push", "pull"):
+    for command in ("inspect", "inspect-base", "verify", "sign", "head", "list", "show", "rollback", "consolidate",
+                    "push", "pull", "export"):
         assert "--json" in build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_inspect_base_counts_what_get_peft_model_trains(tiny_llama, tmp_path, capsys):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().config.save_pretrained(base)  # a config alone: nothing else is read
+    assert main(["inspect-base", str(base), "--r", "4", "--target-modules", "q_proj,v_proj"]) == 0
+    text = capsys.readouterr().out
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() in text  # PEFT's own line, same numbers
+    assert re.search(r"\*\s+q_proj\s+Linear\s+64 × 64\s+2\s+4,096\s+4\s+32\s+176\n", text)
+    assert re.search(r"\n\s+k_proj\s+Linear\s+64 × 32\s+2\s+2,048\s+-", text)
+    assert "model.layers.0-1: 2 layer(s) of 7 modules" in text and "output head" in text
+
+    model.save_pretrained(adapter)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    assert main(["inspect-base", str(base / "config.json"), "--config", str(adapter), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["graft"]
+    assert plan["trainable_params"] == model.get_nb_trainable_parameters()[0]
+    assert plan["adapter_bytes"] == len(weights) - 8 - int.from_bytes(weights[:8], "little")
+    (tmp_path / "graft.json").write_text(json.dumps({"r": 2, "phi": "diagonal", "target_modules": ["q_proj"]}))
+    assert main(["inspect-base", str(base), "--config", str(tmp_path / "graft.json"), "--r", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["graft"]["trainable_params"] == 2 * 3  # --r over the file's r
+
+    assert main(["inspect-base", str(tmp_path / "missing")]) == 1
+    assert "Cannot read a model config" in capsys.readouterr().err
+    assert main(["inspect-base", str(base), "--phi", "round"]) == 1
+    assert "Unknown phi='round'" in capsys.readouterr().err
+
+
+def test_the_parser_and_every_help_load_no_model_library():
+    """`peft-graft --help`, and `--help` of each command, need none of torch, transformers or peft.
+
+    The package's `__init__` registers the tuner with PEFT, which imports all three, so the child process stands an
+    empty package in for it: this checks the part the CLI module controls (see the timing note in cli.py's tests).
+    """
+    code = (
+        "import sys, types\n"
+        "package = types.ModuleType('peft_graft')\n"
+        f"package.__path__ = [{str(Path(peft_graft.__file__).parent)!r}]\n"
+        "sys.modules['peft_graft'] = package\n"
+        "from peft_graft.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "parser.format_help()\n"
+        "for sub in parser._subparsers._group_actions[0].choices.values():\n"
+        "    sub.format_help()\n"
+        "print(sorted({'torch', 'transformers', 'peft', 'safetensors', 'huggingface_hub'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_version(capsys):
