@@ -93,11 +93,17 @@ def main() -> None:
     probe = held_out[:2]
     identical = torch.equal(reloaded(probe).logits, model.eval()(probe).logits)
 
+    # The same graft as a plain LoRA adapter: what PEFT without peft-graft, vLLM or TGI load (`peft-graft export`).
+    lora_dir = model.to_lora(args.output_dir / "adapter-lora")
+    as_lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), lora_dir).eval()
+    lora_drift = (as_lora(probe).logits - reloaded(probe).logits).abs().max().item()
+
     size = os.path.getsize(adapter_dir / "adapter_model.safetensors")
     print(f"held-out loss: {loss_before:.4f} -> {loss_after:.4f} nats/token ({loss_after - loss_before:+.4f})")
     print(f"adapter: {adapter_dir} ({size / 1024:.0f} KiB); reloaded logits identical: {identical}")
+    print(f"plain LoRA export: {lora_dir}; max |Δlogit| vs the graft: {lora_drift:.1e}")
     print(f"grafted model says: {prompt}{generate(reloaded, tokenizer, prompt)!r}")
-    if not identical or loss_after >= loss_before:
+    if not identical or loss_after >= loss_before or lora_drift > 1e-4:
         raise SystemExit("grafting did not behave as expected")
 
 
