@@ -186,10 +186,8 @@ def verify_files(record: Mapping, folder: Path, source: str) -> None:
     """Every file the record lists must be in ``folder`` with exactly the recorded sha256, the card too, and nothing
     else may be there (besides the Hub's own ``.gitattributes``)."""
     expected: dict[str, str] = {**record[ARTIFACT_SHA256_KEY], README_NAME: record["readme_sha256"]}
-    extra = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*")
-        if p.is_file() and p.name != ".gitattributes" and str(p.relative_to(folder)) not in {*expected, GRAFT_METADATA_NAME}
-    )
+    listed = {*expected, GRAFT_METADATA_NAME, ".gitattributes"}
+    extra = sorted(name for p in folder.rglob("*") if p.is_file() and (name := p.relative_to(folder).as_posix()) not in listed)
     if extra:
         raise GraftIntegrityError(f"{source} holds files its {GRAFT_METADATA_NAME} does not list: {extra}.")
     for name, digest in expected.items():

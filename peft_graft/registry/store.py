@@ -209,13 +209,15 @@ class ArtifactStore:
     @staticmethod
     def _check_manifest(folder: Path, graft_id: str, fix: str) -> None:
         """The manifest must name this graft (artifacts registered before 0.2 have none; that is fine)."""
+        if not (folder / MANIFEST_NAME).exists():
+            return
         try:
-            named = check_manifest(folder)
+            named = check_manifest(folder)  # None if the manifest is not a plain file
         except AdapterIntegrityError as err:
             named, detail = None, str(err)
         else:
             detail = f"it names graft {named}"
-        if named not in (None, graft_id) or ((folder / MANIFEST_NAME).exists() and named is None):
+        if named != graft_id:
             raise ArtifactIntegrityError(
                 f"Artifact of graft {graft_id}: {MANIFEST_NAME} does not belong to it ({detail}). {fix}",
                 graft_id=graft_id,
