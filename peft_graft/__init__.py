@@ -6,9 +6,19 @@ LoRA ones. This top level is the core (tuner, `calibrate`, errors); the life-cyc
 imported by name: `peft_graft.gates`, `peft_graft.growth`, `peft_graft.registry`, `peft_graft.hub`,
 `peft_graft.signing`, `peft_graft.export`. A graft model exports itself as a plain LoRA (`model.to_lora(out)`) and
 blends adapters (`model.add_weighted_adapter`).
+
+The import itself is light (the command line starts in a fraction of a second): registering with PEFT imports peft,
+torch and transformers, which take seconds, so it happens when it is first needed: at once if peft is already
+imported, otherwise right after the program's first ``import peft`` (transformers' `load_adapter` imports it too),
+or when a tuner name such as `GraftConfig` is first used, whichever comes first.
 """
 
-from .calibration import calibrate
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from . import _registration
 from .errors import (
     AdapterFileError,
     BlendError,
@@ -23,10 +33,39 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedLayerError,
 )
-from .tuners.graft import GRAFT_PEFT_TYPE, GraftConfig, GraftLayer, GraftModel, register_graft_method
+
+
+if TYPE_CHECKING:
+    from .calibration import calibrate
+    from .tuners.graft import GRAFT_PEFT_TYPE, GraftConfig, GraftLayer, GraftModel, register_graft_method
 
 
 __version__ = "0.2.0"
+
+# Names that need torch/peft, and the module that defines each; loaded on first use (PEP 562).
+_LAZY = {
+    "calibrate": ".calibration",
+    "GRAFT_PEFT_TYPE": ".tuners.graft",
+    "GraftConfig": ".tuners.graft",
+    "GraftLayer": ".tuners.graft",
+    "GraftModel": ".tuners.graft",
+    "register_graft_method": ".tuners.graft",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+_registration.register_when_peft_is_imported()
 
 __all__ = [
     "GRAFT_PEFT_TYPE",

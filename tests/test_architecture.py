@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare package name only matches itself)
     "peft_graft": "core",
+    "peft_graft._registration": "core",
     "peft_graft.errors": "core",
     "peft_graft.atomic": "core",
     "peft_graft.artifacts": "core",
@@ -35,6 +36,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.search": "lifecycle",
     "peft_graft.signing": "lifecycle",
     "peft_graft.export": "lifecycle",
+    "peft_graft.planning": "lifecycle",
     "peft_graft.cli": "cli",
     "peft_graft.testing": "testing",
     "drm_transformer": "drm",
@@ -124,13 +126,31 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 def test_importing_the_core_loads_no_lifecycle_testing_or_model_package() -> None:
-    loaded = _loaded_after("import peft_graft")
+    loaded = _loaded_after("import peft_graft; import peft")  # peft's import registers the tuner
     leaked = sorted(m for m in loaded if _layer(m) not in (None, "core"))
     assert not leaked, f"`import peft_graft` also imports {leaked}"
     assert "peft_graft.tuners.graft" in loaded
+
+
+def test_importing_the_package_alone_loads_no_model_library() -> None:
+    # What makes `peft-graft --help` start at once: the tuner waits for peft (see peft_graft/_registration.py).
+    loaded = _loaded_after("import peft_graft")
+    assert not {"torch", "peft", "transformers"} & loaded
+    assert "peft_graft.tuners.graft" not in loaded
 
 
 def test_drm_transformer_does_not_load_peft_graft() -> None:
     loaded = _loaded_after("import drm_transformer")
     assert "drm_transformer.modeling_drm" in loaded
     assert not any(m.startswith("peft_graft") for m in loaded)
+
+
+def test_lazy_top_level_names_resolve_and_unknown_names_fail() -> None:
+    import peft_graft
+    from peft_graft.calibration import calibrate
+    from peft_graft.tuners.graft import GraftConfig
+
+    assert peft_graft.GraftConfig is GraftConfig and peft_graft.calibrate is calibrate
+    assert set(peft_graft.__all__) <= set(dir(peft_graft))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        peft_graft.no_such_name  # noqa: B018
