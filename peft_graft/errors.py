@@ -177,3 +177,44 @@ class ExportError(PeftGraftError, ValueError):
     """An adapter cannot be written exactly in another format: it has a feature with no equivalent there (a sparse
     residual for a LoRA folder; DoRA, trained biases, ``modules_to_save`` or an unsupported base architecture for a
     llama.cpp GGUF...), or the writer for that format is not installed."""
+
+
+# --- SEWL (self-evolving weight layer) ------------------------------------------------------------------------------
+
+
+class SEWLError(PeftGraftError):
+    """Base class of every error raised by `peft_graft.sewl`."""
+
+
+class SEWLConfigError(SEWLError, ValueError):
+    """A `SEWLConfig` field has an unknown or inconsistent value, or selects no graft of the model."""
+
+
+class SEWLStateError(SEWLError, RuntimeError):
+    """The model cannot evolve right now (its graft adapter is merged, inactive or deleted, or a batch has no token
+    to predict); nothing was changed."""
+
+
+class SEWLSnapshotError(SEWLError, OSError):
+    """A SEWL snapshot folder is missing files, holds unreadable ones, or cannot be written where asked."""
+
+
+class SEWLIntegrityError(SEWLError, ValueError):
+    """A SEWL snapshot's files no longer have the sha256 recorded in its ``sewl_manifest.json`` (tampered, truncated,
+    files added or removed); the live state was not touched."""
+
+
+class SEWLForeignSnapshotError(SEWLError, ValueError):
+    """A SEWL snapshot was taken on another base model, other projections or another graft layout than the model it
+    is restored or merged into; the live state was not touched."""
+
+
+class SEWLBlendError(SEWLError, BlendError):
+    """SEWL states cannot be blended exactly (projections not shared, unknown users, bad weights); nothing changed."""
+
+
+class SEWLUnknownUserError(SEWLError, KeyError):
+    """No SEWL state is stored for this user."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
