@@ -218,3 +218,11 @@ class SEWLUnknownUserError(SEWLError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+# --- planning -------------------------------------------------------------------------------------------------------
+
+
+class ModelSourceError(PeftGraftError, OSError):
+    """No model config can be read from what was given: not a preset, a model folder, a config.json, or a Hub id that
+    is reachable (offline, timed out, gated or missing)."""

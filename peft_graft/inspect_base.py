@@ -129,14 +129,29 @@ class BaseReport:
 def inspect_base(model_or_config: str | os.PathLike, graft_config: GraftConfig | None = None) -> BaseReport:
     """Report what ``model_or_config`` (a model folder, its config.json or a Hub id: only the config is read) offers
     a graft, and what ``graft_config`` (default: ``GraftConfig()``) would add to it."""
+    return inspect_config(read_config(model_or_config), graft_config, source=os.fspath(model_or_config))
+
+
+def read_config(model_or_config: str | os.PathLike) -> transformers.PretrainedConfig:
+    """The model config in a folder, a config.json or a Hub id, as `transformers.AutoConfig` reads it."""
     try:
-        config = transformers.AutoConfig.from_pretrained(os.fspath(model_or_config))
+        return transformers.AutoConfig.from_pretrained(os.fspath(model_or_config))
     except (OSError, ValueError) as err:
         raise PeftGraftError(
             f"Cannot read a model config from {os.fspath(model_or_config)!r} ({err}). Give a model folder, its "
             "config.json, or a Hub model id."
         ) from err
-    model = _meta_model(config)
+
+
+def inspect_config(
+    config: transformers.PretrainedConfig,
+    graft_config: GraftConfig | None = None,
+    source: str = "",
+    model: nn.Module | None = None,
+) -> BaseReport:
+    """`inspect_base` for a config already in hand. ``model``: its `meta_model`, when the caller built it already
+    (it receives the graft)."""
+    model = meta_model(config) if model is None else model
     output_head = model.get_output_embeddings() if isinstance(model, transformers.PreTrainedModel) else None
     defaults = GRAFT_TARGET_MODULES_MAPPING.get(config.model_type)
     modules = [
@@ -150,7 +165,7 @@ def inspect_base(model_or_config: str | os.PathLike, graft_config: GraftConfig |
     ]
     quantization = getattr(config, "quantization_config", None)
     report = BaseReport(
-        source=os.fspath(model_or_config),
+        source=source,
         model_type=config.model_type,
         architecture=type(model).__name__,
         dtype=str(getattr(model, "dtype", None)).removeprefix("torch."),
@@ -168,7 +183,7 @@ def inspect_base(model_or_config: str | os.PathLike, graft_config: GraftConfig |
     return _plan(report, model, graft_config)
 
 
-def _meta_model(config: transformers.PretrainedConfig) -> nn.Module:
+def meta_model(config: transformers.PretrainedConfig) -> nn.Module:
     """The model ``config`` describes, on the meta device: the class its ``architectures`` names (the one its
     checkpoint holds), else a causal LM, else a sequence-to-sequence LM, else the bare model; quantized layers as
     loading would make them."""

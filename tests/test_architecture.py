@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare package name only matches itself)
     "peft_graft": "core",
+    "peft_graft._lazy": "core",
     "peft_graft._registration": "core",
     "peft_graft.errors": "core",
     "peft_graft.atomic": "core",
+    "peft_graft.manifest": "core",
     "peft_graft.artifacts": "core",
     "peft_graft.calibration": "core",
     "peft_graft.inspect_base": "core",
@@ -36,6 +38,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.search": "lifecycle",
     "peft_graft.signing": "lifecycle",
     "peft_graft.export": "lifecycle",
+    "peft_graft.planning": "lifecycle",
     "peft_graft.planning": "lifecycle",
     "peft_graft.cli": "cli",
     "peft_graft.testing": "testing",
@@ -154,3 +157,12 @@ def test_lazy_top_level_names_resolve_and_unknown_names_fail() -> None:
     assert set(peft_graft.__all__) <= set(dir(peft_graft))
     with pytest.raises(AttributeError, match="no_such_name"):
         peft_graft.no_such_name  # noqa: B018
+
+
+def test_manifest_spells_peft_file_names_as_peft_does() -> None:
+    from peft.utils import constants
+
+    from peft_graft import manifest
+
+    for name in ("CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME"):
+        assert getattr(manifest, name) == getattr(constants, name)
