@@ -47,8 +47,8 @@ from safetensors.torch import load_file, save_file
 import peft_graft
 from peft_graft.artifacts import verify_adapter
 from peft_graft.errors import PeftGraftError
+from peft_graft.manifest import MANIFEST_NAME
 from peft_graft.tuners.graft import GraftLayer
-from peft_graft.tuners.graft.integrity import MANIFEST_NAME
 
 
 RESULTS = Path(__file__).parent / "results" / "adapter_fuzz"

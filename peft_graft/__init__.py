@@ -15,10 +15,10 @@ or when a tuner name such as `GraftConfig` is first used, whichever comes first.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _registration
+from ._lazy import lazy_attributes
 from .errors import (
     AdapterFileError,
     BlendError,
@@ -42,28 +42,18 @@ if TYPE_CHECKING:
 
 __version__ = "0.2.0"
 
-# Names that need torch/peft, and the module that defines each; loaded on first use (PEP 562).
-_LAZY = {
-    "calibrate": ".calibration",
-    "GRAFT_PEFT_TYPE": ".tuners.graft",
-    "GraftConfig": ".tuners.graft",
-    "GraftLayer": ".tuners.graft",
-    "GraftModel": ".tuners.graft",
-    "register_graft_method": ".tuners.graft",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+# Names that need torch/peft, loaded on first use.
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "calibrate": ".calibration",
+        "GRAFT_PEFT_TYPE": ".tuners.graft",
+        "GraftConfig": ".tuners.graft",
+        "GraftLayer": ".tuners.graft",
+        "GraftModel": ".tuners.graft",
+        "register_graft_method": ".tuners.graft",
+    },
+)
 
 _registration.register_when_peft_is_imported()
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import AdapterFileError
+from .manifest import check_manifest
 from .tuners.graft import GraftConfig
-from .tuners.graft.integrity import check_manifest, check_tensors, config_from_dict, read_config
+from .tuners.graft.integrity import check_tensors, config_from_dict, read_config
 from .tuners.graft.peft_type import GRAFT_PEFT_TYPE
 from .tuners.graft.rollback import ModelSnapshot
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .artifacts import verify_adapter
 from .errors import GraftSignatureError
-from .tuners.graft.integrity import file_sha256
+from .manifest import file_sha256
 
 
 SIGNATURE_NAME = "graft.sig"
@@ -97,6 +96,8 @@ def sign_graft(
     signed. ``graft.sig`` is replaced atomically; the returned digest is what a registry records.
     """
     folder = Path(adapter_dir)
+    from .artifacts import verify_adapter  # torch: only when signing
+
     verify_adapter(folder)  # AdapterFileError / AdapterIntegrityError ... for a folder that is no intact graft
     if (signing_certificate is None) != (not certificate_chain):
         raise GraftSignatureError(

@@ -248,3 +248,17 @@ def test_a_closed_pipe_ends_quietly(registry_with_two):
     process.stdout.close()  # like `| head` that has already exited: the first write hits a closed pipe
     assert process.wait(timeout=120) == 141
     assert b"Traceback" not in process.stderr.read()
+
+
+def test_registry_commands_that_read_no_model_import_no_model_library(registry_with_two):
+    registry, _, ids = registry_with_two
+    code = (
+        "import sys\n"
+        "from peft_graft.cli import main\n"
+        f"for argv in (['list', {str(registry.root)!r}], ['show', {str(registry.root)!r}, {ids['good'][:10]!r}],\n"
+        f"             ['head', {str(registry.root)!r}], ['verify', {str(registry.root)!r}]):\n"
+        "    assert main(argv + ['--json']) == 0, argv\n"
+        "print(sorted({'torch', 'transformers', 'peft', 'safetensors'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -26,8 +26,8 @@ from pathlib import Path
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..errors import GraftIntegrityError, GraftMetadataError, GraftNotAcceptedError
+from ..manifest import content_id
 from ..status import GraftStatus
-from ..tuners.graft.integrity import content_id
 
 
 GRAFT_METADATA_NAME = "graft_metadata.json"

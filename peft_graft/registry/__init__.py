@@ -9,6 +9,7 @@ model = PeftModel.from_pretrained(base, reg.artifact_dir(rec.graft_id))
 reg.verify()  # audit chain + tables; raises if anything was edited behind the registry's back
 """
 
+from .._lazy import lazy_attributes
 from ..errors import (
     ArtifactIntegrityError,
     AuditTamperedError,
@@ -23,10 +24,15 @@ from ..errors import (
 )
 from ..status import ALLOWED_TRANSITIONS, GraftStatus
 from .audit import AuditLog
-from .fingerprints import base_model_fingerprint, dataset_fingerprint
 from .records import AuditRecord, GraftRecord, StatusChange
 from .registry import GraftRegistry
 from .store import adapter_content_id
+
+
+# Fingerprinting reads models and datasets (torch, peft): loaded on first use, so `peft-graft list` starts at once.
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {"base_model_fingerprint": ".fingerprints", "dataset_fingerprint": ".fingerprints"}
+)
 
 
 __all__ = [

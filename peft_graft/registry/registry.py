@@ -22,7 +22,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..artifacts import verify_adapter
 from ..errors import GateEvidenceError, GraftMetadataError, PeftGraftError, RegistryError, UnknownGraftError
 from ..signing import verify_graft_signature
 from ..status import GraftStatus, check_transition
@@ -314,6 +313,8 @@ class GraftRegistry:
 
 def _require_loadable(folder: Path, label: str) -> None:
     """An accepted graft must load: no report can vouch for weights that loading refuses (NaN, damaged tensors)."""
+    from ..artifacts import verify_adapter  # torch: only for a graft being accepted
+
     try:
         verify_adapter(folder)
     except PeftGraftError as err:

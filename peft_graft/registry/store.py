@@ -2,7 +2,7 @@
 
 Content ids: a graft's id is a hash of exactly the files PEFT loads, so equal bytes mean equal ids.
 graft_id = sha256 over the adapter files in sorted name order, each contributing the line
-``<name>\\0<sha256 of its bytes>\\n`` (`peft_graft.tuners.graft.integrity.content_id`, the id an adapter's own
+``<name>\\0<sha256 of its bytes>\\n`` (`peft_graft.manifest.content_id`, the id an adapter's own
 manifest records). Hashing per file first lets a failed check name the file that changed.
 Other files in an adapter folder (README.md model cards, training logs) are not part of the graft. Each artifact
 also carries the adapter's ``graft_manifest.json`` (written here, derived from the two files, so it does not change
@@ -28,12 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
-from ..artifacts import read_adapter
 from ..errors import AdapterFileError, AdapterIntegrityError, ArtifactIntegrityError
+from ..manifest import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    check_manifest,
+    content_id,
+    file_sha256,
+    write_manifest,
+)
 from ..signing import SIGNATURE_NAME
-from ..tuners.graft.integrity import MANIFEST_NAME, check_manifest, content_id, file_sha256, write_manifest
 
 
 ADAPTER_FILES: tuple[str, ...] = tuple(sorted((CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)))
@@ -103,6 +108,8 @@ class ArtifactStore:
                     f"{source / name} is missing; register the folder written by save_pretrained() "
                     "(with safe_serialization=True, the default)."
                 )
+        from ..artifacts import read_adapter  # torch: only when an adapter is registered
+
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
         try:
             files = {name: _copy_hashing(source / name, tmp / name) for name in ADAPTER_FILES}

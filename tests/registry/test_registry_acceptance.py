@@ -14,8 +14,8 @@ from registry_testing import register_kwargs
 from safetensors.torch import load_file, save_file
 
 from peft_graft.errors import ArtifactIntegrityError, GateEvidenceError
+from peft_graft.manifest import MANIFEST_NAME
 from peft_graft.registry import GraftStatus
-from peft_graft.tuners.graft.integrity import MANIFEST_NAME
 
 
 def _report(decision="ACCEPTED", verdicts=("ACCEPTED",)) -> dict:

@@ -11,6 +11,7 @@ from registry_testing import BASE, register_kwargs
 
 import peft_graft
 from peft_graft.errors import AdapterFileError
+from peft_graft.manifest import MANIFEST_NAME, check_manifest
 from peft_graft.registry import (
     GraftMetadataError,
     GraftRecord,
@@ -19,7 +20,6 @@ from peft_graft.registry import (
     adapter_content_id,
     base_model_fingerprint,
 )
-from peft_graft.tuners.graft.integrity import MANIFEST_NAME, check_manifest
 
 
 def test_register_get_list_round_trip(registry, adapter):

@@ -11,11 +11,11 @@ from registry_testing import register_kwargs
 from peft_graft import GraftConfig
 from peft_graft.errors import ArtifactIntegrityError, GraftSignatureError
 from peft_graft.growth import compose
+from peft_graft.manifest import file_sha256
 from peft_graft.registry import base_model_fingerprint
 from peft_graft.registry.audit import SIGNED_EVENT
 from peft_graft.signing import SIGNATURE_NAME, sign_graft
 from peft_graft.testing.keys import write_key_pair
-from peft_graft.tuners.graft.integrity import file_sha256
 
 
 @pytest.fixture

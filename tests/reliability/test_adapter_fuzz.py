@@ -24,8 +24,8 @@ from peft_graft.errors import (
     PeftGraftError,
     ShapeMismatchError,
 )
+from peft_graft.manifest import MANIFEST_NAME, check_manifest, content_id, file_sha256
 from peft_graft.tuners.graft import GraftLayer
-from peft_graft.tuners.graft.integrity import MANIFEST_NAME, check_manifest, content_id, file_sha256
 
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pre_0_2" / "adapters"

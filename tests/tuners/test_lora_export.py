@@ -28,8 +28,8 @@ from tiny_models import ARCHS, tiny_llama
 import peft_graft
 from peft_graft import CalibrationRequiredError, GraftConfig, GraftLayer
 from peft_graft.errors import ExportError
+from peft_graft.manifest import check_manifest
 from peft_graft.tuners.graft.config import MODES, PROJECTIONS
-from peft_graft.tuners.graft.integrity import check_manifest
 from peft_graft.tuners.graft.lora_export import export_lora
 from peft_graft.tuners.graft.phi import PHI_FAMILIES
 

@@ -26,8 +26,8 @@ from peft_graft.errors import (
     ProjectionMismatchError,
     ShapeMismatchError,
 )
+from peft_graft.manifest import MANIFEST_NAME, write_manifest
 from peft_graft.tuners.graft import peft_hooks
-from peft_graft.tuners.graft.integrity import MANIFEST_NAME, write_manifest
 
 
 CONFIG = GraftConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)

@@ -38,8 +38,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ...atomic import atomic_write_text
 from ...errors import ExportError, NonFiniteWeightsError
+from ...manifest import MANIFEST_NAME, check_manifest
 from .config import GraftConfig
-from .integrity import MANIFEST_NAME, check_manifest, read_config
+from .integrity import read_config
 from .layer import GraftLayer, Linear
 from .peft_type import GRAFT_PEFT_TYPE
 

@@ -45,13 +45,11 @@ from safetensors.torch import load_file
 
 from ...atomic import atomic_write_text
 from ...errors import AdapterContentError, AdapterFileError, PeftGraftError, ShapeMismatchError
+from ...manifest import MANIFEST_NAME, check_manifest, write_manifest
 from .integrity import (
-    MANIFEST_NAME,
     check_loaded_modules,
-    check_manifest,
     check_tensors,
     read_config,
-    write_manifest,
 )
 from .layer import GraftLayer
 from .peft_type import GRAFT_PEFT_TYPE
