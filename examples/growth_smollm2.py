@@ -11,6 +11,9 @@ zero drift. The "Hub" is the Hub-compatible server of `peft_graft.testing.hub_se
 by the real `huggingface_hub` client.
 
     python examples/growth_smollm2.py        # ~10 minutes on 2 CPU cores
+    python examples/growth_smollm2.py --card model_cards/examples/smollm2-shakespeare.md   # also keep the pushed card
+
+The committed `model_cards/examples/smollm2-shakespeare.md` is the model card this script's push rendered.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from huggingface_hub import hf_hub_download
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -55,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=24)
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/growth"))
+    parser.add_argument("--card", type=Path, help="Also write the pushed model card (README.md) to this file.")
     return parser.parse_args()
 
 
@@ -113,7 +118,9 @@ def main() -> None:
     before = model(input_ids=probe).logits
 
     with serve_local_hub(args.output_dir / "hub") as endpoint:
-        hub = HubTarget("peft-graft/smollm2-shakespeare", endpoint=endpoint)
+        # The base is loaded from a local copy; the card names the Hub id a reader would load.
+        hub = HubTarget("peft-graft/smollm2-shakespeare", endpoint=endpoint,
+                        base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
         for name, lr in (("shakespeare_eager", 2e-2), ("shakespeare", 1e-3)):
             callback = GraftGateCallback(play_gates, plays, candidate=name, accepted=["news"], registry=registry,
                                          hub=hub, parents=[news_id])
@@ -134,6 +141,12 @@ def main() -> None:
         model.base_model.set_adapter("shakespeare")
         same = torch.equal(pulled(input_ids=probe).logits, model(input_ids=probe).logits)
         print(f"   PeftModel.from_pretrained(base, {hub.repo_id!r}) reproduces the graft: {same}")
+        if args.card:
+            with use_hub_endpoint(endpoint):
+                card = Path(hf_hub_download(hub.repo_id, "README.md"))
+            args.card.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(card, args.card)
+            print(f"   model card written to {args.card}")
 
     rollback(registry, play_id, model, reason="demonstration")
     model.base_model.set_adapter("news")

@@ -39,7 +39,6 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.signing": "lifecycle",
     "peft_graft.export": "lifecycle",
     "peft_graft.planning": "lifecycle",
-    "peft_graft.planning": "lifecycle",
     "peft_graft.cli": "cli",
     "peft_graft.testing": "testing",
     "drm_transformer": "drm",
@@ -61,6 +60,8 @@ CORE_THIRD_PARTY = {
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] == "model_cards":  # installed as peft_graft.model_cards (setup.py)
+        parts = ("peft_graft", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -88,7 +89,9 @@ def _layer(name: str) -> str | None:
     return LAYERS[max(matches, key=len)] if matches else None
 
 
-MODULES = sorted(p for package in ("peft_graft", "drm_transformer") for p in (ROOT / package).rglob("*.py"))
+MODULES = sorted(
+    p for package in ("peft_graft", "drm_transformer", "model_cards") for p in (ROOT / package).rglob("*.py")
+)
 
 
 def test_every_module_has_a_layer() -> None:

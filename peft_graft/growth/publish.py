@@ -10,10 +10,18 @@ from ..registry import GraftRegistry, GraftStatus
 
 @dataclass(frozen=True)
 class HubTarget:
+    """Where accepted grafts are pushed.
+
+    ``base_model`` is the Hub id the model card names as the base (``base_model:`` in its metadata and the loading
+    snippet). By default it is the adapter config's ``base_model_name_or_path``, which is a local path when the base
+    was loaded from a folder; name the Hub id of that base here so the card tells readers what to load.
+    """
+
     repo_id: str
     endpoint: str | None = None
     token: str | None = None
     private: bool = False
+    base_model: str | None = None
 
 
 def push_accepted(registry: GraftRegistry, graft_id: str, hub: HubTarget) -> str:
@@ -30,7 +38,7 @@ def push_accepted(registry: GraftRegistry, graft_id: str, hub: HubTarget) -> str
     folder = registry.artifact_dir(graft_id, verify=True)
     commit = push_graft(
         folder, hub.repo_id, metadata=record.to_dict(), metrics=record.metrics,
-        base_model=record.config.get("base_model_name_or_path"), endpoint=hub.endpoint, token=hub.token,
+        base_model=hub.base_model or record.config.get("base_model_name_or_path"), endpoint=hub.endpoint, token=hub.token,
         private=hub.private,
     )
     registry.audit.append("pushed", {"graft_id": graft_id, "repo_id": hub.repo_id, "commit": commit})

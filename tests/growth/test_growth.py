@@ -268,6 +268,17 @@ def test_pushed_card_names_the_base_and_publishes_only_measurements(grown, tmp_p
     assert not [name for name in published if name.rpartition(".")[2] in settings]
 
 
+def test_a_base_loaded_from_a_folder_is_named_on_the_card_by_the_hub_id_given(grown, local_hub):
+    registry, _, old_id = grown
+    assert registry.get(old_id).config.get("base_model_name_or_path") != "test-org/base-on-the-hub"
+    push_accepted(registry, old_id, HubTarget("grafts/named", endpoint=local_hub.endpoint,
+                                              base_model="test-org/base-on-the-hub"))
+    with use_hub_endpoint(local_hub.endpoint):
+        card = ModelCard.load("grafts/named")
+    assert card.data.base_model == "test-org/base-on-the-hub"
+    assert 'from_pretrained("test-org/base-on-the-hub")' in card.text
+
+
 def test_a_status_edited_behind_the_registry_is_neither_composed_nor_pushed(grown, tiny_llama, local_hub, tmp_path):
     registry, model, _ = grown
     add_candidate(model, "refused")
