@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import transformers
 from peft import get_peft_model
-from tiny_models import decoder_sizes, tiny_llama
+from tiny_models import LLAMA_SIZES, decoder_sizes
 
 from drm_transformer import DRMConfig, DRMForCausalLM
 from peft_graft import GraftConfig
@@ -46,7 +46,11 @@ def _gpt2() -> torch.nn.Module:
 
 # name -> (builder, graft targets, r): Llama and Qwen2 with nn.Linear, GPT-2 with transformers' Conv1D, and DRM.
 ARCHS: dict[str, tuple[Callable[[], torch.nn.Module], list[str], int]] = {
-    "llama": (lambda: tiny_llama(vocab_size=VOCAB), ["q_proj", "v_proj", "down_proj"], 8),
+    "llama": (
+        lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_SIZES | {"vocab_size": VOCAB})),
+        ["q_proj", "v_proj", "down_proj"],
+        8,
+    ),
     "qwen2": (
         lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_sizes())),
         ["q_proj", "o_proj"],
@@ -57,12 +61,18 @@ ARCHS: dict[str, tuple[Callable[[], torch.nn.Module], list[str], int]] = {
 }
 
 
-def grafted(arch: str = "llama", seed: int = 0, **graft_kwargs) -> torch.nn.Module:
-    """A fresh seeded tiny model of ``arch`` with a graft adapter (orthogonal projections, Φ = 0 unless asked)."""
-    build, targets, r = ARCHS[arch]
+def base_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A fresh seeded tiny model of ``arch``: two calls give bitwise identical weights."""
     torch.manual_seed(seed)
-    base = build().eval()
-    return get_peft_model(base, GraftConfig(**({"r": r, "target_modules": targets} | graft_kwargs)))
+    return ARCHS[arch][0]().eval()
+
+
+def grafted(arch: str = "llama", base_seed: int = 0, **graft_kwargs) -> torch.nn.Module:
+    """`base_model` with a graft adapter (orthogonal projections, Φ = 0 unless asked)."""
+    _, targets, r = ARCHS[arch]
+    return get_peft_model(
+        base_model(arch, base_seed), GraftConfig(**({"r": r, "target_modules": targets} | graft_kwargs))
+    )
 
 
 def token_batch(seed: int, rows: int = 2, length: int = 16) -> torch.Tensor:
