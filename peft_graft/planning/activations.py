@@ -85,7 +85,7 @@ def decoder_activations(
 ) -> ActivationEstimate:
     """Activation bytes of a training step of ``config`` (a Llama-family decoder) on ``batch`` × ``seq_len`` tokens,
     with the given adapters in every layer. ``projection_bytes``: element size of the grafts' frozen A and B (that of
-    the base's floating-point weights; 4 on a quantized base). ``num_layers`` overrides the config's depth."""
+    the base's floating-point weights: the compute dtype's on a quantized base). ``num_layers`` overrides the config's depth."""
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' or 'eager', not {attention!r}")
     t, c = batch * seq_len, compute_bytes

@@ -13,8 +13,8 @@ the counts are the tuner's own. Bytes then follow from how each format stores a 
 
 Training adds, for the trainable adapter parameters (kept in float32: PEFT upcasts adapters on half-precision bases),
 their gradients (4 bytes) and AdamW's two float32 moments (8 bytes); the grafts' frozen A and B live in memory
-beside Φ (in the dtype of the base's floating-point weights, float32 on a quantized base) even when the file does not
-hold them. Activations are `decoder_activations`. "Fits" compares the sum with the GPU's memory less a reserve for the
+beside Φ (in the dtype of the base's floating-point weights, the compute dtype on a quantized base) even when the
+file does not hold them. Activations are `decoder_activations`. "Fits" compares the sum with the GPU's memory less a reserve for the
 CUDA context and allocator slack.
 """
 
@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
@@ -138,8 +139,7 @@ def estimate_memory(
         raise GraftConfigError(report.graft_note)
     grafted = [m for m in report.modules if m.graft_r is not None]
     float_base = quant in DTYPE_BYTES
-    projection_bytes = DTYPE_BYTES[quant] if float_base else 4
-    c = DTYPE_BYTES[quant] if float_base else DTYPE_BYTES[compute_dtype]
+    c = projection_bytes = DTYPE_BYTES[quant if float_base else compute_dtype]
     supported = config.model_type in MODEL_TYPES
     note = (
         None
@@ -165,7 +165,9 @@ def estimate_memory(
     def sites(r_of: Any) -> list[AdapterSite]:
         return [AdapterSite(m.kind, m.in_features, m.out_features, r_of(m)) for m in grafted if m.layer == first]
 
-    adapters = [_graft_memory(report, grafted, projection_bytes, first, activations(graft=sites(lambda m: m.graft_r)))]
+    graft_config = GraftConfig() if graft_config is None else graft_config
+    graft_sites = activations(graft=sites(lambda m: m.graft_r))
+    adapters = [_graft_memory(report, grafted, graft_config.stores_projections, projection_bytes, first, graft_sites)]
     if lora_r is not None:
         adapters.append(_lora_memory(grafted, lora_r, first, activations(lora=sites(lambda m: lora_r))))
     return MemoryEstimate(
@@ -241,6 +243,7 @@ def _layer_index(layer: str) -> tuple[str, int]:
 def _graft_memory(
     report: BaseReport,
     grafted: list[TargetModule],
+    stored: bool,
     projection_bytes: int,
     first: str | None,
     activations: ActivationEstimate | None,
@@ -248,9 +251,14 @@ def _graft_memory(
     plan, config = report.graft, report.graft.config
     output_mode, trainable_projection = config["mode"] == "output", config["projection"] == "trainable"
 
-    def frozen(m: TargetModule) -> int:  # A (out×r) and B (r×d) buffers, and the 3-entry int64 signature
-        d = m.out_features if output_mode else m.in_features
-        return (0 if trainable_projection else m.graft_r * (m.out_features + d) * projection_bytes) + 3 * 8
+    def numbers(m: TargetModule) -> int:  # A (out×r) and B (r×d)
+        return m.graft_r * (m.out_features + (m.out_features if output_mode else m.in_features))
+
+    def frozen(m: TargetModule) -> int:  # A and B as buffers, and the 3-entry int64 signature
+        return (0 if trainable_projection else numbers(m) * projection_bytes) + 3 * 8
+
+    # inspect_config counted stored A and B in the config's dtype; the plan's base holds (and saves) them in its own
+    restored = 0 if not stored or trainable_projection else projection_bytes - getattr(torch, report.dtype).itemsize
 
     in_layer = [m for m in grafted if m.layer == first]
     return AdapterMemory(
@@ -261,12 +269,12 @@ def _graft_memory(
         weights_bytes=plan.trainable_params * ADAPTER_BYTES + sum(frozen(m) for m in grafted),
         gradient_bytes=plan.trainable_params * GRAD_BYTES,
         optimizer_bytes=plan.trainable_params * ADAMW_BYTES,
-        file_bytes=plan.adapter_bytes,
+        file_bytes=plan.adapter_bytes + sum(numbers(m) * restored for m in grafted),
         activations=activations,
         per_layer={
             "trainable_params": sum(m.graft_params for m in in_layer),
             "weights_bytes": sum(m.graft_params * ADAPTER_BYTES + frozen(m) for m in in_layer),
-            "file_bytes": sum(m.graft_bytes for m in in_layer),
+            "file_bytes": sum(m.graft_bytes + numbers(m) * restored for m in in_layer),
         },
     )
 
