@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLStateError
 from ..tuners.graft import GraftConfig, GraftLayer
+from ..tuners.graft.bnb import unpack_cpu_4bit
 from .config import SEWLConfig
 from .rails import SpectralBound, UpdateLog, UpdateRecord, age
 from .rules import RULES, initial_stats, merge_sessions
@@ -30,6 +31,16 @@ from .state import SEWLState, SiteState
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval forwards, and that kernel passes no
+    gradient back: the selected grafts below such a layer would never learn. Keep every 4-bit layer on the standard
+    (differentiable) kernel, in the standard layout."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            unpack_cpu_4bit(module)
+            module.support_avx512bf16_for_cpu = False
 
 
 class SEWL:
@@ -69,6 +80,7 @@ class SEWL:
             )
         self.layers = self._select_layers()
         self._check_live()
+        _keep_4bit_layers_differentiable(model)
         self.bounds = {
             name: SpectralBound.for_layer(layer, self.adapter, self.config) for name, layer in self.layers.items()
         }
@@ -217,7 +229,11 @@ class SEWL:
         if reason is not None:
             self.log.add(UpdateRecord(index, n, value, "skipped", reason))
             return value
-        self._apply(signal.result(), n, value, index)
+        signals = signal.result()
+        if not any(s.positions for s in signals.values()):
+            self.log.add(UpdateRecord(index, n, value, "skipped", "no gradient reached the selected grafts"))
+            return value
+        self._apply(signals, n, value, index)
         return value
 
     def _screen(self, loss: float) -> str | None:

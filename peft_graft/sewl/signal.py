@@ -95,6 +95,8 @@ class GraftSignal:
 
     @torch.no_grad()
     def _accumulate(self, name: str, h: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad is None:  # autograd found no use of this z (e.g. a bitsandbytes kernel that skips it): adds nothing
+            return
         acc = self._acc[name]
         v = grad.reshape(-1, acc.r).float()  # [positions, r]
         h = h.reshape(-1, acc.r).float()
