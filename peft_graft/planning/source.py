@@ -57,6 +57,6 @@ def _hub_config(repo_id: str, timeout: float, endpoint: str | None) -> str:
     except Exception as err:  # network, auth, missing repo, offline cache miss: all mean "no config from the Hub"
         where = "in the local Hub cache (HF_HUB_OFFLINE is set)" if offline else f"on the Hub within {timeout:g} s"
         raise ModelSourceError(
-            f"Cannot get config.json of {repo_id!r} {where}: {type(err).__name__}: {err}. Download the model's "
+            f"Cannot get config.json of {repo_id!r} {where}: {type(err).__name__}: {str(err).rstrip('.')}. Download the model's "
             "config.json and give its path, or use a preset."
         ) from err

@@ -1,0 +1,28 @@
+"""`peft-graft estimate` end to end on a tiny config."""
+
+from __future__ import annotations
+
+import json
+
+from planning_models import tiny_decoder
+
+from peft_graft.cli import main
+
+
+def test_estimate_command_json_and_table(tmp_path, capsys):
+    tiny_decoder().config.save_pretrained(tmp_path)
+    argv = ["estimate", str(tmp_path), "--quant", "bf16", "--graft", "r=4,targets=q_proj+v_proj", "--lora-r", "2",
+            "--seq-len", "32", "--gpu-memory", "1"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    graft, lora = report["adapters"]
+    assert (graft["modules"], graft["trainable_params"], lora["trainable_params"]) == (
+        6,
+        6 * 16,
+        3 * 2 * (128 + 96),
+    )  # q: 64→64, v: 64→32
+    assert graft["fits"] is True
+    assert main(argv) == 0
+    assert "fits a 1 GB GPU with LoRA r=2: yes" in capsys.readouterr().out
+    assert main(["estimate", "not/a/model", "--timeout", "1"]) == 1  # no network here: a one-line typed error
+    assert capsys.readouterr().err.startswith("error: Cannot get config.json of 'not/a/model'")
