@@ -326,6 +326,20 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     ]
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from .planning import estimate_lines, estimate_memory, parse_graft_spec, resolve_config
+
+    config = resolve_config(args.model_or_config, timeout=args.timeout)
+    estimate = estimate_memory(
+        config, parse_graft_spec(args.graft), lora_r=args.lora_r or None, quant=args.quant,
+        compute_dtype=args.compute_dtype, double_quant=args.double_quant, batch=args.batch, seq_len=args.seq_len,
+        attention=args.attention, checkpointing=args.gradient_checkpointing, gpu_memory_gib=args.gpu_memory,
+        source=args.model_or_config,
+    )
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else "\n".join(estimate_lines(estimate)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect graft adapters and manage a registry.")
     parser.add_argument("--version", action=_VersionAction, help="Show the versions of peft-graft and its libraries.")
@@ -392,6 +406,25 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (push, pull):
         p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
         p.add_argument("--token")
+    estimate = command(
+        "estimate", _estimate, "Plan the memory of fine-tuning a model with a graft and with LoRA, from its config "
+        "alone: a preset (qwen2.5-14b, llama-3-70b...), a folder or config.json, or an org/name on the Hub.",
+        "model_or_config",
+    )
+    estimate.add_argument("--quant", choices=["fp32", "fp16", "bf16", "int8", "nf4"], default="nf4",
+                          help="How the base is stored (int8/nf4: bitsandbytes).")
+    estimate.add_argument("--double-quant", action="store_true", help="nf4 with double quantization.")
+    estimate.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                          help="Dtype of a quantized base's other weights and of its computation.")
+    estimate.add_argument("--graft", default="r=16,targets=all-linear", metavar="SPEC",
+                          help='GraftConfig fields as "key=value,...", targets joined by + (default: %(default)s).')
+    estimate.add_argument("--lora-r", type=int, default=8, help="LoRA rank on the same modules (0: no LoRA column).")
+    estimate.add_argument("--batch", type=int, default=1)
+    estimate.add_argument("--seq-len", type=int, default=2048)
+    estimate.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.add_argument("--gpu-memory", type=float, metavar="GB", help="Say whether training fits a GPU this big.")
+    estimate.add_argument("--timeout", type=float, default=10.0, help="Seconds to wait for the Hub (org/name).")
     return parser
 
 
