@@ -12,7 +12,7 @@ from peft_graft.cli import main
 def test_estimate_command_json_and_table(tmp_path, capsys):
     tiny_decoder().config.save_pretrained(tmp_path)
     argv = ["estimate", str(tmp_path), "--quant", "bf16", "--graft", "r=4,targets=q_proj+v_proj", "--lora-r", "2",
-            "--seq-len", "32", "--gpu-memory", "1"]  # fmt: skip
+            "--seq-len", "32", "--gpu-memory", "2"]  # fmt: skip
     assert main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     graft, lora = report["adapters"]
@@ -23,6 +23,6 @@ def test_estimate_command_json_and_table(tmp_path, capsys):
     )  # q: 64→64, v: 64→32
     assert graft["fits"] is True
     assert main(argv) == 0
-    assert "fits a 1 GB GPU with LoRA r=2: yes" in capsys.readouterr().out
+    assert "fits a 2 GB GPU with LoRA r=2: yes" in capsys.readouterr().out
     assert main(["estimate", "not/a/model", "--timeout", "1"]) == 1  # no network here: a one-line typed error
     assert capsys.readouterr().err.startswith("error: Cannot get config.json of 'not/a/model'")
