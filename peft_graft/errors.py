@@ -226,3 +226,41 @@ class SEWLUnknownUserError(SEWLError, KeyError):
 class ModelSourceError(PeftGraftError, OSError):
     """No model config can be read from what was given: not a preset, a model folder, a config.json, or a Hub id that
     is reachable (offline, timed out, gated or missing)."""
+
+
+# --- graft search ---------------------------------------------------------------------------------------------------
+
+
+class SearchError(PeftGraftError):
+    """Base class of every error raised by `peft_graft.search`."""
+
+
+class SearchConfigError(SearchError, ValueError):
+    """A search setting is out of range or inconsistent (no candidate ranks, an unknown sensitivity score, data
+    roles the search needs but was not given...); nothing was trained or recorded."""
+
+
+class NoTargetModulesError(SearchConfigError):
+    """The model has no module a graft can wrap among those asked for (no linear layer outside the output head)."""
+
+
+class EmptySearchDataError(SearchConfigError):
+    """A data role the search reads (sensitivity sample, train, ranking) holds no example, or examples too short to
+    predict a token."""
+
+
+class NonFiniteLossError(SearchError, FloatingPointError):
+    """The loss became NaN/Inf (on the sensitivity sample, or while a candidate trained); the model was left as it
+    was before the pass."""
+
+
+class BudgetExhaustedError(SearchError, ValueError):
+    """The parameter budget is empty, or too small for every candidate the search space proposes."""
+
+    def __init__(self, message: str, *, budget_left: int):
+        super().__init__(message)
+        self.budget_left = budget_left
+
+
+class PlotDependencyError(SearchError, ImportError):
+    """Plots need matplotlib, which is in the ``bench`` extra: ``pip install 'peft-graft[bench]'``."""
