@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .errors import CalibrationRequiredError, GraftConfigError
 from .tuners.graft.config import GraftConfig
 from .tuners.graft.layer import GraftLayer
+from .tuners.graft.model import PROGRESS_MIN_MODULES
 
 
 class _Recorder:
@@ -141,7 +142,8 @@ def calibrate(
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for layer in layers:
                 layer.graft_recorders[adapter].sum_over_ranks()
-        for layer in layers:
+        quiet = not progress or len(layers) < PROGRESS_MIN_MODULES or None
+        for layer in tqdm(layers, desc=f"Graft {adapter!r} from calibration", unit="module", disable=quiet):
             layer.apply_calibration(adapter, config, layer.graft_recorders[adapter])
     finally:
         for layer in layers:

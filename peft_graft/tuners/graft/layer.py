@@ -7,6 +7,9 @@ The forward never materialises ΔW (out×in): it runs x → B → Φ → A, i.e.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -15,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
-from ...errors import CalibrationRequiredError, NonFiniteWeightsError, UnsupportedLayerError
+from ...errors import AdapterContentError, CalibrationRequiredError, NonFiniteWeightsError, UnsupportedLayerError
 from .bnb import CpuSafeBnb4bitBackend, resolve_backend
 from .config import GraftConfig
 from .phi import build_phi
@@ -27,6 +30,33 @@ from .projections import (
     orthogonal_projections,
     svd_projections,
 )
+
+
+# Set while an adapter file is being loaded: projections the file stores are not computed (an SVD of every target
+# module, minutes on a large model, only to be overwritten), but left pending until the file's tensors fill them.
+_LOADING_FROM_FILE: ContextVar[bool] = ContextVar("graft_loading_from_file", default=False)
+# The `graft_pending` entry of a layer whose projections are to come from the file being loaded.
+FROM_FILE = "projections from the adapter file"
+
+
+@contextmanager
+def loading_from_file() -> Iterator[None]:
+    """Within this block, graft layers take their stored projections from the checkpoint being loaded.
+
+    Entered by the load paths (`peft_hooks`): PEFT's ``from_pretrained`` / ``load_adapter`` and transformers'
+    ``load_adapter``. Those paths refuse a file that lacks any tensor the config stores, so no layer is left with
+    its placeholder; and a layer that somehow were refuses to run (`GraftLayer._check_ready`).
+    """
+    token = _LOADING_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _LOADING_FROM_FILE.reset(token)
+
+
+def is_loading_from_file() -> bool:
+    """Whether graft layers created now will take their stored projections from a checkpoint (see `loading_from_file`)."""
+    return _LOADING_FROM_FILE.get()
 
 
 class SparseResidual(nn.Module):
@@ -92,12 +122,14 @@ class GraftLayer(BaseTunerLayer):
         # A random Φ under the scaling rule gives the ΔW it gives at s = 1; an explicit s scales it, as it says.
         phi.reset(config.init_weights is not False, generator, scaling if config.scaling is None else 1.0)
 
-        if config.projection == "svd":
-            A, B = svd_projections(self._base_weight_out_in(), r, config.mode)
-        elif config.projection in ("orthogonal", "trainable"):
-            A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
-        else:  # data-driven: placeholders until `calibrate()` or a checkpoint fills them
+        from_file = config.stores_projections and is_loading_from_file()
+        if from_file or config.projection in ("activation", "gradient"):
+            # placeholders until the checkpoint or `calibrate()` fills them
             A, B = torch.zeros(out_f, r), torch.zeros(r, d)
+        elif config.projection == "svd":  # one module at a time: a quantized base is dequantized for this one only
+            A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
+        else:
+            A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
         self.graft_proj[adapter_name] = GraftProjection(
             A,
             B,
@@ -110,7 +142,7 @@ class GraftLayer(BaseTunerLayer):
             self.graft_sparse[adapter_name] = SparseResidual(config.sparse_residual)
         self.graft_scaling[adapter_name] = scaling
         self.graft_mode[adapter_name] = config.mode
-        self.graft_pending[adapter_name] = tuple(config.calibration_needs)
+        self.graft_pending[adapter_name] = (FROM_FILE,) if from_file else tuple(config.calibration_needs)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -118,15 +150,30 @@ class GraftLayer(BaseTunerLayer):
     def _base_weight_out_in(self) -> torch.Tensor:
         return transpose(self.get_base_weight(), self.fan_in_fan_out)
 
+    def _solver(self, config: GraftConfig) -> tuple[int | None, int, torch.Generator]:
+        """Settings of the top-r solver for this module, with its sketch generator seeded from (seed, module name)."""
+        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, f"sketch/{self.module_name}"))
+        return config.projection_niter, config.projection_oversample, generator
+
     def _mark_loaded_adapters(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        """An adapter whose Φ comes from a checkpoint no longer needs calibration: its state is complete."""
+        """An adapter whose Φ (and stored A, B) come from a checkpoint is complete: nothing left to calibrate or to
+        take from a file."""
         for adapter, phi in self.graft_phi.items():
-            first_param = next(iter(phi._parameters))
-            if f"{prefix}graft_phi.{adapter}.{first_param}" in state_dict:
+            keys = [f"graft_phi.{adapter}.{next(iter(phi._parameters))}"]
+            if self.graft_proj[adapter].stored:
+                keys += [f"graft_proj.{adapter}.A", f"graft_proj.{adapter}.B"]
+            if all(prefix + key in state_dict for key in keys):
                 self.graft_pending[adapter] = ()
 
     def _check_ready(self, adapter: str) -> None:
-        if self.graft_pending.get(adapter):
+        pending = self.graft_pending.get(adapter)
+        if pending and FROM_FILE in pending:
+            raise AdapterContentError(
+                f"Graft adapter {adapter!r} on {self.module_name!r} was created to take its projections from an "
+                "adapter file, and no file provided them. Load the adapter again with PeftModel.from_pretrained / "
+                "load_adapter, or create a new one with get_peft_model."
+            )
+        if pending:
             raise CalibrationRequiredError(
                 f"Graft adapter {adapter!r} on {self.module_name!r} uses {', '.join(self.graft_pending[adapter])}, "
                 "which needs calibration data. Run `peft_graft.calibrate(model, dataloader)` before training, "
@@ -140,9 +187,9 @@ class GraftLayer(BaseTunerLayer):
         """Turn recorded statistics into projections, an initial Φ and sparse positions."""
         proj, phi, r = self.graft_proj[adapter], self.graft_phi[adapter], config.r_for(self.module_name)
         if config.projection == "activation":
-            proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r))
+            proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r, *self._solver(config)))
         elif config.projection == "gradient":
-            proj.assign(*gradient_projections(stats.grad_u, r))
+            proj.assign(*gradient_projections(stats.grad_u, r, *self._solver(config)))
         if config.init_weights in ("lstsq", "gradient_diag"):  # Φ₀ that reproduces one gradient step
             step = -config.init_lr * stats.grad_u.to(proj.A.device)  # ΔW of one gradient step, in graft input space
             A, B = proj.A.float(), proj.B.float()

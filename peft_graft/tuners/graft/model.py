@@ -17,13 +17,14 @@ from peft.tuners.tuners_utils import (
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
 from . import blend
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
-from .layer import GraftLayer, Linear
+from .layer import GraftLayer, Linear, is_loading_from_file
 from .lora_export import export_lora
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
@@ -35,6 +36,8 @@ GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     "drm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+# Computing svd projections for more modules than this shows a progress bar (tqdm; quiet when stderr is no terminal).
+PROGRESS_MIN_MODULES = 16
 
 
 class GraftModel(BaseTuner):
@@ -63,6 +66,14 @@ class GraftModel(BaseTuner):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft-graft", "graft"])
 
+    def inject_adapter(self, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(*args, **kwargs)
+        finally:
+            progress = self.__dict__.pop("_projection_progress", None)  # opened by _prepare_model
+            if progress is not None:
+                progress.close()
+
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
         """Check every target before any module is replaced, so a bad config leaves the model untouched.
 
@@ -71,7 +82,7 @@ class GraftModel(BaseTuner):
         explicit ``rank_pattern`` entry that does not fit is an error.
         """
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
-        total, clamped = 0, {}
+        total, clamped, targets = 0, {}, 0
         for key, module in model.named_modules():
             matched = check_target_module_exists(peft_config, key)
             if not matched or isinstance(matched, _ExcludedModule):
@@ -90,6 +101,7 @@ class GraftModel(BaseTuner):
                     )
                 clamped[key] = r = limit
             total += self._module_trainable_params(peft_config, r, out_f, d)
+            targets += 1
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
             raise ParameterBudgetExceededError(
@@ -107,6 +119,14 @@ class GraftModel(BaseTuner):
                 UserWarning,
                 stacklevel=2,
             )
+        # The SVD of every target is the slow part of creating an svd graft on a large model: show it progress.
+        computes = peft_config.projection == "svd" and not is_loading_from_file()
+        self._projection_progress = tqdm(
+            total=targets,
+            desc="Graft svd projections",
+            unit="module",
+            disable=not computes or targets < PROGRESS_MIN_MODULES or None,
+        )
 
     @staticmethod
     def _module_trainable_params(config: GraftConfig, r: int, out_f: int, d: int) -> int:
@@ -129,11 +149,12 @@ class GraftModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         if isinstance(target, GraftLayer):
             target.update_layer(adapter_name, graft_config, current_key)
-            return
-        new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        else:
+            new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        self._projection_progress.update()
 
     @staticmethod
     def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:

@@ -17,6 +17,9 @@
   config, tensors and manifest are checked before anything is injected, the checks the graft layers make in their
   ``load_state_dict`` hooks (base shape, regenerated-projection fingerprint) and the missing-module check run after
   the copy, and any failure restores the model exactly and raises a typed error. Other adapters are passed through.
+* Loading computes nothing the file holds: inside every wrapped load, graft layers leave the projections the
+  config stores (svd, activation, gradient, trainable) as placeholders for the file's tensors instead of running an
+  SVD of each target module (`layer.loading_from_file`); the checks above refuse a file that lacks them.
 * Saving: the model card PEFT writes gets a "how to load" section, because loading a GRAFT adapter without
   ``import peft_graft`` fails with a bare ``KeyError('GRAFT')`` from PEFT.
 """
@@ -51,7 +54,7 @@ from .integrity import (
     check_tensors,
     read_config,
 )
-from .layer import GraftLayer
+from .layer import GraftLayer, loading_from_file
 from .peft_type import GRAFT_PEFT_TYPE
 from .projections import GraftProjection
 from .rollback import ModelSnapshot
@@ -191,7 +194,8 @@ def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Ca
     def wrapper(cls: type, model: Any, model_id: Any, adapter_name: str = "default", *args: Any, **kwargs: Any):
         snapshot = ModelSnapshot.take(model)
         try:
-            return from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+            with loading_from_file():
+                return from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
         except BaseException as err:
             if snapshot.injected_grafts(adapter_name):
                 snapshot.restore(adapter_name)
@@ -227,7 +231,8 @@ def _roll_back_failed_load_adapter(load_adapter: Callable[..., Any]) -> Callable
         snapshot, known = ModelSnapshot.take(self), set(self.peft_config)
         try:
             try:
-                load_result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+                with loading_from_file():
+                    load_result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
             except (KeyError, RuntimeError) as err:
                 if getattr(self.peft_config.get(adapter_name), "peft_type", None) != GRAFT_PEFT_TYPE:
                     raise
@@ -375,7 +380,8 @@ def _guard_transformers_load_adapter(load_adapter: Callable[..., Any]) -> Callab
         snapshot = ModelSnapshot.take(self)
         try:
             try:
-                loading_info = load_adapter(self, *args, **kwargs)
+                with loading_from_file():
+                    loading_info = load_adapter(self, *args, **kwargs)
             except RuntimeError as err:
                 typed = _typed_state_dict_error(err, source)
                 if typed is None:
