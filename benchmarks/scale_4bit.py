@@ -3,8 +3,8 @@
 Each shape comes from `peft_graft.planning.PRESETS` with its depth truncated (``--layers``, default 1) and a small
 vocabulary (``--vocab``, default 1024: the embeddings and head of the real vocabulary would dominate memory without
 telling anything about the layers), random weights saved as bf16 and loaded back through bitsandbytes NF4 on the CPU.
-Every attention and MLP projection is grafted (``projection="orthogonal"``, and ``"svd"`` when the fast projections are
-present), trained a few AdamW steps, saved, reloaded, merged lossy (requantized) and exactly (`merge_and_dequantize`).
+Every attention and MLP projection is grafted (``projection="orthogonal"``; ``--svd`` adds ``"svd"``, affordable once
+fast projections land), trained a few AdamW steps, saved, reloaded, merged lossy (requantized) and exactly (`merge_and_dequantize`).
 QLoRA (LoRA r=8 on the same modules) runs on the same base for the step time. Then the planner's per-layer figures
 (NF4 bytes, adapter parameters and bytes, activations) are compared with the measurements (target: within 10%), and
 its full-depth plans for both models printed.
