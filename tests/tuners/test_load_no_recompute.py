@@ -1,0 +1,108 @@
+"""Loading a graft adapter computes nothing its file holds: no SVD, eigh or QR runs while PEFT's ``from_pretrained``
+/ ``load_adapter`` or transformers' ``load_adapter`` bring in an adapter with stored projections, and the loaded
+model computes exactly what the saved one did. A file that lacks the stored projections is still refused, typed,
+with the model left as it was; a layer whose projections never arrived refuses to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from test_failed_loads import assert_unchanged, state
+
+import peft_graft
+from peft_graft import GraftConfig, GraftLayer
+from peft_graft.errors import AdapterContentError
+from peft_graft.manifest import MANIFEST_NAME
+from peft_graft.tuners.graft.layer import loading_from_file
+
+
+STORED = ("svd", "activation", "gradient", "trainable")
+FACTORIZATIONS = {torch.linalg: ("svd", "eigh", "qr", "svdvals"), torch: ("svd_lowrank", "svd")}
+
+
+def calibration_batches():
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": (ids := torch.randint(0, 128, (2, 16), generator=g)), "labels": ids} for _ in range(2)]
+
+
+@pytest.fixture
+def saved(tiny_llama, tokens, tmp_path, request):
+    """A saved graft adapter with the projection ``request.param`` (random Φ) and the logits it gives."""
+    config = GraftConfig(r=4, target_modules=["q_proj", "v_proj"], projection=request.param, init_weights=False)
+    model = get_peft_model(tiny_llama(), config)
+    if config.needs_calibration:
+        peft_graft.calibrate(model, calibration_batches(), progress=False)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model(tokens).logits
+
+
+def forbid_factorizations(patch: pytest.MonkeyPatch) -> None:
+    """Make every SVD / eigh / QR entry point of torch fail the test while ``patch`` is active."""
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} ran while loading an adapter whose file holds its projections")
+
+        return call
+
+    for owner, names in FACTORIZATIONS.items():
+        for name in names:
+            patch.setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+
+
+@pytest.mark.parametrize("saved", STORED, indirect=True)
+@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "PeftModel.load_adapter", "transformers load_adapter"])
+def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, saved, loader):
+    path, expected = saved
+    # the model to load into is built first: a graft created with get_peft_model computes its projections
+    model = tiny_llama()
+    if loader == "PeftModel.load_adapter":  # onto a PeftModel that already holds another graft adapter
+        model = get_peft_model(model, GraftConfig(r=2, target_modules=["q_proj"], seed=3))
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_factorizations(patch)
+        if loader == "PeftModel.from_pretrained":
+            model = PeftModel.from_pretrained(model, path)
+        else:
+            model.load_adapter(path, adapter_name="loaded")
+            if loader == "PeftModel.load_adapter":
+                model.set_adapter("loaded")
+    torch.testing.assert_close(model(tokens).logits, expected, atol=0, rtol=0)
+    layers = [m for m in model.modules() if isinstance(m, GraftLayer)]
+    assert layers and not any(pending for m in layers for pending in m.graft_pending.values())
+
+
+@pytest.mark.parametrize("saved", ["svd"], indirect=True)
+@pytest.mark.parametrize("part", ["A", "B"])
+def test_a_file_without_the_stored_projections_is_refused(tiny_llama, tokens, saved, part):
+    path, _ = saved
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = next(k for k in sorted(tensors) if k.endswith(f".graft_proj.{part}"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    (path / MANIFEST_NAME).unlink()  # an adapter saved before manifests: the structural checks alone must refuse it
+    base = tiny_llama()
+    before, logits = state(base), base(tokens).logits
+    with pytest.raises(AdapterContentError, match=f"graft_proj.{part} is missing"):
+        PeftModel.from_pretrained(base, path)
+    assert_unchanged(base, before, tokens, logits)
+
+
+def test_a_layer_whose_projections_never_arrived_refuses_to_run(tiny_llama, tokens):
+    with loading_from_file():  # as in a load, but no file follows
+        model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="svd"))
+    layer = next(m for m in model.modules() if isinstance(m, GraftLayer))
+    assert not layer.graft_proj["default"].A.any()  # nothing was computed...
+    with pytest.raises(AdapterContentError, match="no file provided them"):  # ...and nothing runs on placeholders
+        model(tokens)
+    with pytest.raises(AdapterContentError, match="no file provided them"):
+        model.merge_and_unload()
+
+
+def test_get_peft_model_still_computes_svd_projections(tiny_llama):
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="svd"))
+    layer = next(m for m in model.modules() if isinstance(m, GraftLayer))
+    U, _, _ = torch.linalg.svd(layer.get_base_layer().weight)
+    torch.testing.assert_close(layer.graft_proj["default"].A.abs(), U[:, :4].abs(), atol=1e-5, rtol=0)
+    assert not layer.graft_pending["default"]
