@@ -1,0 +1,94 @@
+"""The LoRA control of a stage: PEFT's LoRA on the same modules, at (as nearly as ranks allow) the same budget.
+
+A graft is only worth its parameters if a plain LoRA with as many trainable numbers, trained on the same data for
+the same steps from the same composed model, does not do as well. PEFT keeps one adapter type per PeftModel, so the
+control trains on a copy of the model with the accepted grafts merged in: the same function, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..errors import NonFiniteLossError
+from ..gates import GrowthData
+from .training import adapter_size, mean_loss, train_adapter
+
+
+CONTROL_ADAPTER = "lora_control"
+
+
+def lora_rank_for(params: int, shapes: Sequence[tuple[int, int]]) -> int:
+    """The LoRA r whose r·Σ(in + out) trainable numbers is closest to ``params`` (at least 1)."""
+    per_rank = sum(in_f + out_f for in_f, out_f in shapes)
+    return max(1, round(params / per_rank))
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    r: int
+    params: int  # LoRA's trainable numbers (the graft's are in the stage report beside it)
+    lr: float  # the learning rate picked on the ranking role
+    gain: float  # acceptance loss without − with the LoRA, nats/token (NaN if every lr diverged)
+    ranking_gain: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _merged_copy(model: nn.Module, accepted: Sequence[str]) -> nn.Module:
+    """A plain copy of ``model`` computing what its ``accepted`` composition computes."""
+    if not isinstance(model, PeftModel):
+        return copy.deepcopy(model)
+    clone = copy.deepcopy(model)
+    return clone.merge_and_unload(adapter_names=list(accepted)) if accepted else clone.unload()
+
+
+def lora_control(
+    model: nn.Module,
+    accepted: Sequence[str],
+    modules: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    params: int,
+    data: GrowthData,
+    *,
+    steps: int,
+    lrs: Sequence[float],
+    batch_size: int = 8,
+    seed: int = 0,
+) -> ControlResult:
+    """Train a LoRA of about ``params`` numbers on ``modules`` (their ``shapes``: (in, out)) over the ``accepted``
+    composition of ``model``, for ``steps`` steps at each of ``lrs``; keep the lr with the best ranking gain and
+    report its acceptance gain. ``model`` is not changed."""
+    r = lora_rank_for(params, shapes)
+    best: ControlResult | None = None
+    for lr in lrs:
+        base = _merged_copy(model, accepted)
+        torch.manual_seed(seed)  # LoRA's A is drawn at random: same init for every lr
+        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(modules))
+        lora = get_peft_model(base, config, adapter_name=CONTROL_ADAPTER)
+        before = {role: mean_loss(lora, getattr(data, role), [], batch_size) for role in ("ranking", "acceptance")}
+        try:
+            train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+            after = {
+                role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size)
+                for role in ("ranking", "acceptance")
+            }
+        except NonFiniteLossError:
+            after = {"ranking": float("nan"), "acceptance": float("nan")}
+        result = ControlResult(
+            r,
+            adapter_size(lora, CONTROL_ADAPTER),
+            lr,
+            before["acceptance"] - after["acceptance"],
+            before["ranking"] - after["ranking"],
+        )
+        if best is None or result.ranking_gain > best.ranking_gain or best.ranking_gain != best.ranking_gain:
+            best = result
+        del lora, base
+    return best
