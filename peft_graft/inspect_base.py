@@ -94,11 +94,23 @@ class BaseReport:
         groups: dict[tuple, dict[str, Any]] = {}
         for m in self.modules:
             key = (m.kind, m.type, m.in_features, m.out_features, m.params, m.graft_r)
-            group = groups.setdefault(key, {
-                "name": m.kind, "type": m.type, "in_features": m.in_features, "out_features": m.out_features,
-                "count": 0, "params_each": m.params, "params": 0, "default_target": m.default_target,
-                "output_head": m.output_head, "graft_r": m.graft_r, "graft_params": 0, "graft_bytes": 0,
-            })
+            group = groups.setdefault(
+                key,
+                {
+                    "name": m.kind,
+                    "type": m.type,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    "count": 0,
+                    "params_each": m.params,
+                    "params": 0,
+                    "default_target": m.default_target,
+                    "output_head": m.output_head,
+                    "graft_r": m.graft_r,
+                    "graft_params": 0,
+                    "graft_bytes": 0,
+                },
+            )
             group["count"] += 1
             group["params"] += m.params
             group["graft_params"] += m.graft_params
@@ -109,9 +121,10 @@ class BaseReport:
         """Modules grouped by layer (None: outside the layer stack), in model order."""
         groups: dict[str | None, dict[str, Any]] = {}
         for m in self.modules:
-            group = groups.setdefault(m.layer, {"layer": m.layer, "modules": [], "params": 0, "graft_params": 0,
-                                                "graft_bytes": 0})
-            group["modules"].append(m.name if m.layer is None else m.name[len(m.layer) + 1:])
+            group = groups.setdefault(
+                m.layer, {"layer": m.layer, "modules": [], "params": 0, "graft_params": 0, "graft_bytes": 0}
+            )
+            group["modules"].append(m.name if m.layer is None else m.name[len(m.layer) + 1 :])
             group["params"] += m.params
             group["graft_params"] += m.graft_params
             group["graft_bytes"] += m.graft_bytes
@@ -156,7 +169,10 @@ def inspect_config(
     defaults = GRAFT_TARGET_MODULES_MAPPING.get(config.model_type)
     modules = [
         TargetModule(
-            name, type(module).__name__, *_get_in_out_features(module), sum(p.numel() for p in module.parameters()),
+            name,
+            type(module).__name__,
+            *_get_in_out_features(module),
+            sum(p.numel() for p in module.parameters()),
             default_target=defaults is not None and name.rpartition(".")[2] in defaults,
             output_head=module is output_head,
         )
@@ -169,7 +185,9 @@ def inspect_config(
         model_type=config.model_type,
         architecture=type(model).__name__,
         dtype=str(getattr(model, "dtype", None)).removeprefix("torch."),
-        quantization=quantization if isinstance(quantization, dict) or quantization is None else quantization.to_dict(),
+        quantization=quantization
+        if isinstance(quantization, dict) or quantization is None
+        else quantization.to_dict(),
         base_params=sum(p.numel() for p in model.parameters()),
         default_targets=sorted(defaults) if defaults is not None else None,
         modules=modules,
@@ -177,8 +195,10 @@ def inspect_config(
     )
     graft_config = GraftConfig() if graft_config is None else graft_config
     if graft_config.target_modules is None and defaults is None:
-        note = (f"peft-graft knows no default targets for model type {config.model_type!r}: give target_modules "
-                "(names from the table, or 'all-linear').")
+        note = (
+            f"peft-graft knows no default targets for model type {config.model_type!r}: give target_modules "
+            "(names from the table, or 'all-linear')."
+        )
         return replace(report, graft_note=note)
     return _plan(report, model, graft_config)
 
@@ -205,8 +225,9 @@ def meta_model(config: transformers.PretrainedConfig) -> nn.Module:
             # from_pretrained swaps in the quantized layers on the meta model before reading weights; do the same.
             quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
             try:
-                quantizer.preprocess_model(model=model, dtype=config.dtype, device_map=None, checkpoint_files=None,
-                                           use_kernels=False)
+                quantizer.preprocess_model(
+                    model=model, dtype=config.dtype, device_map=None, checkpoint_files=None, use_kernels=False
+                )
             except ImportError as err:
                 raise PeftGraftError(
                     f"The config asks for {quantizer.quantization_config.quant_method} quantization, whose layers "
@@ -238,8 +259,11 @@ def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> Ba
         if not key.endswith((".graft_proj.A", ".graft_proj.B")):
             owner = key.removeprefix(prefix).rpartition(".graft_")[0]
             module_bytes[owner] = module_bytes.get(owner, 0) + tensor.numel() * tensor.element_size()
-    layers = {name.removeprefix(prefix): module for name, module in peft_model.named_modules()
-              if isinstance(module, GraftLayer)}
+    layers = {
+        name.removeprefix(prefix): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, GraftLayer)
+    }
     stored, trainable_projection = graft_config.stores_projections, graft_config.projection == "trainable"
     modules, projection_params, projection_bytes = [], 0, 0
     for m in report.modules:
@@ -281,5 +305,3 @@ def _plain(values: Any) -> Any:
 
 def _targetable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or resolve_backend(module) is not None
-
-
