@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLStateError
 from ..tuners.graft import GraftConfig, GraftLayer
 from ..tuners.graft.bnb import unpack_cpu_4bit
 from .config import SEWLConfig
+from .loss import summed_nll
 from .rails import SpectralBound, UpdateLog, UpdateRecord, age
 from .rules import RULES, initial_stats, merge_sessions
 from .signal import GraftSignal, LayerSignal
@@ -184,14 +184,16 @@ class SEWL:
         return input_ids.to(device), mask.to(device), labels.reshape(input_ids.shape).to(device)
 
     def _nll(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean next-token loss over the chunk's predicted tokens (a fixed per-token reduction) and their count."""
-        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        """Mean next-token loss over the chunk's predicted tokens (a fixed per-token reduction) and their count.
+
+        The last position predicts nothing inside the chunk, so the model never runs on it: position t's logits
+        predict label t+1, and a causal model gives the other positions the same logits without it."""
         targets = labels[:, 1:]
         n = int((targets != -100).sum())
         if n == 0:
             raise SEWLStateError("The batch has no token to predict (at least two real tokens per chunk are needed).")
-        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        return total / n, n
+        logits = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        return summed_nll(logits, targets, consume_logits=True) / n, n
 
     @torch.no_grad()
     def score(self, batch: Batch) -> float:
@@ -215,7 +217,7 @@ class SEWL:
         before the update; what happened is in `log`."""
         self._check_live()
         input_ids, mask, labels = self._prepare(batch)
-        signal = GraftSignal({name: self.phi_module(name) for name in self.layers}, self.model, mask)
+        signal = GraftSignal({name: self.phi_module(name) for name in self.layers}, self.model, mask[:, :-1])
         with signal.capture():
             loss, n = self._nll(input_ids, mask, labels)
             value = loss.item()
