@@ -210,7 +210,7 @@ class GateOutcome:
 
 @dataclass
 class RouteResult:
-    model: PeftModel  # the model the candidates were added to (wrapped in a PeftModel if it was not one)
+    model: nn.Module  # the model with the accepted candidate added (a PeftModel then), else as it came in
     probes: list[ProbeResult]
     gated: list[GateOutcome]
 
@@ -224,6 +224,14 @@ def _add_adapter(model: nn.Module, name: str, config: GraftConfig) -> PeftModel:
         model.add_adapter(name, config)
         return model
     return get_peft_model(model, config, adapter_name=name)
+
+
+def _remove_adapter(model: PeftModel, name: str) -> nn.Module:
+    """Delete adapter ``name``; a PeftModel left without adapters cannot run, so the last one unwraps the model."""
+    if list(model.peft_config) == [name]:
+        return model.unload()
+    model.delete_adapter(name)
+    return model
 
 
 @dataclass
@@ -256,7 +264,8 @@ class Router:
         self, model: nn.Module, candidates: Sequence[Candidate], accepted: Sequence[str], name_prefix: str
     ) -> tuple[PeftModel, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
         """Train each candidate ``probe_steps`` steps and score it on the ranking role; NaN candidates are deleted
-        and recorded. Returns the model (a PeftModel), the results and the optimizers of the surviving adapters."""
+        and recorded. Returns the model (a PeftModel while adapters remain), the results and the optimizers of the
+        surviving adapters."""
         results, optimizers = [], {}
         before = mean_loss(model, self.data.ranking, accepted, self.batch_size)
         for i, candidate in enumerate(candidates):
@@ -279,7 +288,7 @@ class Router:
             except NonFiniteLossError as err:
                 logger.info("Probe %s skipped: %s", name, err)
                 optimizers.pop(name, None)
-                model.delete_adapter(name)
+                model = _remove_adapter(model, name)
                 results.append(ProbeResult(name, candidate, "non_finite", message=str(err)))
                 continue
             results.append(ProbeResult(name, candidate, "ok", gain=before - after))
@@ -312,7 +321,7 @@ class Router:
         keep = next((g.adapter for g in gated if g.decision is Decision.ACCEPT), None)
         for probe in finite:
             if probe.adapter != keep:
-                model.delete_adapter(probe.adapter)
+                model = _remove_adapter(model, probe.adapter)
         return RouteResult(model, probes, gated)
 
     def _gate(

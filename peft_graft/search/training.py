@@ -64,8 +64,8 @@ def train_adapter(
                 loss = model(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"Training adapter {adapter!r} at lr={lr:g} gave a {loss.item()} loss at step {step}; the "
-                        "learning rate is too high for it (or the base is broken)."
+                        f"Training adapter {adapter!r} at lr={lr:g} gave a non-finite loss ({loss.item()}) at step "
+                        f"{step}: too high a learning rate or scaling for it, or a broken base."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
