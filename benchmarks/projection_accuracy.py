@@ -37,7 +37,7 @@ RANKS = (8, 16, 32)
 THRESHOLD = 0.999
 DEFAULT = GraftConfig()
 CALIBRATION_BLOCKS, BLOCK_TOKENS, BATCH = 8, 128, 4
-CALIBRATED_LAYERS = (0, 5, 10, 15, 20, 25, 29)  # every module of these layers (exact eigh of 1536² Grams is slow)
+CALIBRATED_LAYERS = (0, 15, 29)  # every module of these layers (exact eigh of 1536² Grams is slow)
 
 Solver = Callable[[torch.Tensor, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -60,7 +60,7 @@ SVD_SOLVERS: dict[str, Solver] = {
     "niter=4, oversample=0 (PiSSA's work)": krylov(4, 0),
     "PiSSA fast SVD: svd_lowrank(q=r, niter=4)": pissa_fast_svd,
 }
-SEEDS = (0, 1)  # the default solver is also run with these config seeds
+SEEDS = (0,)  # config seeds of the default solver (add more to check other sketches)
 
 
 def largest_angle_deg(X: torch.Tensor, Y: torch.Tensor) -> float:

@@ -53,7 +53,9 @@ def forbid_factorizations(patch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("saved", STORED, indirect=True)
-@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "PeftModel.load_adapter", "transformers load_adapter"])
+@pytest.mark.parametrize(
+    "loader", ["PeftModel.from_pretrained", "PeftModel.load_adapter", "transformers load_adapter"]
+)
 def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, saved, loader):
     path, expected = saved
     # the model to load into is built first: a graft created with get_peft_model computes its projections

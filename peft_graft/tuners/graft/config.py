@@ -187,7 +187,11 @@ class GraftConfig(PeftConfig):
 
         def names(name: str, value: object) -> None:
             many = isinstance(value, (set, list, tuple))
-            if not (value is None or isinstance(value, str) or many) or many and not all(isinstance(v, str) for v in value):
+            if (
+                not (value is None or isinstance(value, str) or many)
+                or many
+                and not all(isinstance(v, str) for v in value)
+            ):
                 fail(name, "a string, a list of strings or None", value)
 
         choice("phi", self.phi, PHI_FAMILIES)

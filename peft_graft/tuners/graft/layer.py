@@ -115,7 +115,9 @@ class GraftLayer(BaseTunerLayer):
         r, out_f = config.r_for(module_name), self.out_features
         d = self.in_features if config.mode == "additive" else out_f
         # A random Φ (init_weights=False) differs per adapter, as LoRA's does; seeded projections below do not.
-        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, f"{adapter_name}/{module_name}"))
+        generator = torch.Generator(device="cpu").manual_seed(
+            derived_seed(config.seed, f"{adapter_name}/{module_name}")
+        )
 
         scaling = config.scaling_for(r, d, out_f)
         phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)

@@ -199,7 +199,9 @@ def _roll_back_failed_from_pretrained(from_pretrained: Callable[..., Any]) -> Ca
         except BaseException as err:
             if snapshot.injected_grafts(adapter_name):
                 snapshot.restore(adapter_name)
-            typed = _unknown_method_error(err, model_id, kwargs.get("subfolder")) if isinstance(err, KeyError) else None
+            typed = (
+                _unknown_method_error(err, model_id, kwargs.get("subfolder")) if isinstance(err, KeyError) else None
+            )
             if typed is not None:
                 raise typed from err
             raise
@@ -353,8 +355,11 @@ def _check_transformers_result(model: Any, adapter_name: str, missing_keys: Any,
         # The layer's own projection as it was before the copy overwrote its signature with the saved one: the
         # projection's load hook then compares the saved base shape and fingerprint with it, as in PEFT's load.
         own = GraftProjection(
-            projection.A.detach(), projection.B.detach(), (layer.out_features, layer.in_features),
-            trainable=False, stored=projection.stored,
+            projection.A.detach(),
+            projection.B.detach(),
+            (layer.out_features, layer.in_features),
+            trainable=False,
+            stored=projection.stored,
         )
         own._verify_incoming({prefix + "signature": projection.signature}, prefix)
     check_loaded_modules(missing_keys, adapter_name, source)
