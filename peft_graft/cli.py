@@ -76,6 +76,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sewl_inspect(args: argparse.Namespace) -> int:
+    from .sewl.report import report_lines, snapshot_report
+
+    report = snapshot_report(args.path, args.log)
+    print(json.dumps(report, indent=2, default=str) if args.json else "\n".join(report_lines(report)))
+    return 0 if report["integrity"] is True else 1
+
+
 def _read_head(path: str) -> tuple[int, str]:
     """A head written by `peft-graft head`."""
     try:
@@ -340,6 +348,20 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    from .search.cli import sensitivity
+
+    _print(sensitivity(args), args.json)
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search.cli import search
+
+    _print(search(args), args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-graft", description="Inspect graft adapters and manage a registry.")
     parser.add_argument("--version", action=_VersionAction, help="Show the versions of peft-graft and its libraries.")
@@ -354,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("inspect", _inspect, "Summarise a saved graft adapter folder.", "path")
+    command(
+        "sewl-inspect",
+        _sewl_inspect,
+        "Summarise a SEWL snapshot, or a folder of per-user snapshots: rule, config, updates, bytes, integrity, last "
+        "log entries (exit 1 if a file fails its sha256).",
+        "path",
+    ).add_argument("--log", type=int, default=5, metavar="N", help="Last update records to show.")
     base = command(
         "inspect-base", _inspect_base, "List what in a base model can take a graft, and what a GraftConfig adds, from "
         "its config alone (built on the meta device: no weights downloaded or loaded).", "model_or_config",
@@ -425,6 +454,26 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gradient-checkpointing", action="store_true")
     estimate.add_argument("--gpu-memory", type=float, metavar="GB", help="Say whether training fits a GPU this big.")
     estimate.add_argument("--timeout", type=float, default=10.0, help="Seconds to wait for the Hub (org/name).")
+    sens = command("sensitivity", _sensitivity, "Map which modules of a causal LM a graft should go to (gradient "
+                   "norm, Fisher, activation energy, projected gradient) on a data sample.", "model")
+    sens.add_argument("--data", required=True, help="Text file (model's tokenizer) or JSON list of token-id lists.")
+    sens.add_argument("--block-size", type=int, default=64)
+    sens.add_argument("--blocks", type=int, default=32, help="Blocks of the sample (default: %(default)s).")
+    sens.add_argument("--batch-size", type=int, default=8)
+    sens.add_argument("--r", type=int, default=16, help="Graft space size of the projected-gradient score.")
+    sens.add_argument("--projection", default="svd", help="Projections of the projected-gradient score.")
+    sens.add_argument("--target-modules", type=_target_modules, metavar="A,B", help="Default: every linear map.")
+    sens.add_argument("--score", default="projected", help="grad_norm, fisher, activation or projected.")
+    sens.add_argument("--out", metavar="MAP.json", help="Write the map as JSON.")
+    sens.add_argument("--plot", metavar="HEAT.png", help="Draw the heat map (needs matplotlib: the bench extra).")
+    search = command("search", _search, "Grow a model stage by stage through the gates, against a LoRA control at "
+                     "the same budget; writes a report.", "config")
+    search.add_argument("--model", help="Model folder (overrides the search file).")
+    search.add_argument("--budget", type=int, help="Trainable numbers all accepted grafts may use together.")
+    search.add_argument("--max-stages", type=int)
+    search.add_argument("--out", help="Report folder.")
+    search.add_argument("--registry", help="Registry root (default: OUT/registry).")
+    search.add_argument("--no-plot", action="store_true", help="Skip the growth-curve plot.")
     return parser
 
 
