@@ -12,7 +12,8 @@ Folder layout (``path``):
   dequantized Φ, so both ways of loading agree. ``master=True`` adds ``sewl_master.safetensors``: the exact fp32
   tensors, preferred on restore (and exact Φ in the adapter file).
 * ``sewl_state.json``: format, adapter name, `SEWLConfig`, base-model fingerprint, each graft's projection
-  fingerprint, counters and the outlier rail's running statistics.
+  fingerprint, counters, the outlier rail's running statistics and the last ``LOG_KEPT`` update records (so a
+  resumed SEWL, and ``peft-graft sewl-inspect``, still show what happened last).
 * ``sewl_manifest.json``, written last: sha256 of every other file and a content id over them. Restoring refuses a
   folder with a changed, missing or extra file.
 
@@ -27,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import SEWLForeignSnapshotError, SEWLIntegrityError, SEWLSnapshotError
 from .config import SEWLConfig
-from .rails import LossStats
+from .rails import LossStats, UpdateRecord
 from .state import SEWLState, SiteState
 
 
@@ -54,6 +55,7 @@ MANIFEST_FILE = "sewl_manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 QUANTIZATIONS = (None, "int8")
 _KEY_PREFIX = "base_model.model."
+LOG_KEPT = 100
 
 
 # ------------------------------------------------------------------ tensors <-> state
@@ -212,6 +214,7 @@ def _meta(sewl: SEWL) -> dict[str, Any]:
         "updates": state.updates,
         "tokens": state.tokens,
         "loss_stats": [state.loss_stats.count, state.loss_stats.mean, state.loss_stats.m2],
+        "log": [asdict(record) for record in list(sewl.log)[-LOG_KEPT:]],
     }
 
 
@@ -268,6 +271,16 @@ def read_meta(path: str | os.PathLike) -> tuple[dict[str, Any], SEWLConfig]:
         if isinstance(err, SEWLSnapshotError | SEWLIntegrityError):
             raise
         raise SEWLSnapshotError(f"{Path(path) / META_FILE} is unreadable ({err}).") from err
+
+
+def read_log(meta: Mapping[str, Any], path: str | os.PathLike) -> list[UpdateRecord]:
+    """The update records a snapshot kept (none in snapshots that predate them)."""
+    try:
+        return [UpdateRecord(**record) for record in meta.get("log", [])]
+    except TypeError as err:
+        raise SEWLSnapshotError(
+            f"{Path(path) / META_FILE} holds an update log this peft-graft cannot read ({err})."
+        ) from err
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -342,6 +355,7 @@ def _adapter_phi(sewl: SEWL, folder: Path) -> dict[str, dict[str, torch.Tensor]]
 def restore_snapshot(cls: type[SEWL], model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> SEWL:
     """`SEWL.load`: verify, build the SEWL with the saved config, match, then (only then) write the state in."""
     meta, config = read_meta(path)
+    log = read_log(meta, path)
     kwargs.setdefault("adapter_name", meta.get("adapter"))
     sewl = cls(model, config, **kwargs)
     snapshot = read_snapshot(sewl, path)
@@ -352,4 +366,5 @@ def restore_snapshot(cls: type[SEWL], model: nn.Module, path: str | os.PathLike,
                 for name, param in layer.graft_phi[sewl.adapter].named_parameters():
                     param.copy_(params[name])
     sewl.set_state(snapshot.state)
+    sewl.log.records.extend(log)
     return sewl
