@@ -29,7 +29,7 @@ from ..growth import compose, rollback
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint
 from ..tuners.graft import GraftConfig
 from .control import lora_control
-from .router import Router, SearchSpace, propose
+from .router import Router, RouteResult, SearchSpace, propose
 from .sensitivity import SensitivityMap, sensitivity_map
 from .training import adapter_size, mean_loss
 
@@ -281,7 +281,7 @@ def _sensitivity(model: nn.Module, data: GrowthData, config: SearchConfig, progr
     )
 
 
-def _stage_entry(stage: int, result: Any, loss_before: float) -> dict[str, Any]:
+def _stage_entry(stage: int, result: RouteResult, loss_before: float) -> dict[str, Any]:
     accepted = result.accepted
     chosen = accepted or (result.gated[0] if result.gated else None)
     return {
