@@ -44,6 +44,7 @@ import peft_graft
 
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.graft_vs_lora.experiments import adapter_identity
 from benchmarks.lr_sensitivity_report import CANDIDATE, REFERENCE, judge, markdown, plot, readme_snippet
 
 
@@ -113,7 +114,8 @@ def methods() -> tuple[Method, ...]:
         Method(CANDIDATE, f"graft default (r={default.r}, {default.projection}, {scaling})",
                lambda p, seed: peft_graft.GraftConfig(seed=seed, **_targets(p))),
         Method("graft_v0.1_default", "graft 0.1 default (r=8, svd, s=1)",
-               lambda p, seed: peft_graft.GraftConfig(r=8, projection="svd", scaling=1.0, seed=seed, **_targets(p))),
+               lambda p, seed: peft_graft.GraftConfig(r=8, projection="svd", projection_niter=None, scaling=1.0,
+                                                      seed=seed, **_targets(p))),
     )
 
 
@@ -246,7 +248,7 @@ def plain(data: dict) -> dict:
 
 def config_dict(config: PeftConfig) -> dict:
     """The adapter config, every field, without those that do not change what is trained."""
-    return {k: v for k, v in plain(config.to_dict()).items() if k not in VOLATILE_CONFIG_KEYS}
+    return adapter_identity({k: v for k, v in plain(config.to_dict()).items() if k not in VOLATILE_CONFIG_KEYS})
 
 
 def run_spec(protocol: Protocol, method: Method, lr: float, seed: int) -> dict:

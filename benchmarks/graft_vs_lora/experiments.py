@@ -75,7 +75,30 @@ class Experiment:
     def identity(self) -> dict:
         """What a run of this method depends on besides the protocol's setup, its seed and its lr."""
         training = {k: v for k, v in self.training.items() if k not in NOT_RUN_IDENTITY}
-        return dict(method=self.name, adapter_config=self.adapter_config, training=training)
+        return dict(method=self.name, adapter_config=adapter_identity(self.adapter_config), training=training)
+
+
+SOLVER_PROJECTIONS = ("svd", "activation", "gradient")
+SOLVER_FIELDS = ("projection_niter", "projection_oversample")
+
+
+def adapter_identity(config: dict) -> dict:
+    """The adapter-config part of a run's identity.
+
+    The projection-solver fields (added with the fast solver) change what is trained only for projections that
+    solver finds, and only when it is not the exact SVD/eigh (``projection_niter=None``) that every run recorded
+    before the fields existed used; otherwise they are left out, so those runs keep their identity. A config with
+    such a projection must name its solver: leaving it to the package default would let the default change results
+    under an unchanged identity.
+    """
+    if config.get("projection") in SOLVER_PROJECTIONS:
+        if "projection_niter" not in config:
+            raise ValueError(
+                f"A {config['projection']!r}-projection config must set projection_niter (None: exact SVD/eigh)."
+            )
+        if config["projection_niter"] is not None:
+            return dict(config)
+    return {k: v for k, v in config.items() if k not in SOLVER_FIELDS}
 
 
 def load_experiments(names: list[str] | tuple[str, ...], root: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:

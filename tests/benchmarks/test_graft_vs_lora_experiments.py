@@ -6,7 +6,7 @@ import pytest
 from peft import PeftConfig
 
 import peft_graft  # noqa: F401  (registers GRAFT, so PeftConfig.from_pretrained reads graft configs)
-from benchmarks.graft_vs_lora.experiments import Experiment, experiment_names
+from benchmarks.graft_vs_lora.experiments import Experiment, adapter_identity, experiment_names
 from benchmarks.graft_vs_lora.protocol import Protocol
 from benchmarks.graft_vs_lora.targets import KINDS, load_targets
 
@@ -45,3 +45,14 @@ def test_protocol_and_targets_refer_to_existing_methods():
         assert {target[k] for k in ("reference", "subject") if k in target} <= names
         if "candidates" in target:
             assert any(Experiment.load(n).matches(target["candidates"]) for n in names), target["title"]
+
+
+def test_projection_solver_fields_enter_a_run_identity_only_when_they_change_the_run():
+    exact = {"projection": "svd", "projection_niter": None, "projection_oversample": 8, "r": 8}
+    assert adapter_identity(exact) == {"projection": "svd", "r": 8}  # the solver every earlier run used
+    fast = {**exact, "projection_niter": 8}
+    assert adapter_identity(fast) == fast
+    seeded = {"projection": "orthogonal", "projection_niter": 8, "projection_oversample": 8}
+    assert adapter_identity(seeded) == {"projection": "orthogonal"}  # no solver involved
+    with pytest.raises(ValueError, match="must set projection_niter"):
+        adapter_identity({"projection": "gradient", "r": 8})  # the default could change under the same identity
