@@ -18,7 +18,7 @@ from ..errors import (
 )
 from .control import ControlResult, lora_control, lora_rank_for
 from .plots import growth_curve, heat_map
-from .router import Candidate, GateOutcome, ProbeResult, Router, RouteResult, SearchSpace, propose
+from .router import Candidate, GateOutcome, ProbeResult, ProbeSettings, Router, RouteResult, SearchSpace, propose
 from .sensitivity import SCORES, ModuleSensitivity, SensitivityMap, sensitivity_map
 from .stages import SearchConfig, SearchReport, rollback_stage, staged_search
 from .training import adapter_size, mean_loss, train_adapter
@@ -36,6 +36,7 @@ __all__ = [
     "NonFiniteLossError",
     "PlotDependencyError",
     "ProbeResult",
+    "ProbeSettings",
     "RouteResult",
     "Router",
     "SearchConfig",

@@ -234,13 +234,14 @@ def _remove_adapter(model: PeftModel, name: str) -> nn.Module:
     return model
 
 
-@dataclass
-class Router:
-    """Probes and gates candidates on explicit data roles (``data.ranking`` is required: it ranks, the acceptance
-    set only judges)."""
+@dataclass(frozen=True, kw_only=True)
+class ProbeSettings:
+    """How candidates are probed, trained and gated; `SearchConfig` extends it, so a search hands itself to `Router`.
 
-    gates: GateSet
-    data: GrowthData
+    ``probe_steps`` optimizer steps rank a candidate, ``train_steps`` train the ones that go to the gates (up to
+    ``extra_steps`` more while a gate defers, at most ``max_deferrals`` times); the best ``gate_top`` probes are gated.
+    """
+
     probe_steps: int = 8
     train_steps: int = 24
     extra_steps: int = 8
@@ -250,14 +251,26 @@ class Router:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.probe_steps <= self.train_steps:
+            raise SearchConfigError(
+                f"Need 1 <= probe_steps <= train_steps, got {self.probe_steps}, {self.train_steps}."
+            )
+
+
+@dataclass
+class Router:
+    """Probes and gates candidates on explicit data roles (``data.ranking`` is required: it ranks, the acceptance
+    set only judges)."""
+
+    gates: GateSet
+    data: GrowthData
+    settings: ProbeSettings = field(default_factory=ProbeSettings)
+
+    def __post_init__(self) -> None:
         if self.data.ranking is None:
             raise SearchConfigError(
                 "The router ranks probes on GrowthData.ranking, and none was given. Hold out ranking examples "
                 "disjoint from the acceptance set (GrowthData checks it), e.g. a slice of your validation split."
-            )
-        if not 1 <= self.probe_steps <= self.train_steps:
-            raise SearchConfigError(
-                f"Need 1 <= probe_steps <= train_steps, got {self.probe_steps}, {self.train_steps}."
             )
 
     def probe(
@@ -267,7 +280,7 @@ class Router:
         and recorded. Returns the model (a PeftModel while adapters remain), the results and the optimizers of the
         surviving adapters."""
         results, optimizers = [], {}
-        before = mean_loss(model, self.data.ranking, accepted, self.batch_size)
+        before = mean_loss(model, self.data.ranking, accepted, self.settings.batch_size)
         for i, candidate in enumerate(candidates):
             name = f"{name_prefix}_c{i}"
             model = _add_adapter(model, name, candidate.config())
@@ -276,13 +289,13 @@ class Router:
                     model,
                     name,
                     self.data.train,
-                    steps=self.probe_steps,
+                    steps=self.settings.probe_steps,
                     lr=candidate.lr,
                     accepted=accepted,
-                    batch_size=self.batch_size,
-                    seed=self.seed,
+                    batch_size=self.settings.batch_size,
+                    seed=self.settings.seed,
                 )
-                after = mean_loss(model, self.data.ranking, [*accepted, name], self.batch_size)
+                after = mean_loss(model, self.data.ranking, [*accepted, name], self.settings.batch_size)
                 if not math.isfinite(after):
                     raise NonFiniteLossError(f"ranking loss is {after}")
             except NonFiniteLossError as err:
@@ -313,7 +326,7 @@ class Router:
         model, probes, optimizers = self.probe(model, list(candidates)[:max_probes], accepted, name_prefix)
         finite = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.gain)
         gated: list[GateOutcome] = []
-        for probe in finite[: self.gate_top]:
+        for probe in finite[: self.settings.gate_top]:
             outcome = self._gate(model, probe, optimizers[probe.adapter], accepted, parents, registry)
             gated.append(outcome)
             if outcome.decision is Decision.ACCEPT:
@@ -334,7 +347,7 @@ class Router:
         registry: GraftRegistry | None,
     ) -> GateOutcome:
         name, candidate = probe.adapter, probe.candidate
-        train = dict(lr=candidate.lr, accepted=accepted, batch_size=self.batch_size, optimizer=optimizer)
+        train = dict(lr=candidate.lr, accepted=accepted, batch_size=self.settings.batch_size, optimizer=optimizer)
         callback = GraftGateCallback(
             self.gates,
             self.data,
@@ -342,17 +355,17 @@ class Router:
             accepted=accepted,
             registry=registry,
             parents=parents,
-            max_deferrals=self.max_deferrals,
+            max_deferrals=self.settings.max_deferrals,
         )
-        steps = self.probe_steps
+        steps = self.settings.probe_steps
         try:
-            train_adapter(model, name, self.data.train, steps=self.train_steps - steps, seed=self.seed + 1, **train)
-            steps = self.train_steps
-            callback.decide(model, seeds=[self.seed], steps=steps)
+            train_adapter(model, name, self.data.train, steps=self.settings.train_steps - steps, seed=self.settings.seed + 1, **train)
+            steps = self.settings.train_steps
+            callback.decide(model, seeds=[self.settings.seed], steps=steps)
             while callback.decision is Decision.DEFER:
-                train_adapter(model, name, self.data.train, steps=self.extra_steps, seed=self.seed + steps, **train)
-                steps += self.extra_steps
-                callback.decide(model, seeds=[self.seed], steps=steps)
+                train_adapter(model, name, self.data.train, steps=self.settings.extra_steps, seed=self.settings.seed + steps, **train)
+                steps += self.settings.extra_steps
+                callback.decide(model, seeds=[self.settings.seed], steps=steps)
         except NonFiniteLossError as err:  # while training on after a deferral: end those attempts, never leave them
             if registry is not None:
                 for graft_id in callback.graft_ids:

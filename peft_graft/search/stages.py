@@ -29,7 +29,7 @@ from ..growth import compose, rollback
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint
 from ..tuners.graft import GraftConfig
 from .control import lora_control
-from .router import Router, RouteResult, SearchSpace, propose
+from .router import ProbeSettings, Router, RouteResult, SearchSpace, propose
 from .sensitivity import SensitivityMap, sensitivity_map
 from .training import adapter_size, mean_loss
 
@@ -37,8 +37,8 @@ from .training import adapter_size, mean_loss
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SearchConfig:
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig(ProbeSettings):
     """A whole staged search. ``budget``: trainable numbers all accepted grafts may use together.
 
     ``max_stages`` counts stages over resumed runs too (a registry holding stage 2 and ``max_stages=3`` runs one
@@ -49,18 +49,12 @@ class SearchConfig:
     budget: int
     space: SearchSpace = field(default_factory=SearchSpace)
     max_stages: int = 3
-    probe_steps: int = 8
-    train_steps: int = 24
-    extra_steps: int = 8
-    gate_top: int = 2
-    max_deferrals: int = 2
-    batch_size: int = 8
-    seed: int = 0
     sensitivity_blocks: int = 32
     control_lrs: tuple[float, ...] = (1e-3, 1e-2)
     name_prefix: str = "stage"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.budget, bool) or not isinstance(self.budget, int):
             raise SearchConfigError(f"budget must be an integer number of trainable parameters, got {self.budget!r}.")
         if self.budget <= 0:
@@ -200,17 +194,7 @@ def staged_search(
     markdown, growth curve) is written there after every stage, so an interrupted search leaves a current report.
     Raises `BudgetExhaustedError` if the budget cannot pay for any candidate of the first stage run.
     """
-    router = Router(
-        gates,
-        data,
-        config.probe_steps,
-        config.train_steps,
-        config.extra_steps,
-        config.gate_top,
-        config.max_deferrals,
-        config.batch_size,
-        config.seed,
-    )
+    router = Router(gates, data, config)
     model, accepted, parents, last_stage = _resume(base, registry, config, progress)
     previous = SearchReport.load(out_dir) if out_dir is not None and last_stage else None
     report = SearchReport(config.to_dict(), previous.stages if previous else [])

@@ -13,6 +13,7 @@ from peft_graft.registry import GraftRegistry, GraftStatus
 from peft_graft.search import (
     BudgetExhaustedError,
     Candidate,
+    ProbeSettings,
     Router,
     SearchConfigError,
     SearchSpace,
@@ -72,7 +73,9 @@ def test_nan_candidate_is_skipped_and_best_probe_is_gated_and_registered(tiny_ll
     exploding = Candidate(chain, 8, "dense", "svd", 1e-2, 128, 2.0, {"scaling": 1e30, "init_weights": False})
     registry = GraftRegistry(tmp_path / "registry")
     router = Router(
-        GateSet([MinimumGain(min_gain=0.0), FiniteWeights()]), domain, probe_steps=4, train_steps=12, gate_top=1
+        GateSet([MinimumGain(min_gain=0.0), FiniteWeights()]),
+        domain,
+        ProbeSettings(probe_steps=4, train_steps=12, gate_top=1),
     )
     model = tiny_llama()
     result = router.route(model, [exploding, weak, good], registry=registry, name_prefix="s1")
