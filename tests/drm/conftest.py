@@ -1,9 +1,7 @@
 """Fixtures of the DRM tests."""
 
-from collections.abc import Iterator
 
 import pytest
-import torch
 from drm_testing import ATTENTION_SWITCHES, tiny_config
 
 from drm_transformer import DRMConfig
@@ -16,9 +14,5 @@ def small_config(request: pytest.FixtureRequest) -> DRMConfig:
 
 
 @pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a busy 2-core box extra threads only spin. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _on_one_thread(single_thread: None) -> None:
+    """Every test here runs on one torch thread (`single_thread` in tests/conftest.py)."""

@@ -1,6 +1,5 @@
 """Fixtures of the SEWL tests."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,9 +13,5 @@ def batches() -> list[torch.Tensor]:
 
 
 @pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread on a busy 2-core box. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _on_one_thread(single_thread: None) -> None:
+    """Every test here runs on one torch thread (`single_thread` in tests/conftest.py)."""
