@@ -22,7 +22,6 @@ Only safetensors and JSON are read: nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import SEWLForeignSnapshotError, SEWLIntegrityError, SEWLSnapshotError
+from ..manifest import content_id, file_sha256
 from .config import SEWLConfig
 from .rails import LossStats, UpdateRecord
 from .state import SEWLState, SiteState
@@ -124,16 +124,8 @@ def _state_from(flat: Mapping[str, torch.Tensor], meta: Mapping[str, Any], devic
 # ------------------------------------------------------------------ manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest_text(files: Mapping[str, str]) -> str:
-    content = hashlib.sha256("".join(f"{n}\0{files[n]}\n" for n in sorted(files)).encode()).hexdigest()
+    content = content_id(files)  # the encoding of a graft adapter's id (peft_graft.manifest)
     return json.dumps({"format": FORMAT, "files": dict(sorted(files.items())), "id": content}, indent=2) + "\n"
 
 
@@ -163,7 +155,7 @@ def verify_folder(path: str | os.PathLike) -> dict[str, str]:
     present = {p.name for p in folder.iterdir() if p.name != MANIFEST_FILE}
     for name in sorted(present | set(files)):
         expected = files.get(name)
-        actual = _sha256(folder / name) if (folder / name).is_file() else None
+        actual = file_sha256(folder / name) if (folder / name).is_file() else None
         if expected != actual:
             raise SEWLIntegrityError(
                 f"{folder / name} does not match {MANIFEST_FILE}: sha256 {actual or 'none (missing)'} instead of "
@@ -196,7 +188,7 @@ def write_snapshot(sewl: SEWL, path: str | os.PathLike, *, quantize: str | None 
             save_file(flat, folder / MASTER_FILE)
         meta = _meta(sewl) | {"quantize": quantize, "master": master}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        files = {p.name: _sha256(p) for p in folder.iterdir()}
+        files = {p.name: file_sha256(p) for p in folder.iterdir()}
         (folder / MANIFEST_FILE).write_text(_manifest_text(files), encoding="utf-8")
         _publish(folder, target)
     finally:
