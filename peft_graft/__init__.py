@@ -15,6 +15,7 @@ or when a tuner name such as `GraftConfig` is first used, whichever comes first.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from . import _registration
@@ -56,6 +57,9 @@ __getattr__, __dir__ = lazy_attributes(
 )
 
 _registration.register_when_peft_is_imported()
+
+# A library logs, the application decides what is shown: silent unless the user configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "GRAFT_PEFT_TYPE",

@@ -23,7 +23,6 @@ from .config import SEWLConfig
 
 
 logger = logging.getLogger("peft_graft.sewl")
-logger.addHandler(logging.NullHandler())  # silent unless the application configures logging (no lastResort print)
 
 _ORTHONORMAL_TOL = 1e-4
 
