@@ -305,3 +305,89 @@ def _plain(values: Any) -> Any:
 
 def _targetable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or resolve_backend(module) is not None
+
+
+# ------------------------------------------------------------------ text report
+
+
+def report_lines(report: BaseReport) -> list[str]:
+    """The human-readable `inspect-base` report: modules by name, by layer, and what the graft adds."""
+    quantization = report.quantization
+    quantized = "not quantized"
+    if quantization:
+        bits = "4-bit" if quantization.get("load_in_4bit") else "8-bit" if quantization.get("load_in_8bit") else ""
+        quantized = f"quantized: {quantization.get('quant_method')} {bits}".rstrip()
+        if quantization.get("bnb_4bit_quant_type") and bits == "4-bit":
+            quantized += f" {quantization['bnb_4bit_quant_type']}"
+    lines = [
+        (f"{report.source} ({report.model_type}, {report.architecture}, {report.dtype}): "
+         f"{report.base_params:,} parameters, {quantized}"),
+        f"Default graft targets for {report.model_type}: "
+        + (", ".join(report.default_targets) + " (marked *)" if report.default_targets else "none known"),
+        "",
+        "Modules a graft can wrap, by name:",
+    ]
+    rows = [("", "name", "type", "in × out", "count", "params each", "graft r", "graft params", "adapter bytes")]
+    for g in report.by_kind():
+        grafted = g["graft_r"] is not None
+        rows.append((
+            "*" if g["default_target"] else "", g["name"], g["type"], f"{g['in_features']} × {g['out_features']}",
+            str(g["count"]), f"{g['params_each']:,}", str(g["graft_r"]) if grafted else "-",
+            f"{g['graft_params']:,}" if grafted else "-", f"{g['graft_bytes']:,}" if grafted else "-",
+        ) + (("output head: all-linear leaves it out",) if g["output_head"] else ()))
+    lines += _table(rows)
+    lines += ["", "By layer:"]
+    for span, count, layer in _layer_runs(report.by_layer()):
+        if layer["layer"] is None:
+            lines.append(f"  outside the layers: {', '.join(layer['modules'])}")
+            continue
+        graft = f", graft {layer['graft_params']:,} params each" if layer["graft_params"] else ""
+        lines.append(f"  {span}: {count} layer(s) of {len(layer['modules'])} modules, "
+                     f"{layer['params']:,} params each{graft}")
+    lines.append("")
+    plan = report.graft
+    if plan is None:
+        lines.append(f"Graft: {report.graft_note}")
+        return lines
+    config = plan.config
+    kinds = [g for g in report.by_kind() if g["graft_r"] is not None]
+    lines += [
+        (f"Graft: r={config['r']}, phi={config['phi']}, projection={config['projection']}, mode={config['mode']}, "
+         f"on {sum(g['count'] for g in kinds)} modules ({', '.join(dict.fromkeys(g['name'] for g in kinds))})"),
+        (f"  trainable params: {plan.trainable_params:,} || all params: {plan.all_params:,} || "
+         f"trainable%: {plan.trainable_percent:.4f}"),
+        (f"  adapter_model.safetensors: {plan.adapter_bytes:,} bytes in {plan.adapter_tensors} tensors, "
+         "plus its JSON header"),
+    ]
+    if plan.other_trainable_params:
+        lines.append(f"  of which outside the grafted modules (modules_to_save, biases): "
+                     f"{plan.other_trainable_params:,}")
+    if plan.clamped:
+        narrow = dict.fromkeys(f"{name.rpartition('.')[2]} (r={r})" for name, r in plan.clamped.items())
+        lines.append(f"  {len(plan.clamped)} modules narrower than r={config['r']} get a smaller one: {', '.join(narrow)}")
+    return lines
+
+
+def _layer_runs(layers: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Consecutive layers of one stack with the same modules and counts, as (span, count, first layer)."""
+    runs: list[tuple[str, int, dict[str, Any]]] = []
+    same = ("modules", "params", "graft_params")
+    for layer in layers:
+        if runs and layer["layer"] is not None and runs[-1][2]["layer"] is not None:
+            _, count, first = runs[-1]
+            stack, _, index = first["layer"].rpartition(".")
+            if layer["layer"].rpartition(".")[0] == stack and all(layer[k] == first[k] for k in same):
+                runs[-1] = (f"{stack}.{index}-{layer['layer'].rpartition('.')[2]}", count + 1, first)
+                continue
+        runs.append((layer["layer"] or "", 1, layer))
+    return runs
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
+    numeric = {4, 5, 6, 7, 8}  # right-aligned columns
+    return [
+        "  " + "  ".join((cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])) if i < len(widths) else cell
+                         for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
