@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,19 @@ def _read_manifest(path: Path) -> dict[str, str]:
     return files
 
 
+def first_mismatch(
+    folder: Path, files: Mapping[str, str], also: Iterable[str] = ()
+) -> tuple[str, str | None, str | None] | None:
+    """The first file (in name order) of ``files`` or ``also`` whose sha256 is not the one ``files`` lists, as
+    (name, listed sha256 or None, actual sha256 or None when the file is missing); None when all agree."""
+    for name in sorted(set(files) | set(also)):
+        expected = files.get(name)
+        actual = file_sha256(folder / name) if (folder / name).is_file() else None
+        if expected != actual:
+            return name, expected, actual
+    return None
+
+
 def check_manifest(folder: str | os.PathLike) -> str | None:
     """Check every file against ``graft_manifest.json``; return the graft id, or None when there is no manifest
     (an adapter saved before manifests existed: only the structural checks apply)."""
@@ -102,15 +115,13 @@ def check_manifest(folder: str | os.PathLike) -> str | None:
     if not (folder / MANIFEST_NAME).is_file():
         return None
     files = _read_manifest(folder / MANIFEST_NAME)
-    required = {CONFIG_NAME, _weights_name(folder)}
-    for name in sorted(required | set(files)):
-        expected = files.get(name)
-        actual = file_sha256(folder / name) if (folder / name).is_file() else None
-        if expected != actual:
-            raise AdapterIntegrityError(
-                f"{folder / name} does not match {folder / MANIFEST_NAME}: sha256 {actual or 'none (file missing)'} "
-                f"instead of {expected or 'none (not listed)'}. The file was changed after the adapter was saved; "
-                "restore it from a good copy or save the adapter again.",
-                file=str(folder / name), expected=expected, actual=actual,
-            )
+    mismatch = first_mismatch(folder, files, {CONFIG_NAME, _weights_name(folder)})
+    if mismatch is not None:
+        name, expected, actual = mismatch
+        raise AdapterIntegrityError(
+            f"{folder / name} does not match {folder / MANIFEST_NAME}: sha256 {actual or 'none (file missing)'} "
+            f"instead of {expected or 'none (not listed)'}. The file was changed after the adapter was saved; "
+            "restore it from a good copy or save the adapter again.",
+            file=str(folder / name), expected=expected, actual=actual,
+        )
     return content_id(files)

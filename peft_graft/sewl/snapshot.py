@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import SEWLForeignSnapshotError, SEWLIntegrityError, SEWLSnapshotError
-from ..manifest import content_id, file_sha256
+from ..manifest import content_id, file_sha256, first_mismatch
 from .config import SEWLConfig
 from .rails import LossStats, UpdateRecord
 from .state import SEWLState, SiteState
@@ -153,15 +153,14 @@ def verify_folder(path: str | os.PathLike) -> dict[str, str]:
     if not valid:
         raise SEWLIntegrityError(f"{manifest} was edited (it is not what SEWL.save writes); restore a good copy.")
     present = {p.name for p in folder.iterdir() if p.name != MANIFEST_FILE}
-    for name in sorted(present | set(files)):
-        expected = files.get(name)
-        actual = file_sha256(folder / name) if (folder / name).is_file() else None
-        if expected != actual:
-            raise SEWLIntegrityError(
-                f"{folder / name} does not match {MANIFEST_FILE}: sha256 {actual or 'none (missing)'} instead of "
-                f"{expected or 'none (not part of the snapshot)'}. The snapshot was changed after it was saved; "
-                "nothing was restored. Use a good copy."
-            )
+    mismatch = first_mismatch(folder, files, present)
+    if mismatch is not None:
+        name, expected, actual = mismatch
+        raise SEWLIntegrityError(
+            f"{folder / name} does not match {MANIFEST_FILE}: sha256 {actual or 'none (missing)'} instead of "
+            f"{expected or 'none (not part of the snapshot)'}. The snapshot was changed after it was saved; "
+            "nothing was restored. Use a good copy."
+        )
     return files
 
 

@@ -6,7 +6,8 @@ from collections.abc import Callable
 import torch
 import transformers
 from peft import get_peft_model
-from tiny_models import LLAMA_SIZES, decoder_sizes
+from tiny_models import ARCHS as TINY_ARCHS
+from tiny_models import LLAMA_SIZES
 
 from drm_transformer import DRMConfig, DRMForCausalLM
 from peft_graft import GraftConfig
@@ -51,11 +52,7 @@ ARCHS: dict[str, tuple[Callable[[], torch.nn.Module], list[str], int]] = {
         ["q_proj", "v_proj", "down_proj"],
         8,
     ),
-    "qwen2": (
-        lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_sizes())),
-        ["q_proj", "o_proj"],
-        8,
-    ),
+    "qwen2": (TINY_ARCHS["qwen2"].build, ["q_proj", "o_proj"], 8),
     "gpt2": (_gpt2, ["c_attn", "c_fc"], 8),
     "drm": (_drm, ["q_proj", "o_proj", "up_proj"], 4),
 }
