@@ -51,8 +51,9 @@ class SEWLConfig:
             With ``spectral_clip_relative`` (the default) τ is a fraction of the base weight's ‖W‖₂ (additive grafts)
             or the bound on ‖s·AΦB‖₂ itself (output-mode grafts, whose ΔW = s·AΦB·W), so one number suits every layer.
         spectral_clip_relative (`bool`): See ``spectral_clip``.
-        max_step_fraction (`float`): Reject (not clip) an update whose own ‖s·A ΔΦ B‖₂ exceeds this fraction of τ on
-            some graft: one chunk should never be able to use the whole budget (None: off).
+        max_step_fraction (`float`): Shorten (same direction) a graft's step whose own ‖s·A ΔΦ B‖₂ exceeds this
+            fraction of τ to that length: one chunk should never be able to spend the whole budget, and the state then
+            accumulates several chunks instead of being replaced by the last one (None: off).
         outlier_z (`float`): Skip chunks whose loss is more than this many standard deviations from the running mean
             of accepted chunks (both sides: garbage text and verbatim repeats), after ``outlier_warmup`` chunks.
         outlier_warmup (`int`): Accepted chunks before the outlier rail starts judging.

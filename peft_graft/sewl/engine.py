@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLStateError
+from ..registry.fingerprints import base_model_fingerprint
 from ..tuners.graft import GraftConfig, GraftLayer
 from ..tuners.graft.bnb import unpack_cpu_4bit
 from .config import SEWLConfig
@@ -54,7 +55,8 @@ class SEWL:
         tokenizer: Needed by `observe` and by canary texts given as strings.
         adapter_name: The graft adapter that evolves (default: the active one).
         canary: Texts or a token batch scored every ``config.canary_every`` updates; if their loss rises by more than
-            ``config.canary_tolerance`` over the starting loss, the state rolls back to the last good one.
+            ``config.canary_tolerance`` over its loss at the anchors Φ₀ (where the state started), the state rolls back
+            to the last good one.
 
     The state starts from the adapter's current Φ, which is also the anchor Φ₀ of decay, ageing and trust regions.
     """
@@ -88,9 +90,11 @@ class SEWL:
         self._scratch = {name: copy.deepcopy(layer.graft_phi[self.adapter]) for name, layer in self.layers.items()}
         self.state = self.initial_state()
         self.log = UpdateLog(self.config.log_size)
-        self._base_fingerprint: str | None = None
+        # Taken now, while no adapter is merged (`_check_live`): a merge and unmerge later changes the base weights by
+        # float rounding, and a snapshot saved after that would no longer match the base it was evolved on.
+        self._base_fingerprint = base_model_fingerprint(model)
         self._canary = None if canary is None else self._tokens(canary, what="canary")
-        self._canary_baseline = None if self._canary is None else self.score(self._canary)
+        self._canary_baseline = None if self._canary is None else self.score(self._canary)  # Φ = the anchors now
         self._last_good = self.state.clone()
 
     # ------------------------------------------------------------------ selection and checks
@@ -143,11 +147,8 @@ class SEWL:
         return SEWLState(sites, self.projection_fingerprints())
 
     def base_fingerprint(self) -> str:
-        """sha256 of the base weights (computed once; a snapshot records it so another base is recognised)."""
-        if self._base_fingerprint is None:
-            from ..registry.fingerprints import base_model_fingerprint
-
-            self._base_fingerprint = base_model_fingerprint(self.model)
+        """sha256 of the base weights as they were when this SEWL was attached (a snapshot records it so another
+        base is recognised)."""
         return self._base_fingerprint
 
     # ------------------------------------------------------------------ inputs and scoring
@@ -247,7 +248,7 @@ class SEWL:
 
     def _apply(self, signals: dict[str, LayerSignal], tokens: int, loss: float, index: int) -> None:
         rule, config = RULES[self.config.rule], self.config
-        proposed, grad_norm, step_norm, delta_norm, clipped = {}, 0.0, 0.0, 0.0, 0
+        proposed, grad_norm, step_norm, delta_norm, clipped, limited = {}, 0.0, 0.0, 0.0, 0, 0
         for name, site in self.state.sites.items():
             signal, bound = signals[name], self.bounds[name]
             phi, stats = rule(
@@ -263,10 +264,9 @@ class SEWL:
             limit = (
                 None if bound.tau is None or config.max_step_fraction is None else config.max_step_fraction * bound.tau
             )
-            if limit is not None and step > limit:
-                reason = f"outsized step on {name}: ‖s·AΔΦB‖₂ = {step:.3g} > {limit:.3g}"
-                self.log.add(UpdateRecord(index, tokens, loss, "skipped", reason, grad_norm, step_norm))
-                return
+            if limit is not None and step > limit:  # the same direction, shortened to the per-chunk budget
+                phi = site.phi + (phi - site.phi) * (limit / step)
+                limited += 1
             phi, was_clipped = self._bounded(name, phi)
             clipped += was_clipped
             delta_norm = max(delta_norm, bound.norm(phi))
@@ -279,8 +279,13 @@ class SEWL:
             self.state.loss_stats.add(loss),
         )
         self._write()
-        reason = f"clipped {clipped} graft(s) to ‖ΔW‖₂ ≤ τ" if clipped else ""
-        self.log.add(UpdateRecord(index, tokens, loss, "applied", reason, grad_norm, step_norm, delta_norm, clipped))
+        notes = [f"step shortened to {config.max_step_fraction:g}·τ on {limited} graft(s)"] if limited else []
+        notes += [f"clipped {clipped} graft(s) to ‖ΔW‖₂ ≤ τ"] if clipped else []
+        reason = "; ".join(notes)
+        record = UpdateRecord(
+            index, tokens, loss, "applied", reason, grad_norm, step_norm, delta_norm, clipped, limited
+        )
+        self.log.add(record)
         self._check_canary(index)
 
     def _project(self, name: str, phi: torch.Tensor) -> torch.Tensor:
@@ -330,9 +335,23 @@ class SEWL:
                 "This SEWL state belongs to other grafts (other modules, projections or base); the live state is "
                 "unchanged. Restore it onto the model and adapter it was taken from."
             )
+        anchors_moved = any(
+            not torch.equal(site.anchor, self.state.sites[name].anchor) for name, site in state.sites.items()
+        )
         self.state = state.clone()
         self._last_good = self.state.clone()
+        if self._canary is not None and anchors_moved:
+            self._rescore_canary_baseline()
         self._write()
+
+    @torch.no_grad()
+    def _rescore_canary_baseline(self) -> None:
+        """The canary guards against drift from the anchors Φ₀, so its baseline is the canary loss with Φ = Φ₀ (what
+        the model computed when the state started), whatever Φ the model held before this state became live."""
+        for name, site in self.state.sites.items():
+            module = self.phi_module(name)
+            module.fit(site.anchor.to(device=module.matrix().device, dtype=module.matrix().dtype))
+        self._canary_baseline = self.score(self._canary)
 
     def consolidate(self) -> None:
         """End an EWC session: the current Φ becomes the consolidated Φ* the Fisher pull protects."""

@@ -3,8 +3,11 @@
 * Spectral clip: ‖ΔW‖₂ = s‖AΦB‖₂ ≤ τ after every update. With orthonormal A and B (checked once, at start) that is
   s‖Φ‖₂, an r×r norm; otherwise A = Qa Ra, Bᵀ = Qb Rb give ‖AΦB‖₂ = ‖Ra Φ Rbᵀ‖₂ exactly, still r×r. The clip caps the
   singular values (the nearest point of the ball), not a uniform shrink that would also lose the small directions.
-* Outsized steps, non-finite losses or updates and loss outliers (z-score against accepted chunks) are rejected:
-  the state is not touched at all.
+* Step limit: one chunk's own step ‖s·A ΔΦ B‖₂ is shortened (same direction) to a fraction of τ, so no single
+  chunk (a poisoned one, or a rule whose first steps are preconditioned by one chunk's statistics) can spend the
+  whole budget at once.
+* Non-finite losses or updates and loss outliers (z-score against accepted chunks) are rejected: the state is not
+  touched at all.
 * Ageing in tokens: Φ ← Φ₀ + e^{−n/τ}(Φ − Φ₀) for a chunk of n tokens.
 * The canary (scored by the engine every N updates) and the update log.
 """
@@ -111,7 +114,8 @@ class LossStats:
 @dataclass(frozen=True)
 class UpdateRecord:
     """One chunk's fate. Norms are maxima over the selected grafts: ``grad_norm`` ‖g‖_F, ``step_norm`` ‖s·A ΔΦ B‖₂
-    of the proposed update, ``delta_norm`` ‖ΔW‖₂ after it."""
+    of the rule's proposed update (before the step limit), ``delta_norm`` ‖ΔW‖₂ after it; ``clipped`` and
+    ``limited`` count the grafts the spectral clip and the step limit acted on."""
 
     index: int
     tokens: int
@@ -122,6 +126,7 @@ class UpdateRecord:
     step_norm: float = float("nan")
     delta_norm: float = float("nan")
     clipped: int = 0
+    limited: int = 0
 
 
 class UpdateLog:

@@ -289,7 +289,7 @@ def read_snapshot(sewl: SEWL, path: str | os.PathLike) -> Snapshot:
         raise SEWLForeignSnapshotError(
             f"{folder} was saved on another base model (weights fingerprint {str(meta.get('base_fingerprint'))[:12]}…, "
             f"this model {sewl.base_fingerprint()[:12]}…); the live state is unchanged. Restore it onto the base it "
-            "was evolved on."
+            "was evolved on (attached before any merge: a merge and unmerge changes the base weights by float rounding)."
         )
     if meta["sites"] != sewl.projection_fingerprints():
         raise SEWLForeignSnapshotError(

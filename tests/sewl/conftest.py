@@ -1,6 +1,5 @@
 """Fixtures of the SEWL tests."""
 
-
 import pytest
 import torch
 from sewl_models import token_batch

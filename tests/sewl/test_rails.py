@@ -89,15 +89,25 @@ def test_non_finite_update_is_skipped(batches):
     assert sewl.state.updates == 0 and "non-finite update" in sewl.log.records[-1].reason
 
 
-def test_outsized_update_is_rejected_not_applied(batches):
+def test_outsized_update_is_shortened_to_the_step_limit(batches):
+    # An update scaled to blow the norm (lr 1e6): each graft moves at most 0.5·τ along the rule's own direction.
     model = grafted()
     sewl = SEWL(model, SEWLConfig(lr=1e6, spectral_clip=0.1, max_step_fraction=0.5))
-    before = snapshot_weights(model)
+    start = sewl.state.clone()
     sewl.step(batches[0])
-    assert_unchanged(model, before)
     record = sewl.log.records[-1]
-    assert record.decision == "skipped" and record.reason.startswith("outsized step")
+    assert record.decision == "applied" and record.limited == len(sewl.layers)
+    assert "step shortened to 0.5·τ" in record.reason
     assert record.step_norm > 0.5 * max(b.tau for b in sewl.bounds.values())
+    free = SEWL(grafted(), SEWLConfig(lr=1e6, spectral_clip=None, max_step_fraction=None))
+    free.step(batches[0])
+    for name, site in sewl.state.sites.items():
+        bound, moved = sewl.bounds[name], site.phi - start.sites[name].phi
+        assert bound.norm(moved) == pytest.approx(0.5 * bound.tau, rel=1e-4)
+        assert dense_delta_norm(sewl, name) <= 0.5 * bound.tau * (1 + 1e-4)
+        unlimited = free.state.sites[name].phi - start.sites[name].phi
+        cosine = torch.nn.functional.cosine_similarity(moved.flatten(), unlimited.flatten(), dim=0)
+        assert cosine.item() == pytest.approx(1.0, abs=1e-5)  # shortened, not turned
 
 
 def test_loss_outlier_chunk_is_skipped(batches):

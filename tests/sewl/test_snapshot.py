@@ -69,7 +69,7 @@ def test_int8_snapshot_is_smaller_and_within_quantisation_error(tmp_path):
     sewl.save(tmp_path / "master", quantize="int8", master=True)
     fp32_bytes = (tmp_path / "fp32" / STATE_FILE).stat().st_size
     int8_bytes = (tmp_path / "int8" / STATE_FILE).stat().st_size
-    assert int8_bytes < fp32_bytes  # tiny r: the safetensors header dominates; see benchmarks/sewl_bench.py
+    assert int8_bytes < fp32_bytes  # tiny r: the safetensors header dominates; see benchmarks/sewl_stream.py
 
     quantized = SEWL.load(grafted(), tmp_path / "int8")
     exact = SEWL.load(grafted(), tmp_path / "master")
@@ -186,3 +186,35 @@ def test_fisher_sessions_merge_from_a_verified_snapshot(tmp_path):
     for name, phi in expected.items():
         torch.testing.assert_close(a.state.sites[name].phi, phi)
         torch.testing.assert_close(a.phi_module(name).weight, phi)
+
+
+def test_canary_baseline_after_load_is_the_loss_at_the_anchors(tmp_path):
+    # However the model was loaded (fresh grafts, or the evolved adapter itself), the canary judges drift from the
+    # state's anchors Φ₀, not from whatever Φ the model held when SEWL.load was called.
+    canary = token_batch(77)
+    sewl = evolved()
+    sewl.save(tmp_path / "alice")
+    at_anchors = SEWL(grafted(), CONFIG, canary=canary)._canary_baseline
+    from_fresh = SEWL.load(grafted(), tmp_path / "alice", canary=canary)
+    from_evolved = SEWL.load(
+        PeftModel.from_pretrained(base_model(), tmp_path / "alice"), tmp_path / "alice", canary=canary
+    )
+    assert from_fresh._canary_baseline == pytest.approx(at_anchors, abs=1e-6)
+    assert from_evolved._canary_baseline == pytest.approx(at_anchors, abs=1e-6)
+    assert sewl.score(canary) != pytest.approx(at_anchors, abs=1e-6)  # the evolved Φ scores differently
+    for resumed in (from_fresh, from_evolved):  # and the evolved state is what is live afterwards
+        torch.testing.assert_close(logits(resumed.model), logits(sewl.model), atol=1e-6, rtol=0)
+
+
+def test_a_merge_and_unmerge_while_evolving_does_not_disown_the_snapshot(tmp_path):
+    # Merging for serving and unmerging to go on learning changes the base weights by float rounding; the snapshot
+    # still names the base as it was when the SEWL was attached.
+    sewl = evolved()
+    sewl.model.merge_adapter()
+    sewl.model.unmerge_adapter()
+    sewl.step(token_batch(9))
+    sewl.save(tmp_path / "after_merge")
+    resumed = SEWL.load(grafted(), tmp_path / "after_merge")
+    assert resumed.state.updates == 4
+    for name, phi in phis(sewl).items():
+        assert torch.equal(resumed.state.sites[name].phi, phi)
