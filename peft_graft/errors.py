@@ -264,3 +264,16 @@ class BudgetExhaustedError(SearchError, ValueError):
 
 class PlotDependencyError(SearchError, ImportError):
     """Plots need matplotlib, which is in the ``bench`` extra: ``pip install 'peft-graft[bench]'``."""
+
+
+class DistributedSearchError(SearchError, RuntimeError):
+    """The processes of a distributed search (``accelerate launch``/``torchrun``) cannot work together: a launch
+    without a rendezvous, roles naming ranks that do not exist, a damaged message; rank 0's registry is unchanged."""
+
+
+class CoordinatorLostError(DistributedSearchError):
+    """Rank 0 (the coordinator) stopped answering; run the launch again and it resumes from its registry."""
+
+
+class SearchAbortedError(DistributedSearchError):
+    """The coordinator stopped the search on an error (named in the message) and told every worker to stop."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,25 @@ def read_search_file(path: str | Path) -> dict[str, Any]:
     return settings
 
 
-def search(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the staged search a search file describes (flags override it); write its report; return a summary."""
+@dataclass
+class SearchInputs:
+    """Everything a search needs, read from its file and flags; every process of a launch reads the same."""
+
+    base: Any
+    data: Any  # GrowthData
+    gates: Any  # GateSet
+    config: Any  # SearchConfig
+    out: Path
+    registry_root: Path
+    plot: bool
+    distributed: dict[str, Any]  # the ``distributed`` section (roles, heartbeat), read by `distributed`
+
+
+def search_inputs(args: argparse.Namespace) -> SearchInputs:
+    """The search a search file describes (flags override it), checked and loaded; nothing is written."""
     from ..gates import ExactRecomposition, FiniteWeights, GateSet, GrowthData, MinimumGain, ParameterBudget, Retention
-    from ..registry import GraftRegistry
     from .router import SearchSpace
-    from .stages import SearchConfig, staged_search
+    from .stages import SearchConfig
 
     settings = read_search_file(args.config) if args.config else {}
     for key in ("model", "budget", "max_stages", "out", "registry"):
@@ -123,7 +137,8 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     known = {f for f in SearchConfig.__dataclass_fields__ if f not in ("budget", "space")}
-    unknown = set(settings) - known - {"model", "data", "budget", "space", "gates", "out", "registry", "block_size"}
+    own = {"model", "data", "budget", "space", "gates", "out", "registry", "block_size", "distributed"}
+    unknown = set(settings) - known - own
     if unknown:
         raise SearchConfigError(f"Unknown search settings {sorted(unknown)}; known: {sorted(known)}.")
     config = SearchConfig(
@@ -131,19 +146,65 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         space=space,
         **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known},
     )
-    registry = GraftRegistry(settings.get("registry") or Path(settings["out"]) / "registry")
-    _, report = staged_search(
+    return SearchInputs(
         _model(settings["model"]),
         data,
         GateSet(gates),
         config,
-        registry,
-        settings["out"],
-        plot=not getattr(args, "no_plot", False),
+        Path(settings["out"]),
+        Path(settings.get("registry") or Path(settings["out"]) / "registry"),
+        not getattr(args, "no_plot", False),
+        settings.get("distributed") or {},
     )
+
+
+def search(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the staged search a search file describes (flags override it); write its report; return a summary.
+
+    Under ``accelerate launch``/``torchrun`` with more than one process, the processes search together
+    (`distributed`): rank 0 coordinates and writes; the summary of another rank names its rank only.
+    """
+    from ..registry import GraftRegistry
+    from .distributed import world_size
+    from .stages import staged_search
+
+    inputs = search_inputs(args)
+    if world_size() > 1:
+        return _launched(inputs)
+    registry = GraftRegistry(inputs.registry_root)
+    _, report = staged_search(
+        inputs.base, inputs.data, inputs.gates, inputs.config, registry, inputs.out, plot=inputs.plot
+    )
+    return summary(inputs, report)
+
+
+def _launched(inputs: SearchInputs) -> dict[str, Any]:
+    from ..registry import GraftRegistry
+    from .distributed import DistributedSettings, distributed_search, launch_store
+
+    settings = DistributedSettings.from_dict(inputs.distributed)
+    store, rank, world = launch_store()
+    coordinator = rank == 0
+    _, report = distributed_search(
+        inputs.base,
+        inputs.data,
+        inputs.gates,
+        inputs.config,
+        store=store,
+        rank=rank,
+        world=world,
+        settings=settings,
+        registry=GraftRegistry(inputs.registry_root) if coordinator else None,
+        out_dir=inputs.out if coordinator else None,
+        plot=inputs.plot,
+    )
+    return summary(inputs, report) if report is not None else {"rank": rank, "world": world, "role": "worker"}
+
+
+def summary(inputs: SearchInputs, report: Any) -> dict[str, Any]:
     return {
-        "out": settings["out"],
-        "registry": str(registry.root),
+        "out": str(inputs.out),
+        "registry": str(inputs.registry_root),
         "stages": len(report.stages),
         "accepted": report.accepted_ids,
         "spent": report.spent,

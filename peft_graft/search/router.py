@@ -30,6 +30,7 @@ from ..tuners.graft import GraftConfig
 from ..tuners.graft.config import PROJECTIONS
 from ..tuners.graft.model import GraftModel
 from ..tuners.graft.phi import PHI_FAMILIES
+from .execution import LocalExecution, StageExecution
 from .sensitivity import SensitivityMap, check_score
 from .training import mean_loss, train_adapter
 
@@ -260,11 +261,13 @@ class ProbeSettings:
 @dataclass
 class Router:
     """Probes and gates candidates on explicit data roles (``data.ranking`` is required: it ranks, the acceptance
-    set only judges)."""
+    set only judges). ``execution`` decides where probes run (`LocalExecution`: here, one after the other;
+    `distributed.Coordinator`: sharded over the processes of a launch)."""
 
     gates: GateSet
     data: GrowthData
     settings: ProbeSettings = field(default_factory=ProbeSettings)
+    execution: StageExecution = field(default_factory=LocalExecution)
 
     def __post_init__(self) -> None:
         if self.data.ranking is None:
@@ -282,31 +285,37 @@ class Router:
         results, optimizers = [], {}
         before = mean_loss(model, self.data.ranking, accepted, self.settings.batch_size)
         for i, candidate in enumerate(candidates):
-            name = f"{name_prefix}_c{i}"
-            model = _add_adapter(model, name, candidate.config())
-            try:
-                optimizers[name] = train_adapter(
-                    model,
-                    name,
-                    self.data.train,
-                    steps=self.settings.probe_steps,
-                    lr=candidate.lr,
-                    accepted=accepted,
-                    batch_size=self.settings.batch_size,
-                    seed=self.settings.seed,
-                )
-                after = mean_loss(model, self.data.ranking, [*accepted, name], self.settings.batch_size)
-                if not math.isfinite(after):
-                    raise NonFiniteLossError(f"ranking loss is {after}")
-            except NonFiniteLossError as err:
-                logger.info("Probe %s skipped: %s", name, err)
-                optimizers.pop(name, None)
-                model = _remove_adapter(model, name)
-                results.append(ProbeResult(name, candidate, "non_finite", message=str(err)))
-                continue
-            results.append(ProbeResult(name, candidate, "ok", gain=before - after))
-            logger.info("Probe %s: ranking gain %+.4f (%s)", name, before - after, candidate.to_dict())
+            model, result, optimizer = self.probe_one(model, f"{name_prefix}_c{i}", candidate, accepted, before)
+            results.append(result)
+            if optimizer is not None:
+                optimizers[result.adapter] = optimizer
         return model, results, optimizers
+
+    def probe_one(
+        self, model: nn.Module, name: str, candidate: Candidate, accepted: Sequence[str], before: float
+    ) -> tuple[nn.Module, ProbeResult, torch.optim.Optimizer | None]:
+        """Add ``candidate`` as adapter ``name``, train it ``probe_steps`` steps and score it against ``before`` (the
+        ranking loss of ``accepted`` alone). A NaN candidate is deleted again (no optimizer comes back)."""
+        model = _add_adapter(model, name, candidate.config())
+        try:
+            optimizer = train_adapter(
+                model,
+                name,
+                self.data.train,
+                steps=self.settings.probe_steps,
+                lr=candidate.lr,
+                accepted=accepted,
+                batch_size=self.settings.batch_size,
+                seed=self.settings.seed,
+            )
+            after = mean_loss(model, self.data.ranking, [*accepted, name], self.settings.batch_size)
+            if not math.isfinite(after):
+                raise NonFiniteLossError(f"ranking loss is {after}")
+        except NonFiniteLossError as err:
+            logger.info("Probe %s skipped: %s", name, err)
+            return _remove_adapter(model, name), ProbeResult(name, candidate, "non_finite", message=str(err)), None
+        logger.info("Probe %s: ranking gain %+.4f (%s)", name, before - after, candidate.to_dict())
+        return model, ProbeResult(name, candidate, "ok", gain=before - after), optimizer
 
     def route(
         self,
@@ -323,7 +332,9 @@ class Router:
         Every adapter but the accepted one is deleted again; the accepted one stays in ``model`` (composed, not
         merged). With ``registry`` each gated candidate is recorded (`GraftGateCallback`) with ``parents``.
         """
-        model, probes, optimizers = self.probe(model, list(candidates)[:max_probes], accepted, name_prefix)
+        model, probes, optimizers = self.execution.probe(
+            self, model, list(candidates)[:max_probes], accepted, name_prefix
+        )
         finite = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.gain)
         gated: list[GateOutcome] = []
         for probe in finite[: self.settings.gate_top]:
@@ -359,11 +370,25 @@ class Router:
         )
         steps = self.settings.probe_steps
         try:
-            train_adapter(model, name, self.data.train, steps=self.settings.train_steps - steps, seed=self.settings.seed + 1, **train)
+            train_adapter(
+                model,
+                name,
+                self.data.train,
+                steps=self.settings.train_steps - steps,
+                seed=self.settings.seed + 1,
+                **train,
+            )
             steps = self.settings.train_steps
             callback.decide(model, seeds=[self.settings.seed], steps=steps)
             while callback.decision is Decision.DEFER:
-                train_adapter(model, name, self.data.train, steps=self.settings.extra_steps, seed=self.settings.seed + steps, **train)
+                train_adapter(
+                    model,
+                    name,
+                    self.data.train,
+                    steps=self.settings.extra_steps,
+                    seed=self.settings.seed + steps,
+                    **train,
+                )
                 steps += self.settings.extra_steps
                 callback.decide(model, seeds=[self.settings.seed], steps=steps)
         except NonFiniteLossError as err:  # while training on after a deferral: end those attempts, never leave them

@@ -28,7 +28,7 @@ from ..gates import Decision, GateSet, GrowthData
 from ..growth import compose, rollback
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint
 from ..tuners.graft import GraftConfig
-from .control import lora_control
+from .execution import ControlRequest, LocalExecution, StageExecution
 from .router import ProbeSettings, Router, RouteResult, SearchSpace, propose
 from .sensitivity import SensitivityMap, sensitivity_map
 from .training import adapter_size, mean_loss
@@ -194,8 +194,24 @@ def staged_search(
     markdown, growth curve) is written there after every stage, so an interrupted search leaves a current report.
     Raises `BudgetExhaustedError` if the budget cannot pay for any candidate of the first stage run.
     """
-    router = Router(gates, data, config)
+    return run_stages(base, data, gates, config, registry, out_dir, plot, progress, LocalExecution())
+
+
+def run_stages(
+    base: nn.Module,
+    data: GrowthData,
+    gates: GateSet,
+    config: SearchConfig,
+    registry: GraftRegistry | None,
+    out_dir: str | os.PathLike | None,
+    plot: bool,
+    progress: bool,
+    execution: StageExecution,
+) -> tuple[nn.Module, SearchReport]:
+    """`staged_search` with its probes, controls and composition changes handed to ``execution``."""
+    router = Router(gates, data, config, execution)
     model, accepted, parents, last_stage = _resume(base, registry, config, progress)
+    execution.publish(model, accepted, accepted)
     previous = SearchReport.load(out_dir) if out_dir is not None and last_stage else None
     report = SearchReport(config.to_dict(), previous.stages if previous else [])
     report.base_loss = previous.base_loss if previous else _loss(model, data, accepted, config)
@@ -219,23 +235,22 @@ def staged_search(
         if chosen is not None:
             modules = chosen.candidate.modules
             shapes = [(smap.by_name()[m].in_features, smap.by_name()[m].out_features) for m in modules]
-            control = lora_control(
-                model,
-                accepted,
+            request = ControlRequest(
                 modules,
-                shapes,
+                tuple(shapes),
                 chosen.candidate.params,
-                data,
-                steps=chosen.steps,
-                lrs=config.control_lrs,
-                batch_size=config.batch_size,
-                seed=config.seed,
+                chosen.steps,
+                config.control_lrs,
+                config.batch_size,
+                config.seed,
             )
+            control = execution.control(model, accepted, request, data)
             entry["control"] = control.to_dict()
         if result.accepted is not None:
             name = result.accepted.adapter
             entry["params"] = adapter_size(model, name)
             accepted, parents = [*accepted, name], [*parents, *result.accepted.graft_ids[-1:]]
+            execution.publish(model, [name], accepted)
             entry["loss_after"] = _loss(model, data, accepted, config)
             entry["gain"] = loss_before - entry["loss_after"]
             spent += entry["params"]

@@ -1,0 +1,112 @@
+"""Where the work of a stage runs: the strategy `staged_search` and `Router` hand their probes, LoRA controls and
+composition changes to.
+
+The stage loop (`stages.run_stages`) and the router decide *what* is done; an execution decides *where*.
+`LocalExecution` runs everything in this process, one piece after the other (what `staged_search` always did);
+`distributed.Coordinator` spreads probes and controls over the processes of an ``accelerate launch``/``torchrun``
+launch. Both must give the same results, so every piece is a deterministic function of what it is handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from ..gates import GrowthData
+from .control import ControlResult, lora_control
+
+
+if TYPE_CHECKING:
+    from .router import Candidate, ProbeResult, Router
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A stage's LoRA control, complete: any process holding the same composition computes the same result."""
+
+    modules: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]  # (in, out) of each module
+    params: int  # the graft's trainable numbers, which the LoRA matches
+    steps: int
+    lrs: tuple[float, ...]
+    batch_size: int
+    seed: int
+
+    def run(self, model: nn.Module, accepted: Sequence[str], data: GrowthData) -> ControlResult:
+        return lora_control(
+            model,
+            accepted,
+            self.modules,
+            self.shapes,
+            self.params,
+            data,
+            steps=self.steps,
+            lrs=self.lrs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControlRequest:
+        """The inverse of `to_dict` after a JSON round trip (lists back to tuples, so requests compare equal)."""
+        return cls(
+            **{
+                **data,
+                "modules": tuple(data["modules"]),
+                "shapes": tuple(tuple(s) for s in data["shapes"]),
+                "lrs": tuple(data["lrs"]),
+            }
+        )
+
+
+class StageExecution(Protocol):
+    """The pieces of a stage an execution may place elsewhere."""
+
+    def probe(
+        self,
+        router: Router,
+        model: nn.Module,
+        candidates: Sequence[Candidate],
+        accepted: Sequence[str],
+        name_prefix: str,
+    ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
+        """What `Router.probe` returns, for every candidate: the model holding each surviving probe adapter (trained
+        ``probe_steps`` steps), the results in candidate order, and each survivor's optimizer (to train on)."""
+
+    def control(
+        self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
+    ) -> ControlResult:
+        """The LoRA control ``request`` describes, over the ``accepted`` composition of ``model``."""
+
+    def publish(self, model: nn.Module, adapters: Sequence[str], accepted: Sequence[str]) -> None:
+        """``adapters`` of ``model`` joined the composition (now ``accepted``): every process must compose them."""
+
+
+@dataclass
+class LocalExecution:
+    """Everything in this process, in order."""
+
+    def probe(
+        self,
+        router: Router,
+        model: nn.Module,
+        candidates: Sequence[Candidate],
+        accepted: Sequence[str],
+        name_prefix: str,
+    ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
+        return router.probe(model, candidates, accepted, name_prefix)
+
+    def control(
+        self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
+    ) -> ControlResult:
+        return request.run(model, accepted, data)
+
+    def publish(self, model: nn.Module, adapters: Sequence[str], accepted: Sequence[str]) -> None:
+        """Nothing to do: this process is the only one."""

@@ -1,0 +1,83 @@
+"""`python -m peft_graft.search` with test instruments, for launchers (torchrun, accelerate launch) to start.
+
+Usage: ``distributed_run.py DUMP_DIR SEARCH_ARGS...``. Each process writes ``DUMP_DIR/rank<k>.json``: the adapters and
+a sha256 of every graft tensor and of the logits of its final composed model, how many registry write transactions it
+opened, and (rank 0) the probes it took over from dead ranks. With ``SEARCH_TEST_EXIT="rank,stage,code"`` that rank
+leaves with ``os._exit(code)`` when it starts its first probe of that stage (on the launch's first attempt only).
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from peft_graft.cli import main
+from peft_graft.registry.database import Database
+from peft_graft.search import distributed, router
+from peft_graft.search.wire import adapter_tensors
+
+
+RANK = int(os.environ["RANK"])
+DUMP = Path(sys.argv[1])
+writes = 0
+retried: list[str] = []
+
+
+def count_writes(transaction):
+    def wrapper(self, *, write):
+        global writes
+        writes += write
+        return transaction(self, write=write)
+
+    return wrapper
+
+
+def exit_on_probe(probe_one, stage: str, code: int):
+    def wrapper(self, model, name, *args, **kwargs):
+        if name.startswith(f"stage{stage}_"):
+            os._exit(code)
+        return probe_one(self, model, name, *args, **kwargs)
+
+    return wrapper
+
+
+def dump_after(search):
+    def wrapper(base, data, *args, **kwargs):
+        model, report = search(base, data, *args, **kwargs)
+        tensors = {k: v for a in model.peft_config for k, v in adapter_tensors(model, a).items()}
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode() + tensors[name].numpy().tobytes())
+        with torch.no_grad():
+            logits = model(input_ids=data.acceptance[:4]).logits
+        dump = {
+            "adapters": list(model.peft_config),
+            "active": model.active_adapters,
+            "tensors": digest.hexdigest(),
+            "logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
+            "registry_writes": writes,
+        }
+        (DUMP / f"rank{RANK}.json").write_text(json.dumps(dump))
+        return model, report
+
+    return wrapper
+
+
+class Recording(distributed.Coordinator):
+    def shutdown(self, error=None):
+        (DUMP / "retried.json").write_text(json.dumps(self.retried))
+        super().shutdown(error)
+
+
+Database.transaction = count_writes(Database.transaction)
+distributed.distributed_search = dump_after(distributed.distributed_search)
+distributed.Coordinator = Recording
+fault = os.environ.get("SEARCH_TEST_EXIT")
+if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    rank, stage, code = fault.split(",")
+    if int(rank) == RANK:
+        router.Router.probe_one = exit_on_probe(router.Router.probe_one, stage, int(code))
+sys.exit(main(["search", *sys.argv[2:]]))

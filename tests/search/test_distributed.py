@@ -1,0 +1,190 @@
+"""Distributed search: two real processes (torchrun, accelerate launch; gloo, one thread each) decide exactly what one
+process decides, end with bitwise the same composed model, only rank 0 writes the registry, a dead worker's probes
+are taken over by rank 0, a restarted launch resumes from the registry, and a locked registry stops every rank."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+
+from peft_graft.cli import main
+from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchAbortedError
+from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
+from peft_graft.registry import GraftRegistry
+from peft_graft.search import SearchConfig, SearchSpace
+from peft_graft.search.distributed import DistributedSettings, claim_order, distributed_search
+from peft_graft.search.wire import decode, encode
+
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+# Four candidates a stage (1 or 2 modules × two learning rates), two stages: each rank probes two per stage.
+SETTINGS = {
+    "budget": 64,
+    "max_stages": 2,
+    "probe_steps": 3,
+    "train_steps": 6,
+    "gate_top": 1,
+    "sensitivity_blocks": 8,
+    "control_lrs": [1e-2],
+    "space": {
+        "ranks": [4],
+        "set_sizes": [1, 2],
+        "lrs": [5e-2, 2e-2],
+        "max_probes": 4,
+        "graft_kwargs": {"scaling": 1.0},
+    },
+    "gates": {"min_gain": -1.0, "exact_recomposition": False},
+    "distributed": {"heartbeat_timeout": 3.0, "heartbeat_interval": 0.2},
+}
+
+
+@pytest.fixture(scope="module")
+def search_file(tiny_llama, domain, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    tiny_llama().save_pretrained(root / "model")
+    for role in ("train", "acceptance", "ranking"):
+        (root / f"{role}.json").write_text(json.dumps(getattr(domain, role).tolist()))
+    data = {role: str(root / f"{role}.json") for role in ("train", "acceptance", "ranking")}
+    (root / "search.yaml").write_text(yaml.safe_dump({**SETTINGS, "model": str(root / "model"), "data": data}))
+    return root / "search.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_process(search_file):
+    """The same search in this process, on one thread as the launched ranks run."""
+    out = search_file.parent / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["search", str(search_file), "--out", str(out), "--no-plot"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return _run(out)
+
+
+def _run(out: Path) -> dict:
+    report = json.loads((out / "search_report.json").read_text())
+    records = GraftRegistry(out / "registry").list()
+    return {"report": report, "records": sorted((r.graft_id, r.status.value) for r in records)}
+
+
+def _launch(launcher: list[str], search_file: Path, out: Path, fault: str = "") -> list[dict]:
+    dump = out / "dump"
+    dump.mkdir(parents=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SEARCH_TEST_EXIT": fault, "PYTHONWARNINGS": "ignore"}
+    command = [
+        *launcher,
+        str(HERE / "distributed_run.py"),
+        str(dump),
+        str(search_file),
+        "--out",
+        str(out),
+        "--no-plot",
+    ]
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(dump.glob("rank*.json"))], json.loads(
+        (dump / "retried.json").read_text()
+    )
+
+
+def test_two_processes_decide_as_one_and_a_restarted_launch_resumes(search_file, one_process):
+    """torchrun: rank 1 dies (exit 1) at its first probe of stage 2; torchrun stops both and starts them again; rank 0
+    resumes after stage 1 from its registry. Everything matches the one-process run, bit for bit."""
+    out = search_file.parent / "torchrun"
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    ranks, _ = _launch(torchrun, search_file, out, fault="1,2,1")
+    run = _run(out)
+    assert [s["decision"] for s in run["report"]["stages"]] == ["ACCEPTED", "ACCEPTED"]
+    assert run == one_process  # same probes, gains, controls, decisions, graft ids (content hashes), statuses
+    coordinator, worker = ranks
+    assert coordinator["registry_writes"] > 0 and worker["registry_writes"] == 0  # rank 0 is the only writer
+    assert coordinator["adapters"] == worker["adapters"] == [s["adapter"] for s in run["report"]["stages"]]
+    assert coordinator["active"] == worker["active"] == coordinator["adapters"]
+    assert coordinator["tensors"] == worker["tensors"] and coordinator["logits"] == worker["logits"]
+
+
+def test_a_dead_workers_probes_are_taken_over_by_rank_0(search_file, one_process):
+    """accelerate launch: rank 1 vanishes (exit 0, so the launcher lets rank 0 go on) at its first probe of stage 1;
+    rank 0 sees its heartbeat stop, probes what it held, trains the controls itself, and decides the same."""
+    out = search_file.parent / "accelerate"
+    accelerate = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    accelerate += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    ranks, retried = _launch(accelerate, search_file, out, fault="1,1,0")
+    assert len(ranks) == 1 and retried and all(name.startswith("stage1_c") for name in retried)
+    assert _run(out) == one_process
+
+
+def _threads(tiny_llama, domain, registry):
+    """Rank 0 here, rank 1 in a thread, on an in-memory store: the protocol without launching processes."""
+    space = SearchSpace(ranks=(4,), set_sizes=(2,), lrs=(5e-2, 2e-2), graft_kwargs={"scaling": 1.0})
+    config = SearchConfig(budget=64, space=space, max_stages=1, probe_steps=2, train_steps=4, sensitivity_blocks=8)
+    gates = GateSet([MinimumGain(min_gain=-1.0), FiniteWeights()])
+    store, errors = dist.HashStore(), {}
+    timing = DistributedSettings(heartbeat_timeout=3.0, heartbeat_interval=0.2)
+    bases = [tiny_llama(), tiny_llama()]  # built here: tiny_llama seeds the global RNG, which threads share
+
+    def worker():
+        try:
+            distributed_search(bases[1], domain, gates, config, store=store, rank=1, world=2, settings=timing)
+        except Exception as err:  # noqa: BLE001 (handed to the test thread)
+            errors[1] = err
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        distributed_search(
+            bases[0],
+            domain,
+            gates,
+            config,
+            store=store,
+            rank=0,
+            world=2,
+            settings=timing,
+            registry=registry,
+            progress=False,
+            plot=False,
+        )
+    except Exception as err:  # noqa: BLE001
+        errors[0] = err
+    thread.join()
+    return errors
+
+
+def test_a_locked_registry_stops_every_rank_and_writes_nothing(tiny_llama, domain, tmp_path):
+    registry = GraftRegistry(tmp_path / "registry", timeout=0.5)
+    lock = sqlite3.connect(registry.root / "registry.sqlite", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holds the lock for the whole search
+    try:
+        errors = _threads(tiny_llama, domain, registry)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert isinstance(errors[0], RegistryBusyError)
+    assert isinstance(errors[1], SearchAbortedError) and "RegistryBusyError" in str(errors[1])
+    assert registry.list() == []
+
+
+def test_roles_messages_and_claims_are_checked():
+    with pytest.raises(DistributedSearchError, match="0..1"):
+        DistributedSettings.from_dict({"roles": {"control": [2]}}).roles(2)
+    with pytest.raises(DistributedSearchError, match="Unknown distributed settings"):
+        DistributedSettings.from_dict({"roles": {"gates": [0]}})
+    assert DistributedSettings().roles(2) == ((0, 1), (1,)) and DistributedSettings().roles(1) == ((0,), (0,))
+    header, tensors = decode(encode({"a": [1, 2]}, {"t": torch.arange(3.0)}))
+    assert header == {"a": [1, 2]} and torch.equal(tensors["t"], torch.arange(3.0))
+    with pytest.raises(DistributedSearchError, match="damaged"):
+        decode(encode({"a": 1}, {"t": torch.ones(2)})[:-3])
+    # own share first, then the rest stolen from the end; every candidate exactly once per rank
+    assert list(claim_order(0, 5, (0, 1))) == [0, 2, 4, 3, 1] and list(claim_order(1, 5, (0, 1))) == [1, 3, 4, 2, 0]
+    assert list(claim_order(2, 5, (0, 1))) == []
