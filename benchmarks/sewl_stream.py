@@ -18,6 +18,7 @@ uses (news train articles and the Sonnets). Targets are printed PASS/MISS.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -67,7 +68,7 @@ class Sizes:
 FULL = Sizes(128, 256, 4, 2, 3, ("shakespeare", "news", "reviews"), ("kfac",), ("kfac",), (0.1, 1.0, 10.0))
 QUICK = Sizes(32, 32, 2, 2, 1, ("news",), (), ("kfac",), (1.0,))
 # Centre of each arm's lr grid (the dev split picks lr = centre × one of Sizes.grid).
-LR_CENTRE = {"sgd": 3e-5, "rms": 1e-5, "lora": 3e-3, **{f"sewl-{rule}": 0.1 for rule in RULES}}
+LR_CENTRE = {"sgd": 3e-5, "rms": 3e-6, "lora": 3e-3, **{f"sewl-{rule}": 0.1 for rule in RULES}}
 
 
 # ------------------------------------------------------------------ streams
@@ -161,7 +162,7 @@ def sewl_arm(name: str, model: torch.nn.Module, rule: str) -> Arm:
 
     def set_lr(lr: float) -> None:
         last_k = 4 if name.endswith("last 4") else None
-        live["sewl"] = SEWL(model, SEWLConfig(rule=rule, lr=lr, last_k=last_k, max_step_fraction=None))
+        live["sewl"] = SEWL(model, SEWLConfig(rule=rule, lr=lr, last_k=last_k))
         live["start"] = live["sewl"].state.clone()
 
     def reset() -> None:
@@ -194,7 +195,7 @@ def gradient_arm(
                 if rms is None:
                     p.sub_(lr["value"] * g)
                 else:
-                    p.sub_(lr["value"] * g / (rms[i] + 0.1 * rms[i].mean()))  # ε: rms ~ 0 on unseen tokens
+                    p.sub_(lr["value"] * g / (rms[i] + rms[i].mean()))  # ε: rms ~ 0 where dev text sent none
                     p.add_((start[i] - p) * (decay * rms[i] / rms[i].mean()).clamp_max(1.0))
         return loss.item()
 
@@ -360,9 +361,8 @@ def evolve(arm: Arm, chunks: list[Batch]) -> None:
 
 def extras(arm: Arm, model: torch.nn.Module, plain: torch.nn.Module, sizes: Sizes, stream: Stream, seed: int) -> dict:
     """With the dev split's best SEWL rule on the last 4 layers: bytes per user state vs LoRA r=8, persistence across
-    processes, latency of an evolved state (unmerged, merged) against the plain base (``plain``). Latency comes
-    last: unmerging subtracts ΔW again, which changes the base's last bits, and a SEWL snapshot then rightly
-    refuses the model as another base."""
+    processes, latency of an evolved state (unmerged, and merged into a copy with ``merge_and_unload``) against the
+    plain base (``plain``)."""
     chunks = batches(stream, sizes, False)
     sewl: SEWL = arm.live["sewl"]
     out = {}
@@ -383,15 +383,17 @@ def extras(arm: Arm, model: torch.nn.Module, plain: torch.nn.Module, sizes: Size
         out["persistence"] = persistence(arm, chunks, Path(tmp), seed)
     evolve(arm, chunks)
     probe = stream.ids[None, : 2 * sizes.chunk]
-    unmerged = paired_timing(no_grad_forward(plain, probe), no_grad_forward(model, probe), 5)
-    model.merge_adapter()
-    merged = paired_timing(no_grad_forward(plain, probe), no_grad_forward(model, probe), 5)
-    model.unmerge_adapter()
+    unmerged = paired_timing(no_grad_forward(plain, probe), no_grad_forward(model, probe), 9)
+    served = copy.deepcopy(model).merge_and_unload()  # how an evolved state is served merged: a plain model again
+    merged = paired_timing(no_grad_forward(plain, probe), no_grad_forward(served, probe), 9)
+    same_modules = [type(m) for m in served.modules()] == [type(m) for m in plain.modules()]
+    del served
     arm.reset()
     return out | {
         "rule": sewl.config.rule,
         "latency_unmerged_ratio": unmerged.ratio,
         "latency_merged_ratio": merged.ratio,
+        "merged_is_plain_model": same_modules,
         "added_ms_per_token_unmerged": (unmerged.candidate_s - unmerged.baseline_s) * 1e3 / probe.shape[1],
         "added_ms_per_token_merged": (merged.candidate_s - merged.baseline_s) * 1e3 / probe.shape[1],
     }
@@ -471,10 +473,11 @@ def targets(report: dict) -> list[tuple[str, bool]]:
         (
             (
                 "applying an evolved state adds ≤ 2% per-token latency unmerged "
-                f"(measured {extra['latency_unmerged_ratio'] - 1:+.1%}) and ~0 merged ({extra['latency_merged_ratio'] - 1:+.1%}"
-                ", PASS within ±1% timing noise)"
+                f"(measured {extra['latency_unmerged_ratio'] - 1:+.1%}) and 0 merged (merge_and_unload gives "
+                f"{'the' if extra['merged_is_plain_model'] else 'NOT the'} base's own module graph; timing difference "
+                f"{extra['latency_merged_ratio'] - 1:+.1%}, noise)"
             ),
-            extra["latency_unmerged_ratio"] <= 1.02 and abs(extra["latency_merged_ratio"] - 1) <= 0.01,
+            extra["latency_unmerged_ratio"] <= 1.02 and extra["merged_is_plain_model"],
         ),
         (
             (
@@ -520,7 +523,7 @@ def write(report: dict, out: Path) -> None:
             f"Sizes: chunks of {sizes['chunk']} tokens, C256 context {sizes['context']} tokens, {sizes['chunks']} chunks "
             f"per held-out stream, sources {', '.join(sizes['sources'])}, {sizes['seeds']} seed(s); lr tuned on "
             f"{sizes['dev_chunks']}-chunk dev streams (grid × {list(sizes['grid'])} of each arm's centre); SEWL: r=16 "
-            "orthogonal grafts on all 7 projections, rails on, max_step_fraction off. Wall time "
+            "orthogonal grafts on all 7 projections, default rails. Wall time "
             f"{report['seconds'] / 60:.1f} min."
         ),
         "",
