@@ -65,7 +65,7 @@ class Sizes:
 
 # Full run sized to fit ~25 min on a busy 2-core CPU: every rule on the last 4 layers in C0; on all layers and on top
 # of context only the rule that did best in a first look (kfac, see examples/sewl_session.py).
-FULL = Sizes(128, 256, 4, 2, 3, ("shakespeare", "news", "reviews"), ("kfac",), ("kfac",), (0.1, 1.0, 10.0))
+FULL = Sizes(128, 256, 4, 2, 3, ("shakespeare", "news", "reviews"), RULES, RULES, (0.1, 1.0, 10.0))
 QUICK = Sizes(32, 32, 2, 2, 1, ("news",), (), ("kfac",), (1.0,))
 # Centre of each arm's lr grid (the dev split picks lr = centre × one of Sizes.grid).
 LR_CENTRE = {"sgd": 3e-5, "rms": 3e-6, "lora": 3e-3, **{f"sewl-{rule}": 0.1 for rule in RULES}}
