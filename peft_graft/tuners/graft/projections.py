@@ -64,30 +64,59 @@ def orthogonal_projections(out_dim: int, d: int, r: int, seed: int) -> tuple[tor
 # a randomized block Krylov iteration (Halko, Martinsson & Tropp 2011; Musco & Musco 2015) in O(m·n·b·niter) with
 # b = r + oversample. Plain subspace iteration (torch.svd_lowrank, PEFT's PiSSA) keeps only the last block; on the
 # flat spectra of trained LLM weights (SmolLM2's MLP: σ₇₀ ≈ 0.75·σ₁) it then captures ~90% of the top-r energy after
-# 4 iterations. Keeping every block (a Krylov space of (niter+1)·b dimensions, for the same number of passes over the
-# matrix) and a Rayleigh-Ritz step captures ≥ 99.9% with the defaults (benchmarks/results/projection_accuracy.md).
+# 4 iterations. Keeping every block (a Krylov space of (niter+1)·b dimensions) and a Rayleigh-Ritz step captures
+# ≥ 99.9% with the defaults (benchmarks/results/projection_accuracy.md).
+#
+# What the time goes into (benchmarks/results/graft_init.md): the products with W, which run at a few times the speed
+# in bf16 where the hardware has bf16 matrix units (their rounding, 2⁻⁹ relative, is far below the solver's own
+# error: the captured energy is unchanged to 1e-4) and at about twice the speed per column in blocks of 32 rather
+# than 16; and, on small modules, the orthonormalisation and the Ritz step, which therefore work in the smaller of
+# W's two spaces and take the eigenvectors of a small Gram matrix instead of an SVD.
+
+
+def product_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the solver multiplies ``weight`` in: bf16 where that is native or fast, fp32 otherwise.
+
+    A bf16 weight stays bf16 (no fp32 copy of a large module). An fp32 or fp16 weight is multiplied in bf16 on a GPU
+    and on CPUs with bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 products are emulated slowly, so they
+    stay fp32 (fp16 is slow on CPUs too). Either way the result is deterministic on a given machine.
+    """
+    if weight.dtype == torch.bfloat16:
+        return torch.bfloat16
+    if weight.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if weight.device.type == "cpu" and _cpu_has_bf16_units():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_bf16_units() -> bool:
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
 
 
 def _orthonormalize(Y: torch.Tensor, basis: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Orthonormal columns spanning the part of Y outside span(basis) (basis: orthonormal columns or None).
 
-    Projecting out and normalising twice keeps the new columns orthogonal to the basis to working precision, unless
-    a column held nothing but rounding noise: once the Krylov space has exhausted the matrix's range (a low-rank
-    gradient from a few calibration tokens, a rank-deficient weight) the noise lies largely inside the span and comes
-    back after normalisation. Such columns are replaced by fresh random directions, as block Lanczos does on
-    breakdown; any orthonormal extension of the basis is valid for the Rayleigh-Ritz step.
+    Projecting out twice ("twice is enough") keeps the new columns orthogonal to the basis to working precision,
+    unless a column held nothing but rounding noise: once the Krylov space has exhausted the matrix's range (a
+    low-rank gradient from a few calibration tokens, a rank-deficient weight) what is left of it after the
+    projections is noise, which lies largely inside the span. QR's diagonal shows such columns (what a column adds
+    to the span is tiny next to its length); they are replaced by fresh random directions, as block Lanczos does on
+    breakdown: any orthonormal extension of the basis is valid for the Rayleigh-Ritz step.
     """
-    tolerance = torch.finfo(Y.dtype).eps ** 0.75
-    for _ in range(2):
-        for _ in range(2):
-            if basis is not None:
-                Y = Y - basis @ (basis.T @ Y)
-            Y = torch.linalg.qr(Y).Q
-        lost = None if basis is None else (basis.T @ Y).abs().amax(dim=0) > tolerance
-        if lost is None or not lost.any():
+    tolerance = torch.finfo(Y.dtype).eps ** (1 / 3)  # leaves the new columns orthogonal to ~eps^(2/3)
+    for _ in range(3):
+        lengths = torch.linalg.vector_norm(Y, dim=0)
+        for _ in range(2 if basis is not None else 0):
+            Y = Y - basis @ (basis.T @ Y)
+        Q, R = torch.linalg.qr(Y)
+        lost = R.diagonal().abs() <= tolerance * lengths
+        if not lost.any():
             break
-        Y[:, lost] = _sketch(Y.shape[0], int(lost.sum()), Y, generator)
-    return Y
+        Y = Q.clone()
+        Y[:, lost] = _sketch(Y.shape[0], int(lost.sum()), generator, Y.dtype, Y.device)
+    return Q
 
 
 def _block_krylov(
@@ -108,9 +137,11 @@ def _block_krylov(
     return basis, products
 
 
-def _sketch(rows: int, cols: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The Gaussian starting block, drawn on the CPU (the same numbers on every device) and moved to ``like``."""
-    return torch.randn(rows, cols, generator=generator, dtype=like.dtype).to(like.device)
+def _sketch(
+    rows: int, cols: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A Gaussian block, drawn on the CPU (the same numbers on every device) and moved to ``device``."""
+    return torch.randn(rows, cols, generator=generator, dtype=dtype).to(device)
 
 
 def _krylov_fits(block: int, niter: int | None, size: int) -> bool:
@@ -118,29 +149,72 @@ def _krylov_fits(block: int, niter: int | None, size: int) -> bool:
     return niter is not None and block * (niter + 1) < size
 
 
+def _top_eigh(gram: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-r eigenvalues (descending) and eigenvectors of a small symmetric matrix."""
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    return values[-r:].flip(-1), vectors[:, -r:].flip(-1)
+
+
+def _right_vectors(scaled: torch.Tensor) -> torch.Tensor:
+    """V from V·Σ = Wᵀ U: its columns, normalised (orthonormal completion where σ ≈ 0, as QR gives it)."""
+    V, R = torch.linalg.qr(scaled)
+    signs = torch.sign(R.diagonal())
+    signs[signs == 0] = 1
+    return V * signs
+
+
 def top_singular_subspaces(
-    matrix: torch.Tensor, r: int, niter: int | None, oversample: int, generator: torch.Generator
+    matrix: torch.Tensor,
+    r: int,
+    niter: int | None,
+    oversample: int,
+    generator: torch.Generator,
+    products: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """U_r (m×r) and V_r (n×r): the top-r left and right singular vectors of ``matrix`` (m×n), sign-canonicalised.
 
-    ``niter=None`` runs the exact full SVD; so does a matrix too small for a Krylov space of (niter+1)·(r+oversample)
-    dimensions. Otherwise 2·niter + 2 products with blocks of r+oversample columns. Computed in ``matrix``'s dtype and
-    on its device (pass fp32 or fp64); the same generator state gives the same result on the same machine.
+    ``niter=None`` runs the exact full SVD. A matrix too small for a Krylov space of (niter+1)·(r+oversample)
+    dimensions gets the exact eigenvectors of its smaller Gram matrix. Otherwise 2·niter + 2 products with
+    blocks of r+oversample columns, in the ``products`` dtype (default: ``matrix``'s), with everything else in fp32
+    (fp64 for an fp64 matrix), on ``matrix``'s device; the same generator state gives the same result on the same
+    machine.
     """
-    m, n = matrix.shape
-    block = r + oversample
-    if not _krylov_fits(block, niter, min(m, n)):
-        U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    if niter is None:
+        U, _, Vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
         return canonical_signs(U[:, :r], Vh[:r].T)
+    wide = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T  # the basis lives in the smaller space
+    if _krylov_fits(r + oversample, niter, wide.shape[0]):
+        U, V = _randomized_subspaces(wide, r, niter, r + oversample, generator, products or matrix.dtype, dtype)
+    else:
+        small = wide.to(dtype)
+        U = _top_eigh(small @ small.T, r)[1]
+        V = _right_vectors(small.T @ U)
+    return canonical_signs(U, V) if wide is matrix else canonical_signs(V, U)
+
+
+def _randomized_subspaces(
+    W: torch.Tensor,
+    r: int,
+    niter: int,
+    block: int,
+    generator: torch.Generator,
+    products: torch.dtype,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r singular subspaces of W (m×n, m ≤ n) from its block Krylov space; products in ``products``."""
+    W = W.to(products)
 
     def step(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Z = matrix.T @ Q  # [n, b]; Zᵀ = Qᵀ W is this block's share of the Rayleigh-Ritz matrix
-        return matrix @ Z, Z.T
+        Z = W.T @ Q.to(products)  # [n, b]; Zᵀ = Qᵀ W is this block's share of the Rayleigh-Ritz matrix
+        return (W @ Z).to(dtype), Z
 
-    basis, rows = _block_krylov(matrix @ _sketch(n, block, matrix, generator), step, niter, generator)
-    rows.append((matrix.T @ basis[:, -block:]).T)
-    Ut, _, Vh = torch.linalg.svd(torch.cat(rows), full_matrices=False)  # basisᵀ W = U_t S Vh
-    return canonical_signs(basis @ Ut[:, :r], Vh[:r].T)
+    start = (W @ _sketch(W.shape[1], block, generator, dtype, W.device).to(products)).to(dtype)
+    basis, rows = _block_krylov(start, step, niter, generator)
+    rows.append(W.T @ basis[:, -block:].to(products))
+    R = torch.cat(rows, dim=1).to(dtype)  # [n, k] = Wᵀ basis
+    _, Ut = _top_eigh(R.T @ R, r)  # basisᵀ W Wᵀ basis = Ut S² Utᵀ
+    return basis @ Ut, _right_vectors(R @ Ut)
 
 
 def top_eigenvectors(
@@ -154,19 +228,18 @@ def top_eigenvectors(
     """
     block = r + oversample
     if not _krylov_fits(block, niter, gram.shape[0]):
-        _, vecs = torch.linalg.eigh(gram.double())
-        top = vecs[:, -r:].flip(-1).to(gram.dtype)
+        top = _top_eigh(gram.double(), r)[1].to(gram.dtype)
     else:
 
         def step(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             GQ = gram @ Q
             return GQ, GQ
 
-        basis, products = _block_krylov(gram @ _sketch(gram.shape[0], block, gram, generator), step, niter, generator)
+        start = gram @ _sketch(gram.shape[0], block, generator, gram.dtype, gram.device)
+        basis, products = _block_krylov(start, step, niter, generator)
         products.append(gram @ basis[:, -block:])
         ritz = basis.T @ torch.cat(products, dim=1)  # basisᵀ G basis
-        _, vecs = torch.linalg.eigh(((ritz + ritz.T) / 2).double())
-        top = basis @ vecs[:, -r:].flip(-1).to(gram.dtype)
+        top = basis @ _top_eigh(ritz.double(), r)[1].to(gram.dtype)
     top, _ = canonical_signs(top, top)
     return top
 
@@ -184,10 +257,10 @@ def svd_projections(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Principal subspace of W (out×in): A = U_r, and B = V_rᵀ (additive) or U_rᵀ (output mode), in fp32.
 
-    Output mode needs only U; the sketch and iteration are the same. A half-precision or dequantized weight is
-    promoted to fp32 for this one module only.
+    Output mode needs only U; the sketch and iteration are the same. The products with W run in `product_dtype`;
+    only a weight that must change dtype for them (or for the exact SVD) is copied, one module at a time.
     """
-    U, V = top_singular_subspaces(weight.detach().float(), r, niter, oversample, generator)
+    U, V = top_singular_subspaces(weight.detach(), r, niter, oversample, generator, product_dtype(weight))
     return U.contiguous(), (U if mode == "output" else V).T.contiguous()
 
 
