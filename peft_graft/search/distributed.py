@@ -467,26 +467,32 @@ def distributed_search(
 
 
 def launch_store(timeout: float = 1800.0) -> tuple[dist.Store, int, int]:
-    """Join the launch ``accelerate launch``/``torchrun`` started (env:// rendezvous, gloo); return (store, rank,
-    world).
+    """Join the launch ``accelerate launch``/``torchrun`` started; return (store, rank, world).
 
-    ``torch.distributed`` is initialised directly, as ``Accelerator(cpu=True)`` would do on a CPU machine: a plain
-    ``Accelerator()`` under torchrun on CPU would run separate one-process copies instead. The store is a client of the
-    launch's own TCPStore, under a prefix that changes when torchrun restarts the processes (``--max-restarts``), so a
-    restarted search never reads the messages of the attempt before.
+    The store is the launch's TCPStore (torchrun's agent hosts it, or rank 0 when the processes were started without
+    an agent), under a prefix naming the attempt: torchrun keeps its store across ``--max-restarts``, so a restarted
+    search must not read the keys of the attempt before (gloo's own rendezvous keys included: a gloo group joined with
+    the store's plain keys after a restart connects to the dead processes' addresses). On it, a gloo process group is
+    initialised, as ``Accelerator(cpu=True)`` would do on a CPU machine (a plain ``Accelerator()`` under torchrun on CPU
+    runs separate one-process copies instead): it proves every process joined, and code running in the search (a
+    user's gate) can use collectives. The search itself talks through the store only.
     """
-    if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as err:
         raise DistributedSearchError(
-            "No launch to join: start the search with `accelerate launch --multi_gpu --num_processes N -m "
-            "peft_graft.search CONFIG.yaml` or `torchrun --nproc_per_node N -m peft_graft.search CONFIG.yaml`."
-        )
+            f"No launch to join ({err} missing or wrong): start the search with `accelerate launch --multi_gpu "
+            "--num_processes N -m peft_graft.search CONFIG.yaml` or `torchrun --nproc_per_node N -m peft_graft.search "
+            "CONFIG.yaml`."
+        ) from err
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    wait = timedelta(seconds=timeout)
+    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not hosted_by_agent, timeout=wait)
+    attempt = f"peft_graft_search/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
-    client = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=timeout)
-    )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"peft_graft_search/{attempt}/", client), dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("gloo", store=dist.PrefixStore(attempt + "gloo/", store), rank=rank, world_size=world)
+    return dist.PrefixStore(attempt + "search/", store), rank, world
 
 
 def world_size() -> int:

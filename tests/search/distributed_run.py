@@ -2,8 +2,9 @@
 
 Usage: ``distributed_run.py DUMP_DIR SEARCH_ARGS...``. Each process writes ``DUMP_DIR/rank<k>.json``: the adapters and
 a sha256 of every graft tensor and of the logits of its final composed model, how many registry write transactions it
-opened, and (rank 0) the probes it took over from dead ranks. With ``SEARCH_TEST_EXIT="rank,stage,code"`` that rank
-leaves with ``os._exit(code)`` when it starts its first probe of that stage (on the launch's first attempt only).
+opened, and (rank 0, ``retried<attempt>.json``) the probes it took over from dead ranks. With
+``SEARCH_TEST_EXIT="rank,stage,code;..."`` each such rank leaves with ``os._exit(code)`` when it starts its first probe
+of that stage, on the launch's first attempt only (a later attempt is torchrun restarting the processes).
 """
 
 import hashlib
@@ -21,6 +22,7 @@ from peft_graft.search.wire import adapter_tensors
 
 
 RANK = int(os.environ["RANK"])
+ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 DUMP = Path(sys.argv[1])
 writes = 0
 retried: list[str] = []
@@ -50,7 +52,7 @@ def dump_after(search):
         tensors = {k: v for a in model.peft_config for k, v in adapter_tensors(model, a).items()}
         digest = hashlib.sha256()
         for name in sorted(tensors):
-            digest.update(name.encode() + tensors[name].numpy().tobytes())
+            digest.update(name.encode() + tensors[name].detach().numpy().tobytes())
         with torch.no_grad():
             logits = model(input_ids=data.acceptance[:4]).logits
         dump = {
@@ -67,16 +69,16 @@ def dump_after(search):
 
 
 class Recording(distributed.Coordinator):
-    def shutdown(self, error=None):
-        (DUMP / "retried.json").write_text(json.dumps(self.retried))
-        super().shutdown(error)
+    def probe(self, *args, **kwargs):
+        done = super().probe(*args, **kwargs)
+        (DUMP / f"retried{ATTEMPT}.json").write_text(json.dumps(self.retried))
+        return done
 
 
 Database.transaction = count_writes(Database.transaction)
 distributed.distributed_search = dump_after(distributed.distributed_search)
 distributed.Coordinator = Recording
-fault = os.environ.get("SEARCH_TEST_EXIT")
-if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+for fault in os.environ.get("SEARCH_TEST_EXIT", "").split(";") if ATTEMPT == "0" else ():
     rank, stage, code = fault.split(",")
     if int(rank) == RANK:
         router.Router.probe_one = exit_on_probe(router.Router.probe_one, stage, int(code))
