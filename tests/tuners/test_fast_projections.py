@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import peft_graft
 from peft_graft import GraftConfig, GraftConfigError
 from peft_graft.testing.assets import tokenize_blocks
-from peft_graft.tuners.graft.projections import captured_energy, top_eigenvectors, top_singular_subspaces
+from peft_graft.tuners.graft.projections import (
+    captured_energy,
+    product_dtype,
+    svd_projections,
+    top_eigenvectors,
+    top_singular_subspaces,
+)
 
 
 # The modules with the flattest spectra at each rank (benchmarks/results/projection_accuracy.md), where the
@@ -83,6 +89,26 @@ def test_small_matrices_and_niter_none_take_the_exact_svd(niter):
     U, V = top_singular_subspaces(W, 4, niter, 8, generator())
     U_exact, _, Vh_exact = torch.linalg.svd(W)
     assert largest_angle(U, U_exact[:, :4]) < 1e-4 and largest_angle(V, Vh_exact[:4].T) < 1e-4
+
+
+def test_bf16_products_capture_as_much_as_fp32_products():
+    """Products in bf16 (the default where the hardware has bf16 units, or for a bf16 weight) perturb the Krylov space
+    far below the solver's own error, on a flat spectrum like that of trained MLP weights."""
+    W = spectrum_matrix(300, 700, torch.linspace(1.0, 0.3, 300)).float()  # flat: 99.986% of the top-16 energy
+    U32, V32 = top_singular_subspaces(W, 16, 6, 16, generator())  # products in W's dtype
+    U, V = top_singular_subspaces(W, 16, 6, 16, generator(), products=torch.bfloat16)
+    assert U.dtype == V.dtype == torch.float32
+    torch.testing.assert_close(U.T @ U, torch.eye(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(V.T @ V, torch.eye(16), atol=1e-5, rtol=0)
+    assert captured_energy(W, U, V.T, 16) > max(THRESHOLD, captured_energy(W, U32, V32.T, 16) - 1e-4)
+
+
+def test_a_bf16_weight_is_multiplied_in_bf16_and_gives_fp32_projections():
+    W = spectrum_matrix(200, 500, 0.97 ** torch.arange(200)).to(torch.bfloat16)
+    assert product_dtype(W) == torch.bfloat16
+    A, B = svd_projections(W, 8, "additive", 6, 16, generator())
+    assert A.dtype == B.dtype == torch.float32 and A.shape == (200, 8) and B.shape == (8, 500)
+    assert captured_energy(W.float(), A, B, 8) > THRESHOLD
 
 
 def test_gram_eigenvectors_match_eigh():

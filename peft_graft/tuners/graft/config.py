@@ -53,15 +53,17 @@ class GraftConfig(PeftConfig):
             ``max_trainable_params``).
         projection_niter (`Optional[int]`): Iterations of the randomized block Krylov solver that finds the top-r
             subspaces of ``"svd"``, ``"activation"`` and ``"gradient"`` projections (each costs two passes over the
-            weight or gradient, one over a Gram matrix). The default 8 captures at least 99.9% of the exact top-r
-            energy (``‖Aᵀ W Bᵀ‖²_F / Σ_{i≤r} σᵢ²``, see `captured_energy`) on every attention and MLP projection of
-            SmolLM2-135M at r = 8, 16 and 32, at a few percent of a full SVD's time on large modules. Lower it (4 does
-            the work of PEFT's ``pissa_niter_4``) for faster, less exact subspaces; ``None`` runs the exact full SVD /
-            eigh (minutes per module on 8192-wide layers). Modules too small for the Krylov space get the exact one
-            anyway. Loading never runs either: the projections come from the file.
+            weight or gradient, one over a Gram matrix). The default 6 (with ``projection_oversample=16``) captures at
+            least 99.9% of the exact top-r energy (``‖Aᵀ W Bᵀ‖²_F / Σ_{i≤r} σᵢ²``, see `captured_energy`) on every
+            attention and MLP projection of SmolLM2-135M at r = 8, 16 and 32, at a few percent of a full SVD's time
+            on large modules (benchmarks/results/projection_accuracy.md, graft_init.md). Lower it for faster, less
+            exact subspaces; ``None`` runs the exact full SVD / eigh (minutes per module on 8192-wide layers). Modules
+            too small for the Krylov space get the exact one anyway. Loading never runs either: the projections come
+            from the file.
         projection_oversample (`int`): Extra columns of the random starting block beyond r (block size
-            r + oversample). More columns cost proportionally more and help when singular values cluster around the
-            r-th one.
+            r + oversample). More columns cost more per iteration and help when singular values cluster around the
+            r-th one; a block of 32 columns costs little more time than one of 16 (matrix products run more
+            efficiently on wider blocks), so the default 16 buys accuracy that further iterations would cost more.
         mode (`str`): ``"additive"``: y = Wx + s·AΦBx. ``"output"``: y = Wx + s·AΦB(Wx), i.e. W' = (I + s·AΦB)W, a
             correction that lives in W's output space. Both merge exactly into W.
         scaling (`Optional[float]`): The factor s. With orthonormal A, B, ‖ΔW‖₂ = s·‖Φ‖₂. ``None`` (the default)
@@ -114,10 +116,10 @@ class GraftConfig(PeftConfig):
     )
     mode: Literal["additive", "output"] = field(default="additive", metadata={"help": f"One of {MODES}."})
     projection_niter: int | None = field(
-        default=8, metadata={"help": "Randomized top-r solver iterations for svd/activation/gradient; None: exact."}
+        default=6, metadata={"help": "Randomized top-r solver iterations for svd/activation/gradient; None: exact."}
     )
     projection_oversample: int = field(
-        default=8, metadata={"help": "Extra columns of the randomized solver's starting block beyond r."}
+        default=16, metadata={"help": "Extra columns of the randomized solver's starting block beyond r."}
     )
     scaling: float | None = field(
         default=None, metadata={"help": "Scale s of ΔW = s·AΦB; None: 2.5·sqrt(d·out)/r^1.5 per module."}
