@@ -5,18 +5,26 @@ smap = sensitivity_map(model, blocks)                       # per module: grad n
 heat_map(smap, "heat.png")                                  # layer × module kind (matplotlib: the bench extra)
 model, report = staged_search(base, data, gates, SearchConfig(budget=20_000), registry, out_dir="runs/search")
 rollback_stage(registry, 2, config, model)                  # back to exactly what stage 1 composed
+
+On N processes: ``accelerate launch --multi_gpu --num_processes N -m peft_graft.search CONFIG.yaml`` (or torchrun);
+in code, every process calls `distributed_search` (see `peft_graft.search.distributed`).
 """
 
 from ..errors import (
     BudgetExhaustedError,
+    CoordinatorLostError,
+    DistributedSearchError,
     EmptySearchDataError,
     NonFiniteLossError,
     NoTargetModulesError,
     PlotDependencyError,
+    SearchAbortedError,
     SearchConfigError,
     SearchError,
 )
 from .control import ControlResult, lora_control, lora_rank_for
+from .distributed import DistributedSettings, distributed_search, launch_store
+from .execution import ControlRequest, LocalExecution, StageExecution
 from .plots import growth_curve, heat_map
 from .router import Candidate, GateOutcome, ProbeResult, ProbeSettings, Router, RouteResult, SearchSpace, propose
 from .sensitivity import SCORES, ModuleSensitivity, SensitivityMap, sensitivity_map
@@ -28,9 +36,14 @@ __all__ = [
     "SCORES",
     "BudgetExhaustedError",
     "Candidate",
+    "ControlRequest",
     "ControlResult",
+    "CoordinatorLostError",
+    "DistributedSearchError",
+    "DistributedSettings",
     "EmptySearchDataError",
     "GateOutcome",
+    "LocalExecution",
     "ModuleSensitivity",
     "NoTargetModulesError",
     "NonFiniteLossError",
@@ -39,15 +52,19 @@ __all__ = [
     "ProbeSettings",
     "RouteResult",
     "Router",
+    "SearchAbortedError",
     "SearchConfig",
     "SearchConfigError",
     "SearchError",
     "SearchReport",
     "SearchSpace",
     "SensitivityMap",
+    "StageExecution",
     "adapter_size",
+    "distributed_search",
     "growth_curve",
     "heat_map",
+    "launch_store",
     "lora_control",
     "lora_rank_for",
     "mean_loss",

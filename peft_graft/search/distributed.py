@@ -149,7 +149,12 @@ class Channel:
             return True
         if rank in self._dead:
             return False
-        beats, now = self.store.add(f"hb/{rank}", 0), time.monotonic()
+        try:
+            beats, now = self.store.add(f"hb/{rank}", 0), time.monotonic()
+        except RuntimeError:  # the store is gone, and with it its host (rank 0 or the launcher): nobody is left
+            logger.warning("The launch's store stopped answering: rank %d counted as gone.", rank)
+            self._dead.add(rank)
+            return False
         last = self._seen.get(rank)
         if last is None or last[0] != beats:
             self._seen[rank] = (beats, now)
@@ -163,7 +168,11 @@ class Channel:
         self.store.set(key, data)
 
     def poll(self, key: str) -> bytes | None:
-        return self.store.get(key) if self.store.check([key]) else None
+        """The message under ``key`` if it is there yet (a store that stopped answering holds nothing)."""
+        try:
+            return self.store.get(key) if self.store.check([key]) else None
+        except RuntimeError:
+            return None
 
     def wait(self, key: str, sender: int) -> bytes | None:
         """The message under ``key``, once ``sender`` has posted it; None if ``sender`` is gone without posting."""

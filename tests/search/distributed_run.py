@@ -78,7 +78,7 @@ class Recording(distributed.Coordinator):
 Database.transaction = count_writes(Database.transaction)
 distributed.distributed_search = dump_after(distributed.distributed_search)
 distributed.Coordinator = Recording
-for fault in os.environ.get("SEARCH_TEST_EXIT", "").split(";") if ATTEMPT == "0" else ():
+for fault in filter(None, os.environ.get("SEARCH_TEST_EXIT", "").split(";") if ATTEMPT == "0" else ()):
     rank, stage, code = fault.split(",")
     if int(rank) == RANK:
         router.Router.probe_one = exit_on_probe(router.Router.probe_one, stage, int(code))
