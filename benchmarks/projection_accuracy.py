@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from peft_graft import GraftConfig
 from peft_graft.testing.assets import load_corpus, load_smollm2, tokenize_blocks
-from peft_graft.tuners.graft.projections import derived_seed, top_eigenvectors, top_singular_subspaces
+from peft_graft.tuners.graft.projections import derived_seed, product_dtype, top_eigenvectors, top_singular_subspaces
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,8 +42,9 @@ CALIBRATED_LAYERS = (0, 15, 29)  # every module of these layers (exact eigh of 1
 Solver = Callable[[torch.Tensor, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-def krylov(niter: int, oversample: int) -> Solver:
-    return lambda W, r, g: top_singular_subspaces(W, r, niter, oversample, g)
+def krylov(niter: int, oversample: int, products: torch.dtype | None = None) -> Solver:
+    """The solver as `svd_projections` runs it: products in ``products`` (default: what this machine picks)."""
+    return lambda W, r, g: top_singular_subspaces(W, r, niter, oversample, g, products or product_dtype(W))
 
 
 def pissa_fast_svd(W: torch.Tensor, r: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +54,13 @@ def pissa_fast_svd(W: torch.Tensor, r: int, g: torch.Generator) -> tuple[torch.T
     return U, V
 
 
+PRODUCTS = str(product_dtype(torch.empty(0))).removeprefix("torch.")
 SVD_SOLVERS: dict[str, Solver] = {
-    f"default (niter={DEFAULT.projection_niter}, oversample={DEFAULT.projection_oversample})": krylov(
-        DEFAULT.projection_niter, DEFAULT.projection_oversample
+    f"default (niter={DEFAULT.projection_niter}, oversample={DEFAULT.projection_oversample}, {PRODUCTS} products)": (
+        krylov(DEFAULT.projection_niter, DEFAULT.projection_oversample)
+    ),
+    "default, fp32 products (CPUs without bf16 units)": krylov(
+        DEFAULT.projection_niter, DEFAULT.projection_oversample, torch.float32
     ),
     "niter=4, oversample=0 (PiSSA's work)": krylov(4, 0),
     "PiSSA fast SVD: svd_lowrank(q=r, niter=4)": pissa_fast_svd,
@@ -274,12 +279,14 @@ def markdown(table: list[dict], meta: dict) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_smollm2()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     rows = svd_rows(model) + calibration_rows(model, tokenizer)
     table = summarize(rows)
     meta = dict(
         machine=f"torch {torch.__version__}, torch threads: 1, {os.cpu_count()} CPUs, {platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.1f} (the machine was shared with other jobs)",
+        f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (the machine was shared "
+        "with other jobs)",
         command="nice -n 19 python benchmarks/projection_accuracy.py",
         seconds=time.perf_counter() - start,
     )

@@ -3,13 +3,14 @@
 Each shape comes from `peft_graft.planning.PRESETS` with its depth truncated (``--layers``, default 1) and a small
 vocabulary (``--vocab``, default 1024: the embeddings and head of the real vocabulary would dominate memory without
 telling anything about the layers), random weights saved as bf16 and loaded back through bitsandbytes NF4 on the CPU.
-Every attention and MLP projection is grafted (``projection="orthogonal"``; ``--svd`` adds ``"svd"``, affordable once
-fast projections land), trained a few AdamW steps, saved, reloaded, merged lossy (requantized) and exactly (`merge_and_dequantize`).
+Every attention and MLP projection is grafted (``projection="orthogonal"``; ``--svd`` adds ``"svd"`` with the default
+fast solver, on each module's weight dequantized on its own), trained a few AdamW steps, saved, reloaded, merged lossy
+(requantized) and exactly (`merge_and_dequantize`).
 QLoRA (LoRA r=8 on the same modules) runs on the same base for the step time. Then the planner's per-layer figures
 (NF4 bytes, adapter parameters and bytes, activations) are compared with the measurements (target: within 10%), and
 its full-depth plans for both models printed.
 
-    python benchmarks/scale_4bit.py                  # both shapes -> benchmarks/results/scale_4bit.{md,json}
+    python benchmarks/scale_4bit.py [--svd]          # both shapes -> benchmarks/results/scale_4bit.{md,json}
     python benchmarks/scale_4bit.py --quick          # a tiny Llama through the same code path (seconds)
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import sys
@@ -230,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--svd",
         action="store_true",
-        help="Also svd grafts (affordable with fast projections only: "
-        "a full SVD of a 28672×8192 weight takes minutes on 2 cores).",
+        help="Also svd grafts with the default fast solver (a full SVD of a 28672×8192 weight takes minutes on 2 cores).",
     )
     args = parser.parse_args(argv)
     args.projections = ["orthogonal"] + (["svd"] if args.svd else [])
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {"llama-3.2-1b": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                                        num_key_value_heads=2, head_dim=32)}  # fmt: skip
         args.seq_len, args.steps = 32, 2
-    results = []
+    results, load_before = [], os.getloadavg()[0]
     for name, overrides in shapes.items():
         config = preset_config(name, num_hidden_layers=args.layers, vocab_size=args.vocab, **overrides)
         with tempfile.TemporaryDirectory() as work:
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     import bitsandbytes
 
     meta = {
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, load average {load_before:.1f} at "
+        f"the start and {os.getloadavg()[0]:.1f} at the end",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__, "peft_graft": peft_graft.__version__,
         "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "projections": args.projections,

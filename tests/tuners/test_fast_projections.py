@@ -24,9 +24,9 @@ from peft_graft.tuners.graft.projections import (
 # The modules with the flattest spectra at each rank (benchmarks/results/projection_accuracy.md), where the
 # randomized solver comes closest to the threshold, and one attention projection.
 HARDEST = {
-    8: ["model.layers.5.mlp.up_proj", "model.layers.6.mlp.up_proj"],
-    16: ["model.layers.4.mlp.up_proj", "model.layers.25.mlp.down_proj"],
-    32: ["model.layers.7.mlp.up_proj", "model.layers.12.self_attn.q_proj"],
+    8: ["model.layers.7.mlp.up_proj", "model.layers.4.mlp.up_proj"],
+    16: ["model.layers.5.mlp.up_proj", "model.layers.4.mlp.up_proj"],
+    32: ["model.layers.4.mlp.up_proj", "model.layers.12.self_attn.q_proj"],
 }
 THRESHOLD = 0.999
 
