@@ -106,6 +106,24 @@ def run(processes: int, config: Path, out: Path) -> dict:
     }
 
 
+def loaded_note(rows: list[dict]) -> str:
+    """Whether other work left the second process a core of its own."""
+    cores = os.cpu_count() or 1
+    peak = max(
+        float(r[key].rsplit("load average:", 1)[1].split(",")[0])
+        for r in rows
+        for key in ("uptime_before", "uptime_after")
+    )
+    if peak <= cores - 1:
+        return (
+            f"The 1-minute load average stayed at or below {peak:.2f} on {cores} cores: the second process had a core."
+        )
+    return (
+        f"The 1-minute load average reached {peak:.2f} on {cores} cores: other work held the cores, so the second "
+        "process mostly took turns with the first, and these speed-ups do not measure the search's parallel efficiency."
+    )
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,10 +165,11 @@ def main() -> None:
         "",
         "What a stage costs besides its probes (the same search with one candidate), and the probe phase alone:",
         "",
-        "| processes | wall time, 1 candidate (s) | marginal candidates/hour | marginal speed-up |",
-        "|---:|---:|---:|---:|",
+        "| processes | wall time, 1 candidate (s) | marginal candidates/hour | marginal speed-up | verdict |",
+        "|---:|---:|---:|---:|---|",
         *[
-            f"| {n} | {single[n]['seconds']:.1f} | {marginal[n]:.0f} | {marginal[n] / marginal[1]:.2f}× |"
+            f"| {n} | {single[n]['seconds']:.1f} | {marginal[n]:.0f} | {marginal[n] / marginal[1]:.2f}× | "
+            + (f"{'PASS' if marginal[2] / marginal[1] >= TARGET else 'MISS'} |" if n > 1 else " |")
             for n in (1, 2)
         ],
         "",
@@ -160,6 +179,8 @@ def main() -> None:
             f"{args.block_size} tokens); wall time end to end, start-up and model loading included. "
             f"{result['environment']}."
         ),
+        "",
+        loaded_note(rows),
         "",
         "Machine load (`uptime`) around each run:",
         "",

@@ -267,8 +267,8 @@ class PlotDependencyError(SearchError, ImportError):
 
 
 class DistributedSearchError(SearchError, RuntimeError):
-    """The processes of a distributed search (``accelerate launch``/``torchrun``) cannot work together: a launch
-    without a rendezvous, roles naming ranks that do not exist, a damaged message; rank 0's registry is unchanged."""
+    """The processes of a distributed search (``accelerate launch``/``torchrun``) cannot work together: no launch to
+    join, a registry handed to a worker, a damaged message, processes that built different models."""
 
 
 class CoordinatorLostError(DistributedSearchError):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
-from ..errors import CoordinatorLostError, DistributedSearchError, SearchAbortedError
+from ..errors import CoordinatorLostError, DistributedSearchError, SearchAbortedError, SearchConfigError
 from ..gates import GateSet, GrowthData
 from ..registry import GraftRegistry
 from .control import ControlResult
@@ -89,7 +89,7 @@ class DistributedSettings:
         roles = data.pop("roles", None) or {}
         unknown = (set(roles) - {"probes", "control"}) | (set(data) - {"heartbeat_timeout", "heartbeat_interval"})
         if unknown:
-            raise DistributedSearchError(
+            raise SearchConfigError(
                 f"Unknown distributed settings {sorted(unknown)}: give roles (probes, control: lists of ranks), "
                 "heartbeat_timeout and heartbeat_interval (seconds)."
             )
@@ -105,12 +105,12 @@ class DistributedSettings:
         control = self.control if self.control is not None else ((1,) if world > 1 else (COORDINATOR,))
         bad = [r for r in (*probes, *control) if not isinstance(r, int) or not 0 <= r < world]
         if bad or not probes or not control:
-            raise DistributedSearchError(
+            raise SearchConfigError(
                 f"Roles {{probes: {list(probes)}, control: {list(control)}}} must each name at least one rank of "
                 f"0..{world - 1} (this launch has {world} processes); {bad} do not exist."
             )
         if self.heartbeat_timeout <= self.heartbeat_interval or self.heartbeat_interval <= 0:
-            raise DistributedSearchError(
+            raise SearchConfigError(
                 f"Need 0 < heartbeat_interval < heartbeat_timeout, got {self.heartbeat_interval}, "
                 f"{self.heartbeat_timeout}."
             )

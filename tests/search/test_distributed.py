@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchAbortedError
+from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchAbortedError, SearchConfigError
 from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
 from peft_graft.registry import GraftRegistry
 from peft_graft.search import SearchConfig, SearchSpace
-from peft_graft.search.distributed import DistributedSettings, claim_order, distributed_search
+from peft_graft.search.distributed import DistributedSettings, claim_order, distributed_search, launch_store
 from peft_graft.search.wire import decode, encode
 
 
@@ -165,10 +165,10 @@ def test_a_locked_registry_stops_every_rank_and_writes_nothing(tiny_llama, domai
     assert registry.list() == []
 
 
-def test_roles_messages_and_claims_are_checked():
-    with pytest.raises(DistributedSearchError, match="0..1"):
+def test_roles_messages_claims_and_launch_are_checked(monkeypatch, tmp_path):
+    with pytest.raises(SearchConfigError, match="0..1"):
         DistributedSettings.from_dict({"roles": {"control": [2]}}).roles(2)
-    with pytest.raises(DistributedSearchError, match="Unknown distributed settings"):
+    with pytest.raises(SearchConfigError, match="Unknown distributed settings"):
         DistributedSettings.from_dict({"roles": {"gates": [0]}})
     assert DistributedSettings().roles(2) == ((0, 1), (1,)) and DistributedSettings().roles(1) == ((0,), (0,))
     header, tensors = decode(encode({"a": [1, 2]}, {"t": torch.arange(3.0)}))
@@ -178,3 +178,9 @@ def test_roles_messages_and_claims_are_checked():
     # own share first, then the rest stolen from the end; every candidate exactly once per rank
     assert list(claim_order(0, 5, (0, 1))) == [0, 2, 4, 3, 1] and list(claim_order(1, 5, (0, 1))) == [1, 3, 4, 2, 0]
     assert list(claim_order(2, 5, (0, 1))) == []
+    for name in ("RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DistributedSearchError, match="No launch to join"):
+        launch_store()
+    with pytest.raises(DistributedSearchError, match="only rank 0"):
+        distributed_search(None, None, None, None, store=dist.HashStore(), rank=1, world=2, out_dir=tmp_path)
