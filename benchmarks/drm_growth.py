@@ -71,7 +71,7 @@ class Plan:
 
     shape: dict[str, int]  # DRMConfig overrides of the "1m" preset
     block_size: int
-    train_blocks: int | None  # None: every block of the train works
+    train_blocks: int | None  # None: every block of the train works; else this many, evenly spaced over them
     batch_size: int
     base_steps: int
     lr: float  # peak lr of from-scratch training (AdamW, 5% warmup, cosine to 0)
@@ -86,34 +86,36 @@ class Plan:
 
 FULL = Plan(
     shape={},
-    block_size=128,
+    block_size=64,
     train_blocks=None,
     batch_size=16,
-    base_steps=400,
+    base_steps=300,
     lr=3e-3,
     ranking_blocks=32,
     acceptance_blocks=64,
     validation_blocks=128,
     search=SearchConfig(
-        # Up to 24 of the 40 target modules × a dense r=32 Φ (1,024 numbers each) per stage, three stages.
-        budget=3 * 24 * 32**2,
+        # A stage may graft all 40 target modules with a dense Φ of r=32 (40,960 numbers) or r=64 (full rank at
+        # width 64: 163,840, a third of the base); three stages could double the model. A first run with at most 24
+        # modules × r=16 (6,144 numbers, one lr) gained too little to clear the gain gate at stage 1.
+        budget=3 * 40 * 64**2,
         space=SearchSpace(
-            ranks=(16, 32),
-            set_sizes=(8, 24),
-            lrs=(1e-2,),
-            max_probes=3,
+            ranks=(32, 64),
+            set_sizes=(16, 40),
+            lrs=(3e-3, 1e-2),
+            max_probes=2,
             target_modules=TARGETS,
             graft_kwargs={"scaling": 1.0},
         ),
         max_stages=3,
-        probe_steps=30,
-        train_steps=90,
-        extra_steps=30,
-        gate_top=1,
+        probe_steps=20,
+        train_steps=60,
+        extra_steps=20,
+        gate_top=2,
         max_deferrals=1,
         batch_size=16,
         sensitivity_blocks=32,
-        control_lrs=(1e-2,),
+        control_lrs=(3e-3, 1e-2),
     ),
 )
 QUICK = Plan(
@@ -157,8 +159,9 @@ def data_roles(plan: Plan) -> tuple[GrowthData, torch.Tensor]:
     need = plan.ranking_blocks + plan.acceptance_blocks
     if len(held_out) < need:
         raise SystemExit(f"The validation works give {len(held_out)} blocks; the plan needs {need}.")
+    train = tokenize_blocks(works["train"], tokenizer, plan.block_size)
     data = GrowthData(
-        train=tokenize_blocks(works["train"], tokenizer, plan.block_size, max_blocks=plan.train_blocks),
+        train=train if plan.train_blocks is None else train[:: len(train) // plan.train_blocks][: plan.train_blocks],
         ranking=held_out[: plan.ranking_blocks],
         acceptance=held_out[plan.ranking_blocks : need],
     )
@@ -257,6 +260,11 @@ def grown_arm(
                 "modules": len(stage["candidate"]["modules"]) if stage["candidate"] else 0,
                 "graft_gain": stage["gain"],
                 "control": stage.get("control"),
+                "probes": [_brief(p["candidate"]) | {"ranking_gain": p["gain"]} for p in stage["probes"]],
+                "gated": [
+                    _brief(g["candidate"]) | {"decision": g["decision"], "reasons": g["reasons"]}
+                    for g in stage["gated"]
+                ],
                 "validation_loss": mean_loss(model, validation, active, plan.batch_size),
             }
         )
@@ -272,6 +280,15 @@ def grown_arm(
         ),
     }
     return result, model
+
+
+def _brief(candidate: dict) -> dict:
+    return {
+        "modules": len(candidate["modules"]),
+        "r": candidate["r"],
+        "lr": candidate["lr"],
+        "params": candidate["params"],
+    }
 
 
 def recomposition_drift(model: torch.nn.Module, base_dir: Path, registry_dir: Path, probe: torch.Tensor) -> float:
@@ -343,13 +360,16 @@ def plot(result: dict, path: Path) -> None:
         label="grown: base + accepted grafts, stage by stage",
     )
     by_params.plot([scratch["params"]], [scratch["validation_loss"]], "s", markersize=9, label="scratch (same size)")
-    by_params.plot([lora["params"]], [lora["validation_loss"]], "^", markersize=9, label="base + LoRA (same budget)")
     by_params.set_xlabel("parameters")
     by_params.set_ylabel("validation loss (nats/byte, test works)")
     steps = [result["plan"]["base_steps"] + p["steps"] for p in grown["stages"]]
     by_tokens.plot([s * tokens for s in steps], [p["validation_loss"] for p in grown["stages"]], "-o", label="grown")
     by_tokens.plot([s * tokens for s in steps], scratch["at_stage"], "-s", label="scratch (same size)")
-    by_tokens.plot([steps[-1] * tokens], [lora["validation_loss"]], "^", markersize=9, label="base + LoRA")
+    if lora is not None:  # no LoRA arm when no graft was accepted: it would have a budget of zero
+        by_params.plot(
+            [lora["params"]], [lora["validation_loss"]], "^", markersize=9, label="base + LoRA (same budget)"
+        )
+        by_tokens.plot([steps[-1] * tokens], [lora["validation_loss"]], "^", markersize=9, label="base + LoRA")
     by_tokens.set_xlabel("training tokens (millions of bytes)")
     for axes in (by_params, by_tokens):
         axes.grid(alpha=0.3)
@@ -401,6 +421,7 @@ def markdown(result: dict) -> str:
             f"| {point['stage']} | {point['decision']} | {point.get('modules', '')} | {point['params']:,} | "
             f"{seen:,} | {point['validation_loss']:.4f} | {scratch_loss:.4f} |"
         )
+    lines += ["", *[_stage_note(point) for point in grown["stages"][1:]]]
     lines += [
         "",
         "| arm | parameters | trained after the base | tokens | validation loss |",
@@ -444,10 +465,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_note(point: dict) -> str:
+    """One line per stage: what was probed (ranking gain) and what the gates said about the gated candidates."""
+
+    def name(c: dict) -> str:
+        return f"{c['modules']} modules r={c['r']} lr {c['lr']:g}"
+
+    probes = "; ".join(f"{name(p)}: {p['ranking_gain']:+.4f}" for p in point["probes"])
+    gated = "; ".join(
+        f"{name(g)} {g['decision']}" + (f" ({'; '.join(g['reasons'])})" if g["reasons"] else "")
+        for g in point["gated"]
+    )
+    return f"- Stage {point['stage']}: probes (ranking gain) {probes}. Gated: {gated or 'none'}."
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="A 2-layer DRM and a few steps: a smoke test.")
     parser.add_argument("--out", type=Path, help=f"Folder for drm_growth.{{json,md,png}} (default {RESULTS}).")
+    parser.add_argument("--report-only", action="store_true", help="Rewrite the .md and .png from --out's JSON.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box).")
     args = parser.parse_args(argv)
     args.out = args.out or (Path("runs/drm_growth_quick") if args.quick else RESULTS)
@@ -458,6 +494,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.report_only:
+        result = json.loads((args.out / "drm_growth.json").read_text(encoding="utf-8"))
+        write_reports(result, args.out)
+        return result
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     start = time.perf_counter()
@@ -496,10 +536,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["conclusion"] = conclusion(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "drm_growth.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    (args.out / "drm_growth.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, args.out / "drm_growth.png")
-    print(markdown(result))
+    write_reports(result, args.out)
     return result
+
+
+def write_reports(result: dict, out: Path) -> None:
+    (out / "drm_growth.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, out / "drm_growth.png")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def test_reports_conclusion_plot_and_json(quick_run):
     markdown = (out / "drm_growth.md").read_text()
     assert markdown == bench.markdown(result) and result["conclusion"] in markdown
     assert "exactly zero" in markdown
+    (out / "drm_growth.md").unlink()
+    assert bench.main(["--quick", "--out", str(out), "--report-only"]) == json.loads(json.dumps(result, default=str))
+    assert (out / "drm_growth.md").read_text() == markdown  # the reports are a function of the JSON alone
 
 
 def test_quick_results_never_go_into_benchmarks_results():
