@@ -188,9 +188,11 @@ def summary_markdown(summary: dict, report_md: str) -> str:
             f"New domain news, old domain Shakespeare (retention); blocks of {s['block_size']} tokens per role: {roles}. "
             f"Targets {', '.join(TARGETS)} in every layer; candidates: top-k modules by the projected-gradient score "
             f"(k in {s['space']['set_sizes']}) × r in {s['space']['ranks']}, dense Φ, SVD projections, s = 1, lr "
-            f"{s['space']['lrs']}; {s['space']['max_probes']} probes of {s['probe_steps']} steps, the best trained to "
-            f"{s['train_steps']} steps (batch {s['batch_size']}) and gated. LoRA control: same modules, same steps, "
-            f"r matched to the graft's budget, lr picked on the ranking role from {s['control_lrs']}."
+            f"{s['space']['lrs']}; {s['space']['max_probes']} probes of {s['probe_steps']} steps; up to "
+            f"{s['gate_top']}, best ranking gain first, trained to {s['train_steps']} steps (batch {s['batch_size']}) "
+            "and gated until one is accepted. LoRA control: same modules, same steps, the nearest r to the graft's "
+            f"budget (at least 1), lr picked on the ranking role from {s['control_lrs']}; the control is not gated, "
+            "so its gain comes without a retention check."
         ),
         "",
         report_md.rstrip(),
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace, registry_dir: Path) -> dict:
     # The map of the base, as stage 1 sees it (the search measures one per stage on the composed model).
     projections = GraftConfig(r=max(config.space.ranks), projection="svd", scaling=1.0)
     smap = sensitivity_map(model, data.train[: config.sensitivity_blocks], projections, TARGETS, config.batch_size)
-    heat_map(smap, args.out / "sensitivity_heat_map.png", title=f"{model_name.split(' (')[0]}: projected gradient")
+    heat_map(smap, args.out / "sensitivity_heat_map.png", title="projected gradient (log10)")
 
     registry = GraftRegistry(registry_dir)
     _, report = staged_search(model, data, gates(config.budget), config, registry, args.out)
