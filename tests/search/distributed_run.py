@@ -2,7 +2,8 @@
 
 Usage: ``distributed_run.py DUMP_DIR SEARCH_ARGS...``. Each process writes ``DUMP_DIR/rank<k>.json``: the adapters and
 a sha256 of every graft tensor and of the logits of its final composed model, how many registry write transactions it
-opened, and (rank 0, ``retried<attempt>.json``) the probes it took over from dead ranks. With
+opened, and (rank 0) the probes it took over from dead ranks (``retried<attempt>.json``) and the rank that trained each
+LoRA control (``controls<attempt>.json``). With
 ``SEARCH_TEST_EXIT="rank,stage,code;..."`` each such rank leaves with ``os._exit(code)`` when it starts its first probe
 of that stage, on the launch's first attempt only (a later attempt is torchrun restarting the processes).
 """
@@ -25,7 +26,7 @@ RANK = int(os.environ["RANK"])
 ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 DUMP = Path(sys.argv[1])
 writes = 0
-retried: list[str] = []
+controls: list[int] = []  # per LoRA control (rank 0), the rank that trained it
 
 
 def count_writes(transaction):
@@ -69,10 +70,19 @@ def dump_after(search):
 
 
 class Recording(distributed.Coordinator):
+    """Rank 0, writing down the probes it took over and, per control, the rank whose result it used."""
+
     def probe(self, *args, **kwargs):
         done = super().probe(*args, **kwargs)
         (DUMP / f"retried{ATTEMPT}.json").write_text(json.dumps(self.retried))
         return done
+
+    def control(self, model, accepted, request, data):
+        guess = self.speculation
+        result = super().control(model, accepted, request, data)
+        controls.append(guess.rank if guess is not None and guess.request == request else RANK)
+        (DUMP / f"controls{ATTEMPT}.json").write_text(json.dumps(controls))
+        return result
 
 
 Database.transaction = count_writes(Database.transaction)

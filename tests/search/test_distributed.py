@@ -107,6 +107,8 @@ def test_two_processes_decide_as_one_through_a_dead_worker_and_a_restart(search_
     first_attempt = json.loads((dump / "retried0.json").read_text())
     assert first_attempt and all(name.startswith("stage1_c") for name in first_attempt)
     assert json.loads((dump / "retried1.json").read_text()) == []
+    assert json.loads((dump / "controls0.json").read_text()) == [0]  # rank 1 was gone: rank 0 trained the control
+    assert json.loads((dump / "controls1.json").read_text()) == [1]  # rank 1 trained it while rank 0 gated
     coordinator, worker = (json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1))
     assert coordinator["registry_writes"] > 0 and worker["registry_writes"] == 0  # rank 0 is the only writer
     assert coordinator["adapters"] == worker["adapters"] == [s["adapter"] for s in run["report"]["stages"]]
