@@ -22,8 +22,9 @@ from ..errors import (
     SearchConfigError,
     SearchError,
 )
+from .channel import DistributedSettings, launch_store
 from .control import ControlResult, lora_control, lora_rank_for
-from .distributed import DistributedSettings, distributed_search, launch_store
+from .distributed import distributed_search
 from .execution import ControlRequest, LocalExecution, StageExecution
 from .plots import growth_curve, heat_map
 from .router import Candidate, GateOutcome, ProbeResult, ProbeSettings, Router, RouteResult, SearchSpace, propose

@@ -165,7 +165,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     (`distributed`): rank 0 coordinates and writes; the summary of another rank names its rank only.
     """
     from ..registry import GraftRegistry
-    from .distributed import world_size
+    from .channel import world_size
     from .stages import staged_search
 
     inputs = search_inputs(args)
@@ -180,7 +180,8 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
 
 def _launched(inputs: SearchInputs) -> dict[str, Any]:
     from ..registry import GraftRegistry
-    from .distributed import DistributedSettings, distributed_search, launch_store
+    from .channel import DistributedSettings, launch_store
+    from .distributed import distributed_search
 
     settings = DistributedSettings.from_dict(inputs.distributed)
     store, rank, world = launch_store()

@@ -19,7 +19,8 @@ from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchA
 from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
 from peft_graft.registry import GraftRegistry
 from peft_graft.search import SearchConfig, SearchSpace
-from peft_graft.search.distributed import DistributedSettings, claim_order, distributed_search, launch_store
+from peft_graft.search.channel import DistributedSettings, claim_order, launch_store
+from peft_graft.search.distributed import distributed_search
 from peft_graft.search.wire import decode, encode
 
 
