@@ -451,7 +451,8 @@ def markdown(result: dict) -> str:
             f"Token budget: the grown arm's tokens count every step the search trained a candidate (probes, gated "
             f"candidates and their deferrals; {grown['search_steps']} steps), not only the accepted grafts' steps, "
             "and the scratch and LoRA arms get exactly that many steps; the per-stage LoRA controls of the search "
-            f"are diagnostics and are not counted. Stop: {grown['stop_reason']}."
+            "are diagnostics and are not counted. The scratch column is read during one run whose cosine schedule "
+            f"spans all its steps, so only its last value is a finished model. Stop: {grown['stop_reason']}."
         ),
         "",
         (
