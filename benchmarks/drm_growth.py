@@ -23,7 +23,7 @@ trains, ranks or gates on.
 Finally the registry's accepted grafts are composed onto a freshly loaded copy of the saved base and its logits are
 compared with the grown model's: max |Δlogit| is reported (the recomposition must be exact).
 
-    python benchmarks/drm_growth.py          # ~25 minutes on 1 busy CPU core; writes benchmarks/results/drm_growth.*
+    python benchmarks/drm_growth.py          # 16.5 min measured (1 thread, 2 cores at load ~6); writes results/drm_growth.*
     python benchmarks/drm_growth.py --quick  # seconds: a 2-layer DRM, a few steps (numbers mean nothing)
 """
 
