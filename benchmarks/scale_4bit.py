@@ -10,7 +10,7 @@ QLoRA (LoRA r=8 on the same modules) runs on the same base for the step time. Th
 (NF4 bytes, adapter parameters and bytes, activations) are compared with the measurements (target: within 10%), and
 its full-depth plans for both models printed.
 
-    python benchmarks/scale_4bit.py [--svd]          # both shapes -> benchmarks/results/scale_4bit.{md,json}
+    python benchmarks/scale_4bit.py [--svd] [--threads 1]  # both shapes -> benchmarks/results/scale_4bit.{md,json}
     python benchmarks/scale_4bit.py --quick          # a tiny Llama through the same code path (seconds)
 """
 
@@ -230,12 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's); 1 on a shared machine, where OpenMP waits"
+    )
+    parser.add_argument(
         "--svd",
         action="store_true",
         help="Also svd grafts with the default fast solver (a full SVD of a 28672×8192 weight takes minutes on 2 cores).",
     )
     args = parser.parse_args(argv)
     args.projections = ["orthogonal"] + (["svd"] if args.svd else [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = {"qwen2.5-14b": {}, "llama-3-70b": {}}
     if args.quick:
         shapes = {"llama-3.2-1b": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
