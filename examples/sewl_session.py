@@ -58,8 +58,7 @@ def main() -> None:
     base = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, GraftConfig(r=16, target_modules=targets, layers_to_transform=[26, 27, 28, 29]))
-    # max_step_fraction=None: K-FAC's first steps, from factors of one chunk, are large; the spectral clip bounds them
-    config = SEWLConfig(rule=args.rule, lr=args.lr, last_k=4, max_step_fraction=None)
+    config = SEWLConfig(rule=args.rule, lr=args.lr, last_k=4)  # rails on: spectral clip, step limit, outliers
     sewl = SEWL(model, config, tokenizer=tokenizer)
     start = sewl.state.clone()  # Φ as attached: what a new persona starts from
 

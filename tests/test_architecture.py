@@ -40,6 +40,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.export": "lifecycle",
     "peft_graft.planning": "lifecycle",
     "peft_graft.cli": "cli",
+    "peft_graft.search.__main__": "cli",  # `python -m peft_graft.search`: an entry point, like the CLI
     "peft_graft.testing": "testing",
     "drm_transformer": "drm",
 }
