@@ -97,11 +97,12 @@ def test_candidate_that_hurts_the_old_domain_is_rejected(grown):
 
 def test_inconclusive_gain_defers(grown):
     model, data = grown
-    model.add_adapter("noop", GraftConfig(r=2, target_modules=["q_proj"]))  # identity graft: zero gain
+    # identity graft (zero gain) nudged by zero-mean noise of 1e-6: per-example gains of either sign
+    model.add_adapter("noop", GraftConfig(r=2, target_modules=["q_proj"], projection="orthogonal"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".noop." in n:
-                p.add_(1e-6)
+                p.add_(1e-6 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     report = GateSet([MinimumGain(min_gain=0.0)]).decide(GateContext(model, "noop", data, accepted=["old"]))
     assert report.decision is Decision.DEFER
 
