@@ -8,7 +8,7 @@ control trains on a copy of the model with the accepted grafts merged in: the sa
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +21,7 @@ from .training import adapter_size, mean_loss, train_adapter
 
 
 CONTROL_ADAPTER = "lora_control"
+ROLES = ("ranking", "acceptance")  # the data roles a control is scored on: it picks its lr on one, reports the other
 
 
 def lora_rank_for(params: int, shapes: Sequence[tuple[int, int]]) -> int:
@@ -61,24 +62,29 @@ def lora_control(
     lrs: Sequence[float],
     batch_size: int = 8,
     seed: int = 0,
+    baseline: Mapping[str, float] | None = None,
 ) -> ControlResult:
     """Train a LoRA of about ``params`` numbers on ``modules`` (their ``shapes``: (in, out)) over the ``accepted``
     composition of ``model``, for ``steps`` steps at each of ``lrs``; keep the lr with the best ranking gain and
-    report its acceptance gain. ``model`` is not changed."""
+    report its acceptance gain. ``model`` is not changed.
+
+    ``baseline``: the ranking and acceptance losses of the ``accepted`` composition, where the caller already
+    measured them (a stage has: it ranked its probes and judges its grafts against the same numbers); otherwise they
+    are measured once here. Gains are against them, so graft and control are judged from the same starting loss.
+    """
     r = lora_rank_for(params, shapes)
+    before = dict(baseline) if baseline is not None else None
     best: ControlResult | None = None
     for lr in lrs:
         base = _merged_copy(model, accepted)
         torch.manual_seed(seed)  # LoRA's A is drawn at random: same init for every lr
         config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(modules))
         lora = get_peft_model(base, config, adapter_name=CONTROL_ADAPTER)
-        before = {role: mean_loss(lora, getattr(data, role), [], batch_size) for role in ("ranking", "acceptance")}
+        if before is None:
+            before = {role: mean_loss(lora, getattr(data, role), [], batch_size) for role in ROLES}
         try:
             train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-            after = {
-                role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size)
-                for role in ("ranking", "acceptance")
-            }
+            after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in ROLES}
         except NonFiniteLossError:
             after = {"ranking": float("nan"), "acceptance": float("nan")}
         result = ControlResult(

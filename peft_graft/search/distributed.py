@@ -38,10 +38,9 @@ from ..gates import GateSet, GrowthData
 from ..registry import GraftRegistry
 from .channel import COORDINATOR, Channel, DistributedSettings, claim_order
 from .control import ControlResult
-from .execution import ControlRequest
+from .execution import Baseline, ControlRequest
 from .router import Candidate, ProbeResult, Router, _add_adapter, _remove_adapter
 from .stages import SearchConfig, SearchReport, run_stages
-from .training import mean_loss
 from .wire import (
     adapter_tensors,
     decode,
@@ -101,17 +100,19 @@ class Coordinator:
         candidates: Sequence[Candidate],
         accepted: Sequence[str],
         name_prefix: str,
+        baseline: Baseline,
     ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
         candidates = list(candidates)
+        before = baseline.ranking
         job = self._post(
             {
                 "kind": "probe",
                 "prefix": name_prefix,
                 "accepted": list(accepted),
+                "before": before,
                 "candidates": [asdict(c) for c in candidates],
             }
         )
-        before = mean_loss(model, router.data.ranking, accepted, router.settings.batch_size)
         done: dict[int, ProbeResult] = {}
         optimizers: dict[str, torch.optim.Optimizer] = {}
 
@@ -142,7 +143,7 @@ class Coordinator:
             if waiting:
                 time.sleep(self.channel.settings.poll_interval)
         results = [done[i] for i in range(len(candidates))]
-        self._speculate(model, results, accepted)
+        self._speculate(model, results, accepted, baseline)
         return model, results, optimizers
 
     def _orphaned(self, job: int, index: int) -> bool:
@@ -161,7 +162,9 @@ class Coordinator:
         model = _add_adapter(model, name, candidate.config())
         return model, _probe_result(name, candidate, header), restore_probe(model, name, header, tensors)
 
-    def _speculate(self, model: nn.Module, results: list[ProbeResult], accepted: Sequence[str]) -> None:
+    def _speculate(
+        self, model: nn.Module, results: list[ProbeResult], accepted: Sequence[str], baseline: Baseline
+    ) -> None:
         """Start the control of the best probe on a control rank, as if the gates accept it without deferral."""
         self.speculation = None
         rank = next((r for r in self.controllers if self.channel.alive(r)), COORDINATOR)
@@ -177,6 +180,8 @@ class Coordinator:
             self.config.control_lrs,
             self.config.batch_size,
             self.config.seed,
+            baseline.ranking,
+            baseline.acceptance,
         )
         job = self._post({"kind": "control", "rank": rank, "request": request.to_dict(), "accepted": list(accepted)})
         self.speculation = _Speculation(request, job, rank)
@@ -257,12 +262,10 @@ def _probe_share(
 ) -> nn.Module:
     """Probe the candidates of ``job`` this rank claims; post each result; leave the model as it came."""
     candidates = [_candidate(c) for c in header["candidates"]]
-    accepted, before = header["accepted"], None
+    accepted, before = header["accepted"], header["before"]
     for i in claim_order(channel.rank, len(candidates), probers):
         if not channel.claim(f"owner/{job}/{i}"):
             continue
-        if before is None:
-            before = mean_loss(model, router.data.ranking, accepted, router.settings.batch_size)
         name = f"{header['prefix']}_c{i}"
         model, result, optimizer = router.probe_one(model, name, candidates[i], accepted, before)
         body: dict[str, Any] = {"status": result.status, "gain": result.gain, "message": result.message}

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """Losses of the composition a stage starts from, measured once: probes are ranked against ``ranking``, the
+    stage's gain and its LoRA control are judged against ``acceptance``."""
+
+    ranking: float
+    acceptance: float | None = None
+
+
+@dataclass(frozen=True)
 class ControlRequest:
     """A stage's LoRA control, complete: any process holding the same composition computes the same result."""
 
@@ -35,8 +44,12 @@ class ControlRequest:
     lrs: tuple[float, ...]
     batch_size: int
     seed: int
+    # The composition's ranking and acceptance losses, which the stage measured already (None: the control does).
+    ranking_loss: float | None = None
+    acceptance_loss: float | None = None
 
     def run(self, model: nn.Module, accepted: Sequence[str], data: GrowthData) -> ControlResult:
+        known = self.ranking_loss is not None and self.acceptance_loss is not None
         return lora_control(
             model,
             accepted,
@@ -48,6 +61,7 @@ class ControlRequest:
             lrs=self.lrs,
             batch_size=self.batch_size,
             seed=self.seed,
+            baseline={"ranking": self.ranking_loss, "acceptance": self.acceptance_loss} if known else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,9 +90,11 @@ class StageExecution(Protocol):
         candidates: Sequence[Candidate],
         accepted: Sequence[str],
         name_prefix: str,
+        baseline: Baseline,
     ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
         """What `Router.probe` returns, for every candidate: the model holding each surviving probe adapter (trained
-        ``probe_steps`` steps), the results in candidate order, and each survivor's optimizer (to train on)."""
+        ``probe_steps`` steps), the results in candidate order, and each survivor's optimizer (to train on). Probe
+        gains are against ``baseline.ranking``."""
 
     def control(
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
@@ -100,8 +116,9 @@ class LocalExecution:
         candidates: Sequence[Candidate],
         accepted: Sequence[str],
         name_prefix: str,
+        baseline: Baseline,
     ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
-        return router.probe(model, candidates, accepted, name_prefix)
+        return router.probe(model, candidates, accepted, name_prefix, before=baseline.ranking)
 
     def control(
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData

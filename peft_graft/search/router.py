@@ -30,7 +30,7 @@ from ..tuners.graft import GraftConfig
 from ..tuners.graft.config import PROJECTIONS
 from ..tuners.graft.model import GraftModel
 from ..tuners.graft.phi import PHI_FAMILIES
-from .execution import LocalExecution, StageExecution
+from .execution import Baseline, LocalExecution, StageExecution
 from .sensitivity import SensitivityMap, check_score
 from .training import mean_loss, train_adapter
 
@@ -277,19 +277,30 @@ class Router:
             )
 
     def probe(
-        self, model: nn.Module, candidates: Sequence[Candidate], accepted: Sequence[str], name_prefix: str
+        self,
+        model: nn.Module,
+        candidates: Sequence[Candidate],
+        accepted: Sequence[str],
+        name_prefix: str,
+        before: float | None = None,
     ) -> tuple[PeftModel, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
-        """Train each candidate ``probe_steps`` steps and score it on the ranking role; NaN candidates are deleted
-        and recorded. Returns the model (a PeftModel while adapters remain), the results and the optimizers of the
-        surviving adapters."""
+        """Train each candidate ``probe_steps`` steps and score it on the ranking role against ``before`` (the
+        ranking loss of ``accepted`` alone; measured here if not given); NaN candidates are deleted and recorded.
+        Returns the model (a PeftModel while adapters remain), the results and the optimizers of the surviving
+        adapters."""
         results, optimizers = [], {}
-        before = mean_loss(model, self.data.ranking, accepted, self.settings.batch_size)
+        if before is None:
+            before = self.ranking_loss(model, accepted)
         for i, candidate in enumerate(candidates):
             model, result, optimizer = self.probe_one(model, f"{name_prefix}_c{i}", candidate, accepted, before)
             results.append(result)
             if optimizer is not None:
                 optimizers[result.adapter] = optimizer
         return model, results, optimizers
+
+    def ranking_loss(self, model: nn.Module, accepted: Sequence[str]) -> float:
+        """The ranking-role loss of the ``accepted`` composition: what probe gains are measured against."""
+        return mean_loss(model, self.data.ranking, accepted, self.settings.batch_size)
 
     def probe_one(
         self, model: nn.Module, name: str, candidate: Candidate, accepted: Sequence[str], before: float
@@ -326,14 +337,18 @@ class Router:
         registry: GraftRegistry | None = None,
         name_prefix: str = "candidate",
         max_probes: int | None = None,
+        baseline: Baseline | None = None,
     ) -> RouteResult:
         """Probe the first ``max_probes`` candidates, then gate the best by ranking gain until one is accepted.
 
         Every adapter but the accepted one is deleted again; the accepted one stays in ``model`` (composed, not
         merged). With ``registry`` each gated candidate is recorded (`GraftGateCallback`) with ``parents``.
+        ``baseline``: the losses of ``accepted`` alone where the caller has them (the ranking loss is measured here
+        otherwise).
         """
+        baseline = baseline or Baseline(self.ranking_loss(model, accepted))
         model, probes, optimizers = self.execution.probe(
-            self, model, list(candidates)[:max_probes], accepted, name_prefix
+            self, model, list(candidates)[:max_probes], accepted, name_prefix, baseline
         )
         finite = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.gain)
         gated: list[GateOutcome] = []

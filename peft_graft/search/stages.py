@@ -28,7 +28,7 @@ from ..gates import Decision, GateSet, GrowthData
 from ..growth import compose, rollback
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint
 from ..tuners.graft import GraftConfig
-from .execution import ControlRequest, LocalExecution, StageExecution
+from .execution import Baseline, ControlRequest, LocalExecution, StageExecution
 from .router import ProbeSettings, Router, RouteResult, SearchSpace, propose
 from .sensitivity import SensitivityMap, sensitivity_map
 from .training import adapter_size, mean_loss
@@ -214,7 +214,8 @@ def run_stages(
     execution.publish(model, accepted, accepted)
     previous = SearchReport.load(out_dir) if out_dir is not None and last_stage else None
     report = SearchReport(config.to_dict(), previous.stages if previous else [])
-    report.base_loss = previous.base_loss if previous else _loss(model, data, accepted, config)
+    loss = _loss(model, data, accepted, config)  # of the composition each stage starts from, carried stage to stage
+    report.base_loss = previous.base_loss if previous else loss
     spent = sum(adapter_size(model, a) for a in accepted)
     report.stop_reason = f"max_stages={config.max_stages} reached"
     for stage in range(last_stage + 1, config.max_stages + 1):
@@ -227,10 +228,12 @@ def run_stages(
             report.stop_reason = f"budget spent at stage {stage}: {err}"
             break
         prefix = f"{config.name_prefix}{stage}"
-        loss_before = _loss(model, data, accepted, config)
-        result = router.route(model, candidates, accepted, parents, registry, prefix, config.space.max_probes)
+        baseline = Baseline(router.ranking_loss(model, accepted), loss)
+        result = router.route(
+            model, candidates, accepted, parents, registry, prefix, config.space.max_probes, baseline
+        )
         model = result.model
-        entry = _stage_entry(stage, result, loss_before)
+        entry = _stage_entry(stage, result, baseline.acceptance)
         chosen = result.accepted or (result.gated[0] if result.gated else None)
         if chosen is not None:
             modules = chosen.candidate.modules
@@ -243,6 +246,8 @@ def run_stages(
                 config.control_lrs,
                 config.batch_size,
                 config.seed,
+                baseline.ranking,
+                baseline.acceptance,
             )
             control = execution.control(model, accepted, request, data)
             entry["control"] = control.to_dict()
@@ -251,8 +256,8 @@ def run_stages(
             entry["params"] = adapter_size(model, name)
             accepted, parents = [*accepted, name], [*parents, *result.accepted.graft_ids[-1:]]
             execution.publish(model, [name], accepted)
-            entry["loss_after"] = _loss(model, data, accepted, config)
-            entry["gain"] = loss_before - entry["loss_after"]
+            entry["loss_after"] = loss = _loss(model, data, accepted, config)
+            entry["gain"] = baseline.acceptance - loss
             spent += entry["params"]
         report.stages.append(entry)
         logger.info("Stage %d: %s", stage, entry["decision"])

@@ -242,6 +242,15 @@ class GraftConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise GraftConfigError("layers_pattern only has an effect together with layers_to_transform.")
 
+    def to_dict(self) -> dict:
+        """PEFT's dict, with set-valued fields (PEFT turns ``target_modules`` into a set) as sorted lists.
+
+        PEFT writes a set as ``list(set)``, whose order follows Python's per-process string hash seed: the same
+        adapter would then get a different ``adapter_config.json``, and a different content-hash graft id, in every
+        process. Sorted, the saved config is a function of the config alone.
+        """
+        return {key: sorted(value) if isinstance(value, set) else value for key, value in super().to_dict().items()}
+
     def rank_pattern_key(self, module_name: str) -> str | None:
         """The ``rank_pattern`` entry that applies to ``module_name`` (PEFT's matching rule), if any."""
         key = get_pattern_key(self.rank_pattern.keys(), module_name)
