@@ -82,7 +82,11 @@ class FiniteWeights(Gate):
             return GateResult(self.name, Decision.REJECT, f"no tensors found for adapter {ctx.candidate!r}")
         verdict = Decision.REJECT if bad else Decision.ACCEPT
         return GateResult(
-            self.name, verdict, f"{len(bad)} non-finite tensors", {"non_finite": bad[:20]}, {"non_finite": float(len(bad))}
+            self.name,
+            verdict,
+            f"{len(bad)} non-finite tensors",
+            {"non_finite": bad[:20]},
+            {"non_finite": float(len(bad))},
         )
 
 

@@ -83,6 +83,8 @@ def causal_lm_example_losses(model: nn.Module, blocks: torch.Tensor, batch_size:
 
 
 ExampleLosses = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# Per-example losses measured elsewhere (another process), fetched when a gate first needs them; None: measure here.
+MeasuredLosses = Callable[[], torch.Tensor | None]
 
 
 @contextmanager
@@ -108,7 +110,9 @@ class GateContext:
     """A candidate graft on top of already-accepted ones, with cached per-example losses.
 
     ``replicas`` are further adapters trained from the same recipe with other seeds (data order and init): gain
-    evidence pools over them, so a lucky seed alone cannot pass.
+    evidence pools over them, so a lucky seed alone cannot pass. ``measured`` maps ``(split, candidate)`` (as
+    `losses` takes them) to losses another process computes on the same composition, so their cost overlaps this
+    process's own evaluations.
     """
 
     model: nn.Module
@@ -117,6 +121,7 @@ class GateContext:
     accepted: list[str] = field(default_factory=list)
     replicas: list[str] = field(default_factory=list)
     example_losses: ExampleLosses = causal_lm_example_losses
+    measured: dict[tuple[str, str | None], MeasuredLosses] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -127,6 +132,10 @@ class GateContext:
     def losses(self, split: str, candidate: str | None) -> torch.Tensor:
         """Per-example losses on ``split`` with the accepted grafts plus ``candidate`` (None: without any)."""
         key = (split, candidate)
+        if key not in self._cache and key in self.measured:
+            losses = self.measured.pop(key)()
+            if losses is not None:
+                self._cache[key] = losses
         if key not in self._cache:
             blocks = getattr(self.data, split)
             adapters = self.accepted + ([candidate] if candidate else [])

@@ -23,6 +23,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..gates import Decision, GateContext, GateReport, GateSet, GrowthData
+from ..gates.context import MeasuredLosses
 from ..registry import GraftRegistry, GraftStatus, base_model_fingerprint, dataset_fingerprint
 from .publish import HubTarget, push_accepted
 
@@ -84,29 +85,52 @@ class GraftGateCallback(TrainerCallback):
         elif state is not None:
             state.log_history.append({**entry, "step": state.global_step})
 
-    def _context(self, model: Any) -> GateContext:
-        return GateContext(model, candidate=self.candidate, data=self.data, accepted=self.accepted)
+    def _context(
+        self, model: Any, measured: dict[tuple[str, str | None], MeasuredLosses] | None = None
+    ) -> GateContext:
+        return GateContext(
+            model, candidate=self.candidate, data=self.data, accepted=self.accepted, measured=dict(measured or {})
+        )
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.steps_trained += 1
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                    metrics: dict | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        metrics: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         report = self.gates.decide(self._context(model))
         logger.info("Gates (dry run) on %r at step %d: %s", self.candidate, self.steps_trained, report.decision.value)
         self._log(gate_log_entry(report, prefix="gate_dry_run/"), state)  # Trainer logged its metrics already
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
+    ) -> None:
         self.decide(model, seeds=[args.seed], steps=self.steps_trained, state=state)
 
     def decide(
-        self, model: Any, seeds: Sequence[int] = (), steps: int = 0, state: TrainerState | None = None
+        self,
+        model: Any,
+        seeds: Sequence[int] = (),
+        steps: int = 0,
+        state: TrainerState | None = None,
+        measured: dict[tuple[str, str | None], MeasuredLosses] | None = None,
     ) -> GateReport:
-        """Final decision for the current attempt: gate, record, and push if accepted."""
-        report = self.gates.decide(self._context(model))
+        """Final decision for the current attempt: gate, record, and push if accepted. ``measured``: per-example
+        losses another process computes for this attempt (see `GateContext`)."""
+        report = self.gates.decide(self._context(model, measured))
         decision, reason = report.decision, "; ".join(report.reasons) or "all gates passed"
-        if decision is Decision.DEFER and len([r for r in self.reports if r.decision is Decision.DEFER]) >= self.max_deferrals:
+        if (
+            decision is Decision.DEFER
+            and len([r for r in self.reports if r.decision is Decision.DEFER]) >= self.max_deferrals
+        ):
             decision, reason = Decision.REJECT, f"still inconclusive after {self.max_deferrals} retries: {reason}"
         self.reports.append(report)
         self.decision = decision
@@ -116,12 +140,14 @@ class GraftGateCallback(TrainerCallback):
             self._record(model, report, decision, reason, seeds, steps)
         if decision is Decision.ACCEPT and self.hub is not None:
             self.pushed_commit = push_accepted(self.registry, self.graft_ids[-1], self.hub)
-            logger.info("Pushed graft %s to %s (commit %s)", self.graft_ids[-1][:12], self.hub.repo_id,
-                        self.pushed_commit)
+            logger.info(
+                "Pushed graft %s to %s (commit %s)", self.graft_ids[-1][:12], self.hub.repo_id, self.pushed_commit
+            )
         return report
 
-    def _record(self, model: Any, report: GateReport, decision: Decision, reason: str, seeds: Sequence[int],
-                steps: int) -> None:
+    def _record(
+        self, model: Any, report: GateReport, decision: Decision, reason: str, seeds: Sequence[int], steps: int
+    ) -> None:
         base = model.get_base_model()
         peft_config = model.peft_config[self.candidate]
         if not peft_config.base_model_name_or_path:  # adapters added with add_adapter carry no base model name
@@ -136,9 +162,11 @@ class GraftGateCallback(TrainerCallback):
                 targets=sorted(config["target_modules"]) if config.get("target_modules") else [],
                 config=config,
                 metrics=report.metrics,
-                dataset_fingerprints={role: dataset_fingerprint(getattr(self.data, role))
-                                      for role in ("train", "acceptance", "retention", "early_stopping", "ranking")
-                                      if getattr(self.data, role) is not None},
+                dataset_fingerprints={
+                    role: dataset_fingerprint(getattr(self.data, role))
+                    for role in ("train", "acceptance", "retention", "early_stopping", "ranking")
+                    if getattr(self.data, role) is not None
+                },
                 seeds=list(seeds),
                 status=decision,
                 parents=self.parents,

@@ -32,17 +32,29 @@ COORDINATOR = 0
 
 
 @dataclass(frozen=True)
+class Roles:
+    """Which ranks do what in a launch (see `DistributedSettings`)."""
+
+    probes: tuple[int, ...]
+    control: tuple[int, ...]
+    retention: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class DistributedSettings:
     """The ``distributed`` section of a search file.
 
-    ``probes``: the ranks that probe candidates (default: every rank, rank 0 included). ``control``: the ranks that
-    may train the LoRA control, first live one first (default: rank 1, so it trains while rank 0 gates; rank 0 in a
-    one-process run). ``heartbeat_timeout``: seconds without a heartbeat after which a rank counts as dead; keep it
-    well above the longest pause a loaded machine may impose on a process.
+    Roles (lists of ranks; the first live rank of a list takes each piece of work): ``probes`` probe candidates
+    (default: every rank, rank 0 included). ``control`` may train the LoRA control (default: rank 1, so it trains
+    while rank 0 gates; rank 0 in a one-process run). ``retention`` scores a gated candidate on the retention role
+    while rank 0 scores it on the acceptance role (default: rank 2 where there is one, a rank the control does not
+    occupy; else rank 0 itself). ``heartbeat_timeout``: seconds without a heartbeat after which a rank counts as
+    dead; keep it well above the longest pause a loaded machine may impose on a process.
     """
 
     probes: tuple[int, ...] | None = None
     control: tuple[int, ...] | None = None
+    retention: tuple[int, ...] | None = None
     heartbeat_timeout: float = 60.0
     heartbeat_interval: float = 1.0
     poll_interval: float = 0.02
@@ -51,34 +63,36 @@ class DistributedSettings:
     def from_dict(cls, data: dict[str, Any] | None) -> DistributedSettings:
         data = dict(data or {})
         roles = data.pop("roles", None) or {}
-        unknown = (set(roles) - {"probes", "control"}) | (set(data) - {"heartbeat_timeout", "heartbeat_interval"})
+        unknown = (set(roles) - set(Roles.__dataclass_fields__)) | (
+            set(data) - {"heartbeat_timeout", "heartbeat_interval"}
+        )
         if unknown:
             raise SearchConfigError(
-                f"Unknown distributed settings {sorted(unknown)}: give roles (probes, control: lists of ranks), "
-                "heartbeat_timeout and heartbeat_interval (seconds)."
+                f"Unknown distributed settings {sorted(unknown)}: give roles (probes, control, retention: lists of "
+                "ranks), heartbeat_timeout and heartbeat_interval (seconds)."
             )
-        return cls(
-            probes=tuple(roles["probes"]) if "probes" in roles else None,
-            control=tuple(roles["control"]) if "control" in roles else None,
-            **data,
-        )
+        return cls(**{role: tuple(ranks) for role, ranks in roles.items()}, **data)
 
-    def roles(self, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(probe ranks, control ranks) for a launch of ``world`` processes, checked."""
-        probes = self.probes if self.probes is not None else tuple(range(world))
-        control = self.control if self.control is not None else ((1,) if world > 1 else (COORDINATOR,))
-        bad = [r for r in (*probes, *control) if not isinstance(r, int) or not 0 <= r < world]
-        if bad or not probes or not control:
+    def roles(self, world: int) -> Roles:
+        """The roles of a launch of ``world`` processes, checked."""
+        roles = Roles(
+            probes=self.probes if self.probes is not None else tuple(range(world)),
+            control=self.control if self.control is not None else ((1,) if world > 1 else (COORDINATOR,)),
+            retention=self.retention if self.retention is not None else ((2,) if world > 2 else (COORDINATOR,)),
+        )
+        named = {role: list(getattr(roles, role)) for role in Roles.__dataclass_fields__}
+        bad = [r for ranks in named.values() for r in ranks if not isinstance(r, int) or not 0 <= r < world]
+        if bad or not all(named.values()):
             raise SearchConfigError(
-                f"Roles {{probes: {list(probes)}, control: {list(control)}}} must each name at least one rank of "
-                f"0..{world - 1} (this launch has {world} processes); {bad} do not exist."
+                f"Roles {named} must each name at least one rank of 0..{world - 1} (this launch has {world} "
+                f"processes); {bad} do not exist."
             )
         if self.heartbeat_timeout <= self.heartbeat_interval or self.heartbeat_interval <= 0:
             raise SearchConfigError(
                 f"Need 0 < heartbeat_interval < heartbeat_timeout, got {self.heartbeat_interval}, "
                 f"{self.heartbeat_timeout}."
             )
-        return tuple(probes), tuple(control)
+        return roles
 
 
 class Channel:

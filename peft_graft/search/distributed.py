@@ -34,7 +34,8 @@ from peft import PeftModel
 from torch import nn
 
 from ..errors import CoordinatorLostError, DistributedSearchError, SearchAbortedError
-from ..gates import GateSet, GrowthData
+from ..gates import GateContext, GateSet, GrowthData
+from ..gates.context import MeasuredLosses
 from ..registry import GraftRegistry
 from .channel import COORDINATOR, Channel, DistributedSettings, claim_order
 from .control import ControlResult
@@ -83,7 +84,8 @@ class Coordinator:
 
     def __init__(self, channel: Channel, settings: DistributedSettings, config: SearchConfig):
         self.channel, self.config = channel, config
-        self.probers, self.controllers = settings.roles(channel.world)
+        roles = settings.roles(channel.world)
+        self.probers, self.controllers, self.retention = roles.probes, roles.control, roles.retention
         self.jobs = 0
         self.speculation: _Speculation | None = None
         self.retried: list[str] = []  # probes rank 0 took over from ranks that died
@@ -197,12 +199,39 @@ class Coordinator:
             logger.warning("Rank %d is gone before its LoRA control finished: training it on rank 0.", guess.rank)
         return request.run(model, accepted, data)
 
+    def retention_losses(
+        self, model: nn.Module, candidate: str, accepted: Sequence[str]
+    ) -> dict[tuple[str, str | None], MeasuredLosses]:
+        """Send ``candidate`` as trained so far to the first live retention rank, which scores the retention role
+        with and without it while rank 0 scores the acceptance role; rank 0 measures them itself if that rank is
+        gone before it answers (or the role is its own)."""
+        rank = next((r for r in self.retention if r == COORDINATOR or self.channel.alive(r)), COORDINATOR)
+        if rank == COORDINATOR:
+            return {}
+        header = {
+            "kind": "retention",
+            "rank": rank,
+            "accepted": list(accepted),
+            **_adapters_message(model, [candidate]),
+        }
+        job = self._post(header, _adapters_tensors(model, [candidate]))
+        answer: dict[str, torch.Tensor | None] = {}
+
+        def fetch(part: str) -> torch.Tensor | None:
+            if not answer:
+                message = self.channel.wait(f"retention/{job}", rank)
+                if message is None:
+                    logger.warning("Rank %d is gone before it scored retention: scoring it on rank 0.", rank)
+                answer.update(decode(message)[1] if message is not None else {"with": None, "without": None})
+            return answer[part]
+
+        return {("retention", candidate): lambda: fetch("with"), ("retention", None): lambda: fetch("without")}
+
     def publish(self, model: nn.Module, adapters: Sequence[str], accepted: Sequence[str]) -> None:
         if not adapters:
             return
-        tensors = {f"{a}/{name}": t for a in adapters for name, t in adapter_tensors(model, a).items()}
-        configs = [{"name": a, "config": graft_config_to_dict(model.peft_config[a])} for a in adapters]
-        self._post({"kind": "sync", "adapters": configs, "accepted": list(accepted)}, tensors)
+        header = {"kind": "sync", "accepted": list(accepted), **_adapters_message(model, adapters)}
+        self._post(header, _adapters_tensors(model, adapters))
 
     def shutdown(self, error: BaseException | None = None) -> None:
         """Tell every worker to stop (or that the search failed) and wait until each has read it or is gone: the
@@ -215,6 +244,28 @@ class Coordinator:
             self.channel.wait(f"done/{rank}", rank)
 
 
+def _adapters_message(model: nn.Module, adapters: Sequence[str]) -> dict[str, Any]:
+    """The header part naming ``adapters`` and their configs (`_compose` rebuilds them from it)."""
+    return {"adapters": [{"name": a, "config": graft_config_to_dict(model.peft_config[a])} for a in adapters]}
+
+
+def _adapters_tensors(model: nn.Module, adapters: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``adapters``, named ``<adapter>/<tensor name in model>``."""
+    return {f"{a}/{name}": t for a in adapters for name, t in adapter_tensors(model, a).items()}
+
+
+def _score_retention(
+    model: nn.Module, data: GrowthData, header: dict[str, Any], tensors: dict
+) -> tuple[nn.Module, bytes]:
+    """A retention job: the candidate composed over the accepted grafts, scored on the retention role with and
+    without it by the gates' own code (`GateContext`), then removed again."""
+    model = _compose(model, header, tensors)
+    candidate = header["adapters"][0]["name"]
+    context = GateContext(model, candidate=candidate, data=data, accepted=header["accepted"])
+    losses = {"with": context.losses("retention", candidate), "without": context.losses("retention", None)}
+    return _remove_adapter(model, candidate), encode({}, losses)
+
+
 def serve(
     model: nn.Module,
     data: GrowthData,
@@ -225,7 +276,7 @@ def serve(
 ) -> nn.Module:
     """A worker's side of the search: run the coordinator's jobs until it says stop; return the composed model."""
     router = Router(gates, data, config)
-    probers, _ = settings.roles(channel.world)
+    probers = settings.roles(channel.world).probes
     accepted: list[str] = []
     job = 0
     try:
@@ -243,6 +294,9 @@ def serve(
             elif kind == "control" and header["rank"] == channel.rank:
                 result = ControlRequest.from_dict(header["request"]).run(model, header["accepted"], data)
                 channel.put(f"control/{job}", encode({"result": result.to_dict()}))
+            elif kind == "retention" and header["rank"] == channel.rank:
+                model, answer = _score_retention(model, data, header, tensors)
+                channel.put(f"retention/{job}", answer)
             elif kind == "sync":
                 model, accepted = _compose(model, header, tensors), header["accepted"]
             elif kind == "abort":

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..gates import GrowthData
+from ..gates.context import MeasuredLosses
 from .control import ControlResult, lora_control
 
 
@@ -101,6 +102,12 @@ class StageExecution(Protocol):
     ) -> ControlResult:
         """The LoRA control ``request`` describes, over the ``accepted`` composition of ``model``."""
 
+    def retention_losses(
+        self, model: nn.Module, candidate: str, accepted: Sequence[str]
+    ) -> dict[tuple[str, str | None], MeasuredLosses]:
+        """The retention-role losses of gating ``candidate`` over ``accepted`` that another process will measure,
+        as `GateContext.measured` takes them (empty: the gates measure them here)."""
+
     def publish(self, model: nn.Module, adapters: Sequence[str], accepted: Sequence[str]) -> None:
         """``adapters`` of ``model`` joined the composition (now ``accepted``): every process must compose them."""
 
@@ -124,6 +131,11 @@ class LocalExecution:
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
     ) -> ControlResult:
         return request.run(model, accepted, data)
+
+    def retention_losses(
+        self, model: nn.Module, candidate: str, accepted: Sequence[str]
+    ) -> dict[tuple[str, str | None], MeasuredLosses]:
+        return {}
 
     def publish(self, model: nn.Module, adapters: Sequence[str], accepted: Sequence[str]) -> None:
         """Nothing to do: this process is the only one."""

@@ -23,7 +23,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..errors import BudgetExhaustedError, NonFiniteLossError, SearchConfigError
-from ..gates import Decision, GateSet, GrowthData
+from ..gates import Decision, GateSet, GrowthData, Retention
+from ..gates.context import MeasuredLosses
 from ..growth import GraftGateCallback
 from ..registry import GraftRegistry
 from ..tuners.graft import GraftConfig
@@ -298,6 +299,14 @@ class Router:
                 optimizers[result.adapter] = optimizer
         return model, results, optimizers
 
+    def _measured(
+        self, model: PeftModel, candidate: str, accepted: Sequence[str]
+    ) -> dict[tuple[str, str | None], MeasuredLosses]:
+        """Gate losses the execution has measured elsewhere: the retention role's, when a gate will read them."""
+        if self.data.retention is None or not any(isinstance(g, Retention) for g in self.gates.gates):
+            return {}
+        return self.execution.retention_losses(model, candidate, accepted)
+
     def ranking_loss(self, model: nn.Module, accepted: Sequence[str]) -> float:
         """The ranking-role loss of the ``accepted`` composition: what probe gains are measured against."""
         return mean_loss(model, self.data.ranking, accepted, self.settings.batch_size)
@@ -394,7 +403,9 @@ class Router:
                 **train,
             )
             steps = self.settings.train_steps
-            callback.decide(model, seeds=[self.settings.seed], steps=steps)
+            callback.decide(
+                model, seeds=[self.settings.seed], steps=steps, measured=self._measured(model, name, accepted)
+            )
             while callback.decision is Decision.DEFER:
                 train_adapter(
                     model,
@@ -405,7 +416,8 @@ class Router:
                     **train,
                 )
                 steps += self.settings.extra_steps
-                callback.decide(model, seeds=[self.settings.seed], steps=steps)
+                measured = self._measured(model, name, accepted)
+                callback.decide(model, seeds=[self.settings.seed], steps=steps, measured=measured)
         except NonFiniteLossError as err:  # while training on after a deferral: end those attempts, never leave them
             if registry is not None:
                 for graft_id in callback.graft_ids:

@@ -84,6 +84,28 @@ def test_trained_candidate_is_accepted_with_evidence(grown):
     assert report.to_dict()["results"][3]["evidence"]["params"] == 2 * 4 * 16 * 16
 
 
+def test_losses_measured_elsewhere_are_used_and_a_missing_answer_is_measured_here(grown):
+    """`GateContext.measured`: another process's per-example losses stand in for the context's own; an answer that
+    never came (None) falls back to measuring here."""
+    model, data = grown
+    own = GateContext(model, candidate="new", accepted=["old"], data=data)
+    without, with_new = own.losses("retention", None), own.losses("retention", "new")
+    calls = []
+
+    def answer(losses):
+        return lambda: calls.append(1) or losses
+
+    shifted = GateContext(
+        model,
+        candidate="new",
+        accepted=["old"],
+        data=data,
+        measured={("retention", None): answer(without + 1.0), ("retention", "new"): answer(None)},
+    )
+    torch.testing.assert_close(shifted.deltas("retention")[0], without + 1.0 - with_new, rtol=0, atol=0)
+    assert len(calls) == 2 and shifted.measured == {}  # each fetched once, then cached
+
+
 def test_candidate_that_hurts_the_old_domain_is_rejected(grown):
     model, data = grown
     # A candidate trained on the *old* domain's vocabulary with a huge step: it wrecks old-domain predictions.

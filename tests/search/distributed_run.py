@@ -3,7 +3,7 @@
 Usage: ``distributed_run.py DUMP_DIR SEARCH_ARGS...``. Each process writes ``DUMP_DIR/rank<k>.json``: the adapters and
 a sha256 of every graft tensor and of the logits of its final composed model, how many registry write transactions it
 opened, and (rank 0) the probes it took over from dead ranks (``retried<attempt>.json``) and the rank that trained each
-LoRA control (``controls<attempt>.json``). With
+LoRA control (``controls<attempt>.json``) and scored each retention role (``retention<attempt>.json``). With
 ``SEARCH_TEST_EXIT="rank,stage,code;..."`` each such rank leaves with ``os._exit(code)`` when it starts its first probe
 of that stage, on the launch's first attempt only (a later attempt is torchrun restarting the processes).
 """
@@ -27,6 +27,7 @@ ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 DUMP = Path(sys.argv[1])
 writes = 0
 controls: list[int] = []  # per LoRA control (rank 0), the rank that trained it
+retention: list[int] = []  # per gate decision with a retention gate (rank 0), the rank that scored the retention role
 
 
 def count_writes(transaction):
@@ -83,6 +84,13 @@ class Recording(distributed.Coordinator):
         controls.append(guess.rank if guess is not None and guess.request == request else RANK)
         (DUMP / f"controls{ATTEMPT}.json").write_text(json.dumps(controls))
         return result
+
+
+    def retention_losses(self, model, candidate, accepted):
+        measured = super().retention_losses(model, candidate, accepted)
+        retention.append(next((r for r in self.retention if measured and r != RANK), RANK))
+        (DUMP / f"retention{ATTEMPT}.json").write_text(json.dumps(retention))
+        return measured
 
 
 Database.transaction = count_writes(Database.transaction)

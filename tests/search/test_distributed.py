@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from synthetic_domains import rule_blocks
 
 from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchAbortedError, SearchConfigError
 from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
 from peft_graft.registry import GraftRegistry
 from peft_graft.search import SearchConfig, SearchSpace
-from peft_graft.search.channel import DistributedSettings, claim_order, launch_store
+from peft_graft.search.channel import DistributedSettings, Roles, claim_order, launch_store
 from peft_graft.search.distributed import distributed_search
 from peft_graft.search.wire import decode, encode
 
@@ -44,8 +45,9 @@ SETTINGS = {
         "max_probes": 4,
         "graft_kwargs": {"scaling": 1.0},
     },
-    "gates": {"min_gain": -1.0, "exact_recomposition": False},
-    "distributed": {"heartbeat_timeout": 2.0, "heartbeat_interval": 0.2},
+    # Retention data adds the retention gate (a loose bound: the test is about who scores it, not what it decides).
+    "gates": {"min_gain": -1.0, "exact_recomposition": False, "max_regression": 10.0},
+    "distributed": {"heartbeat_timeout": 2.0, "heartbeat_interval": 0.2, "roles": {"retention": [1]}},
 }
 
 
@@ -53,9 +55,11 @@ SETTINGS = {
 def search_file(tiny_llama, domain, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     tiny_llama().save_pretrained(root / "model")
-    for role in ("train", "acceptance", "ranking"):
-        (root / f"{role}.json").write_text(json.dumps(getattr(domain, role).tolist()))
-    data = {role: str(root / f"{role}.json") for role in ("train", "acceptance", "ranking")}
+    blocks = {role: getattr(domain, role) for role in ("train", "acceptance", "ranking")}
+    blocks["retention"] = rule_blocks(6, 8, 0, 64)  # the old domain: tokens the new one never uses
+    for role, rows in blocks.items():
+        (root / f"{role}.json").write_text(json.dumps(rows.tolist()))
+    data = {role: str(root / f"{role}.json") for role in blocks}
     (root / "search.yaml").write_text(yaml.safe_dump({**SETTINGS, "model": str(root / "model"), "data": data}))
     return root / "search.yaml"
 
@@ -76,14 +80,15 @@ def one_process(search_file):
 def _run(out: Path) -> dict:
     report = json.loads((out / "search_report.json").read_text())
     records = GraftRegistry(out / "registry").list()
-    return {"report": report, "records": sorted((r.graft_id, r.status.value) for r in records)}
+    return {"report": report, "records": sorted((r.graft_id, r.status.value, r.metrics) for r in records)}
 
 
 def test_two_processes_decide_as_one_through_a_dead_worker_and_a_restart(search_file, one_process):
     """accelerate launch, 2 processes. First attempt: rank 1 vanishes at its first probe of stage 1 (exit 0: the
     launcher lets rank 0 go on), rank 0 sees its heartbeat stop, probes what it held and finishes stage 1 alone; then
     rank 0 itself dies at stage 2 (exit 1), and the launcher starts both again (``--max_restarts 1``). Second attempt:
-    rank 0 resumes after stage 1 from its registry, both ranks probe and rank 1 trains the LoRA control.
+    rank 0 resumes after stage 1 from its registry, both ranks probe, rank 1 trains the LoRA control and scores the
+    retention role.
     Everything matches the one-process run, bit for bit, and only rank 0 wrote the registry."""
     out, dump = search_file.parent / "launched", search_file.parent / "dump"
     dump.mkdir()
@@ -110,6 +115,11 @@ def test_two_processes_decide_as_one_through_a_dead_worker_and_a_restart(search_
     assert json.loads((dump / "retried1.json").read_text()) == []
     assert json.loads((dump / "controls0.json").read_text()) == [0]  # rank 1 was gone: rank 0 trained the control
     assert json.loads((dump / "controls1.json").read_text()) == [1]  # rank 1 trained it while rank 0 gated
+    # the retention role: rank 0 scored it while rank 1 was gone, then rank 1 did (and every retention number, in
+    # the records' metrics above, is the one-process run's, bit for bit)
+    assert json.loads((dump / "retention0.json").read_text()) == [0]
+    assert json.loads((dump / "retention1.json").read_text()) == [1]
+    assert all("regression" in metrics["retention"] for _, _, metrics in run["records"])
     coordinator, worker = (json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1))
     assert coordinator["registry_writes"] > 0 and worker["registry_writes"] == 0  # rank 0 is the only writer
     assert coordinator["adapters"] == worker["adapters"] == [s["adapter"] for s in run["report"]["stages"]]
@@ -173,7 +183,12 @@ def test_roles_messages_claims_and_launch_are_checked(monkeypatch, tmp_path):
         DistributedSettings.from_dict({"roles": {"control": [2]}}).roles(2)
     with pytest.raises(SearchConfigError, match="Unknown distributed settings"):
         DistributedSettings.from_dict({"roles": {"gates": [0]}})
-    assert DistributedSettings().roles(2) == ((0, 1), (1,)) and DistributedSettings().roles(1) == ((0,), (0,))
+    assert DistributedSettings().roles(1) == Roles((0,), (0,), (0,))
+    assert DistributedSettings().roles(2) == Roles((0, 1), (1,), (0,))
+    assert DistributedSettings().roles(3) == Roles((0, 1, 2), (1,), (2,))
+    assert DistributedSettings.from_dict({"roles": {"retention": [1]}}).roles(2).retention == (1,)
+    with pytest.raises(SearchConfigError, match="at least one rank"):
+        DistributedSettings.from_dict({"roles": {"retention": []}}).roles(2)
     header, tensors = decode(encode({"a": [1, 2]}, {"t": torch.arange(3.0)}))
     assert header == {"a": [1, 2]} and torch.equal(tensors["t"], torch.arange(3.0))
     with pytest.raises(DistributedSearchError, match="damaged"):
