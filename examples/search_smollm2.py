@@ -78,8 +78,9 @@ FULL = Sizes(
     acceptance_blocks=24,
     retention_blocks=16,
     config=SearchConfig(
-        # Three stages of up to 16 modules × a dense r=32 Φ or 4 modules × r=64 (16,384 numbers each): a LoRA control
-        # needs r·(in + out) numbers per module (~1,300 per rank here), so smaller grafts would have no same-budget LoRA.
+        # Three stages of up to 16 modules × a dense r=32 Φ or 4 modules × r=64 (16,384 numbers each). A LoRA control
+        # needs r·(in + out) numbers per module (~1,300 per rank here): below r=1 on all of a graft's modules it
+        # trains r=1 on the best-scored ones the graft's budget pays for.
         budget=3 * 16_384,
         space=SearchSpace(
             ranks=(32, 64),

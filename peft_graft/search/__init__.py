@@ -23,7 +23,7 @@ from ..errors import (
     SearchError,
 )
 from .channel import DistributedSettings, launch_store
-from .control import ControlResult, lora_control, lora_rank_for
+from .control import ControlResult, lora_control, lora_shape_for
 from .distributed import distributed_search
 from .execution import ControlRequest, LocalExecution, StageExecution
 from .plots import growth_curve, heat_map
@@ -67,7 +67,7 @@ __all__ = [
     "heat_map",
     "launch_store",
     "lora_control",
-    "lora_rank_for",
+    "lora_shape_for",
     "mean_loss",
     "propose",
     "rollback_stage",

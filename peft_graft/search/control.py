@@ -1,5 +1,8 @@
 """The LoRA control of a stage: PEFT's LoRA on the same modules, at (as nearly as ranks allow) the same budget.
 
+Where even r=1 on every module would cost more than the graft, the control takes r=1 on as many of the graft's
+best-scored modules as the graft's budget pays for (`lora_shape_for`).
+
 A graft is only worth its parameters if a plain LoRA with as many trainable numbers, trained on the same data for
 the same steps from the same composed model, does not do as well. PEFT keeps one adapter type per PeftModel, so the
 control trains on a copy of the model with the accepted grafts merged in: the same function, up to float rounding.
@@ -21,13 +24,24 @@ from .training import adapter_size, mean_loss, train_adapter
 
 
 CONTROL_ADAPTER = "lora_control"
-ROLES = ("ranking", "acceptance")  # the data roles a control is scored on: it picks its lr on one, reports the other
 
 
-def lora_rank_for(params: int, shapes: Sequence[tuple[int, int]]) -> int:
-    """The LoRA r whose r·Σ(in + out) trainable numbers is closest to ``params`` (at least 1)."""
-    per_rank = sum(in_f + out_f for in_f, out_f in shapes)
-    return max(1, round(params / per_rank))
+def lora_shape_for(
+    params: int, modules: Sequence[str], shapes: Sequence[tuple[int, int]]
+) -> tuple[int, tuple[str, ...]]:
+    """The LoRA (r, modules) whose trainable numbers come closest to ``params`` without a smaller-than-r=1 LoRA.
+
+    Where ``params`` buys r ≥ 1 on every module (r·Σ(in + out)), every module at the nearest r. Below that, r = 1 on
+    the leading ``modules`` (callers pass them best-scored first) that ``params`` pays for, at least one: a graft
+    smaller than any LoRA on its modules still gets a control of its own size, not one that is many times larger.
+    """
+    sizes = [in_f + out_f for in_f, out_f in shapes]
+    if params >= sum(sizes) / 2:  # rounds to r >= 1 over every module
+        return max(1, round(params / sum(sizes))), tuple(modules)
+    count, total = 1, sizes[0]
+    while count < len(sizes) and total + sizes[count] <= params:
+        total, count = total + sizes[count], count + 1
+    return 1, tuple(modules[:count])
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class ControlResult:
     lr: float  # the learning rate picked on the ranking role
     gain: float  # acceptance loss without − with the LoRA, nats/token (NaN if every lr diverged)
     ranking_gain: float
+    modules: int  # how many of the graft's modules the LoRA trains (fewer only where r=1 on all would be too big)
+    regression: float | None = None  # retention loss with − without the LoRA (None without retention data)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,28 +87,33 @@ def lora_control(
     ``baseline``: the ranking and acceptance losses of the ``accepted`` composition, where the caller already
     measured them (a stage has: it ranked its probes and judges its grafts against the same numbers); otherwise they
     are measured once here. Gains are against them, so graft and control are judged from the same starting loss.
+    With retention data the control's regression there is reported too, as the retention gate measures a graft's.
     """
-    r = lora_rank_for(params, shapes)
-    before = dict(baseline) if baseline is not None else None
+    r, modules = lora_shape_for(params, modules, shapes)
+    roles = ("ranking", "acceptance") + (("retention",) if data.retention is not None else ())
+    before = dict(baseline or {})
     best: ControlResult | None = None
     for lr in lrs:
         base = _merged_copy(model, accepted)
         torch.manual_seed(seed)  # LoRA's A is drawn at random: same init for every lr
         config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(modules))
         lora = get_peft_model(base, config, adapter_name=CONTROL_ADAPTER)
-        if before is None:
-            before = {role: mean_loss(lora, getattr(data, role), [], batch_size) for role in ROLES}
+        for role in roles:
+            if role not in before:
+                before[role] = mean_loss(lora, getattr(data, role), [], batch_size)
         try:
             train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-            after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in ROLES}
+            after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in roles}
         except NonFiniteLossError:
-            after = {"ranking": float("nan"), "acceptance": float("nan")}
+            after = dict.fromkeys(roles, float("nan"))
         result = ControlResult(
             r,
             adapter_size(lora, CONTROL_ADAPTER),
             lr,
             before["acceptance"] - after["acceptance"],
             before["ranking"] - after["ranking"],
+            len(modules),
+            after["retention"] - before["retention"] if "retention" in roles else None,
         )
         if best is None or result.ranking_gain > best.ranking_gain or best.ranking_gain != best.ranking_gain:
             best = result

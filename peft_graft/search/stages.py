@@ -107,24 +107,27 @@ class SearchReport:
     def markdown(self) -> str:
         lines = [
             (
-                "| stage | decision | graft modules | r | Φ | graft params | graft gain | LoRA r | LoRA params | LoRA gain |"
-                " acceptance loss |"
+                "| stage | decision | graft modules | r | Φ | graft params | graft gain | LoRA r × modules | LoRA params |"
+                " LoRA gain | LoRA retention Δ | acceptance loss |"
             ),
-            "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in self.stages:
             c, control = s.get("candidate") or {}, s.get("control") or {}
             lines.append(
                 f"| {s['stage']} | {s['decision']} | {len(c.get('modules', []))}: {_short(c.get('modules', []))} | "
-                f"{c.get('r', '')} | {c.get('phi', '')} | {s['params']:,} | {_num(s['gain'])} | {control.get('r', '')} |"
-                f" {control.get('params', 0):,} | {_num(control.get('gain'))} | {_num(s.get('loss_after'))} |"
+                f"{c.get('r', '')} | {c.get('phi', '')} | {s['params']:,} | {_num(s['gain'])} | {_lora_shape(control)} |"
+                f" {control.get('params', 0):,} | {_num(control.get('gain'))} | {_num(control.get('regression'))} |"
+                f" {_num(s.get('loss_after'))} |"
             )
         lines += [
             "",
             (
                 f"Budget {self.config['budget']:,} trainable numbers, {self.spent:,} spent by accepted grafts. "
                 f"Stopped: {self.stop_reason}. Gains are acceptance-loss reductions (nats/token) over the composition "
-                "each stage started from; the LoRA control trains on the same modules, data and steps."
+                "each stage started from; the LoRA control trains on the same modules (the best-scored of them where "
+                "r=1 on all would exceed the graft's budget), data and steps; its retention Δ is its old-domain loss "
+                "change (positive = forgetting), which the gates limit for grafts."
             ),
         ]
         return "\n".join(lines) + "\n"
@@ -153,6 +156,10 @@ class SearchReport:
 def _short(modules: list[str]) -> str:
     names = [m.replace("model.layers.", "L").replace("transformer.h.", "L") for m in modules]
     return ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+
+
+def _lora_shape(control: dict[str, Any]) -> str:
+    return f"{control['r']} × {control['modules']}" if control else ""
 
 
 def _num(value: float | None) -> str:

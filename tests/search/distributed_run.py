@@ -85,7 +85,6 @@ class Recording(distributed.Coordinator):
         (DUMP / f"controls{ATTEMPT}.json").write_text(json.dumps(controls))
         return result
 
-
     def retention_losses(self, model, candidate, accepted):
         measured = super().retention_losses(model, candidate, accepted)
         retention.append(next((r for r in self.retention if measured and r != RANK), RANK))

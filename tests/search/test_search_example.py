@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_quick_search_grows_two_stages_through_the_gates_with_controls(quick_run
     for stage in stages:
         assert stage["gain"] > 0 and stage["loss_after"] < stage["loss_before"]
         assert stage["control"]["params"] > 0 and stage["control"]["gain"] == stage["control"]["gain"]  # not NaN
+        assert math.isfinite(stage["control"]["regression"])  # with retention data: the control's forgetting
         assert all(m.rsplit(".", 1)[-1] in example.TARGETS for m in stage["candidate"]["modules"])
     first, second = (registry.get(s["graft_id"]) for s in stages)
     assert first.status is second.status is GraftStatus.ACCEPTED

@@ -9,7 +9,14 @@ import torch
 
 from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
 from peft_graft.registry import GraftRegistry, GraftStatus
-from peft_graft.search import BudgetExhaustedError, SearchConfig, SearchSpace, rollback_stage, staged_search
+from peft_graft.search import (
+    BudgetExhaustedError,
+    SearchConfig,
+    SearchSpace,
+    lora_shape_for,
+    rollback_stage,
+    staged_search,
+)
 
 
 # Every candidate: 2 modules × a dense r=4 Φ = 32 trainable numbers, so a 64 budget pays for exactly two stages.
@@ -65,6 +72,18 @@ def test_stages_compose_with_parents_and_a_same_budget_lora_control(grown):
     assert saved["accepted"] == report.accepted_ids and len(saved["stages"]) == 2
     assert "| 2 | ACCEPTED |" in (out / "search_report.md").read_text()
     assert (out / "growth_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_control_matches_the_graft_budget_even_below_lora_r1():
+    shapes = [(64, 64), (64, 192), (192, 64)]  # 128, 256 and 256 numbers per LoRA rank
+    modules = ("a", "b", "c")
+    assert lora_shape_for(640, modules, shapes) == (1, modules)  # r=1 on all: 640
+    assert lora_shape_for(2560, modules, shapes) == (4, modules)
+    assert lora_shape_for(320, modules, shapes) == (1, modules)  # 320 still rounds to r=1 over all three
+    # below half of r=1 on all: r=1 on the leading (best-scored) modules the budget pays for, at least one
+    assert lora_shape_for(300, modules, shapes) == (1, ("a",))
+    assert lora_shape_for(200, ("b", "a", "c"), [shapes[1], shapes[0], shapes[2]]) == (1, ("b",))
+    assert lora_shape_for(10, modules, shapes) == (1, ("a",))
 
 
 def test_rolling_back_a_stage_restores_the_previous_stage_exactly(grown):
