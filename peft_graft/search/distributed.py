@@ -37,6 +37,7 @@ from ..errors import CoordinatorLostError, DistributedSearchError, SearchAborted
 from ..gates import GateContext, GateSet, GrowthData
 from ..gates.context import MeasuredLosses
 from ..registry import GraftRegistry
+from ..tuners.graft.layer import loading_from_file
 from .channel import COORDINATOR, Channel, DistributedSettings, claim_order
 from .control import ControlResult
 from .execution import Baseline, ControlRequest
@@ -161,7 +162,8 @@ class Coordinator:
         header, tensors = decode(data)
         if header["status"] != "ok":
             return model, _probe_result(name, candidate, header), None
-        model = _add_adapter(model, name, candidate.config())
+        with loading_from_file():  # the worker's message holds every tensor: no projection is computed here
+            model = _add_adapter(model, name, candidate.config())
         return model, _probe_result(name, candidate, header), restore_probe(model, name, header, tensors)
 
     def _speculate(
@@ -336,7 +338,8 @@ def _compose(model: nn.Module, header: dict[str, Any], tensors: dict[str, torch.
     """Add the adapters a sync job carries, with the coordinator's exact tensors."""
     for adapter in header["adapters"]:
         name = adapter["name"]
-        model = _add_adapter(model, name, graft_config_from_dict(adapter["config"]))
+        with loading_from_file():  # the message holds every tensor: no projection is computed here
+            model = _add_adapter(model, name, graft_config_from_dict(adapter["config"]))
         own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
         load_adapter_tensors(model, name, own)
     return model

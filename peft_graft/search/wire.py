@@ -22,7 +22,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from ..errors import DistributedSearchError
-from ..tuners.graft import GraftConfig
+from ..tuners.graft import GraftConfig, GraftLayer
 from .training import adapter_parameters
 
 
@@ -63,7 +63,10 @@ def adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_adapter_tensors(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Overwrite graft ``adapter``'s tensors in ``model`` with ``tensors`` (names as `adapter_tensors` gives them)."""
+    """Overwrite graft ``adapter``'s tensors in ``model`` with ``tensors`` (names as `adapter_tensors` gives them).
+
+    The adapter is then complete, as after loading its file: add it under `add_received` so that its projections
+    are not computed first only to be overwritten here (`layer.loading_from_file`)."""
     own = adapter_tensors(model, adapter)
     if set(own) != set(tensors):
         raise DistributedSearchError(
@@ -72,6 +75,9 @@ def load_adapter_tensors(model: nn.Module, adapter: str, tensors: dict[str, torc
         )
     for name, t in own.items():
         t.copy_(tensors[name])
+    for layer in model.modules():  # every tensor came: nothing is left to compute, calibrate or load from a file
+        if isinstance(layer, GraftLayer) and adapter in layer.graft_pending:
+            layer.graft_pending[adapter] = ()
 
 
 def graft_config_to_dict(config: PeftConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 process decides, end with bitwise the same composed model, only rank 0 writes the registry, a dead worker's probes
 are taken over by rank 0, a restarted launch resumes from the registry, and a locked registry stops every rank."""
 
+import copy
 import json
 import os
 import sqlite3
@@ -14,15 +15,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from peft import get_peft_model
 from synthetic_domains import rule_blocks
 
+from peft_graft import GraftConfig
 from peft_graft.errors import DistributedSearchError, RegistryBusyError, SearchAbortedError, SearchConfigError
 from peft_graft.gates import FiniteWeights, GateSet, MinimumGain
 from peft_graft.registry import GraftRegistry
 from peft_graft.search import SearchConfig, SearchSpace
 from peft_graft.search.channel import DistributedSettings, Roles, claim_order, launch_store
 from peft_graft.search.distributed import distributed_search
-from peft_graft.search.wire import decode, encode
+from peft_graft.search.wire import adapter_tensors, decode, encode, load_adapter_tensors
+from peft_graft.tuners.graft import layer as layer_module
+from peft_graft.tuners.graft.layer import loading_from_file
 
 
 HERE = Path(__file__).parent
@@ -202,3 +207,21 @@ def test_roles_messages_claims_and_launch_are_checked(monkeypatch, tmp_path):
         launch_store()
     with pytest.raises(DistributedSearchError, match="only rank 0"):
         distributed_search(None, None, None, None, store=dist.HashStore(), rank=1, world=2, out_dir=tmp_path)
+
+
+def test_a_received_adapter_is_complete_without_computing_projections(tiny_llama, monkeypatch):
+    """What rank 0 adopts from a worker (and a worker composes from rank 0) is added under `loading_from_file` and
+    filled from the message: no SVD runs for projections the message carries, and the adapter computes what the
+    sender's computes."""
+    config = GraftConfig(r=4, target_modules=["q_proj", "down_proj"], projection="svd", init_weights=False)
+    sender = get_peft_model(tiny_llama(), config)
+    ids = torch.arange(12).reshape(1, 12)
+    calls = []
+    real = layer_module.svd_projections
+    monkeypatch.setattr(layer_module, "svd_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with loading_from_file():
+        receiver = get_peft_model(tiny_llama(), copy.deepcopy(config))
+    assert calls == []
+    load_adapter_tensors(receiver, "default", adapter_tensors(sender, "default"))
+    with torch.no_grad():
+        assert torch.equal(receiver(input_ids=ids).logits, sender(input_ids=ids).logits)
