@@ -5,7 +5,9 @@ it measures the sensitivity map and proposes candidates, posts them as a probe j
 ranks' results (each the trained adapter and its AdamW state), re-ranks, trains and gates the winners, decides, and
 writes the registry: it is the only process that opens it. A LoRA control can run on another rank while rank 0
 gates (it is started speculatively for the top probe with no deferral, the common case; if the gates choose another
-candidate or defer, rank 0 trains the control itself). After each stage rank 0 posts the accepted graft's tensors,
+candidate or defer, rank 0 trains the control itself). A retention rank, where the roles name one, scores each gated
+candidate on the retention role while rank 0 scores it on the acceptance role (`GateContext.measured` takes its
+losses). After each stage rank 0 posts the accepted graft's tensors,
 and every rank composes it: all ranks end every stage with bitwise the same model. Every piece of work is a
 deterministic function of the composed model and the settings, so the search decides exactly what a one-process
 `staged_search` with the same seed decides, whichever rank probed what.
