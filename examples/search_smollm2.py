@@ -191,9 +191,10 @@ def summary_markdown(summary: dict, report_md: str) -> str:
             f"(k in {s['space']['set_sizes']}) × r in {s['space']['ranks']}, dense Φ, SVD projections, s = 1, lr "
             f"{s['space']['lrs']}; {s['space']['max_probes']} probes of {s['probe_steps']} steps; up to "
             f"{s['gate_top']}, best ranking gain first, trained to {s['train_steps']} steps (batch {s['batch_size']}) "
-            "and gated until one is accepted. LoRA control: same modules, same steps, the nearest r to the graft's "
-            f"budget (at least 1), lr picked on the ranking role from {s['control_lrs']}; the control is not gated, "
-            "so its gain comes without a retention check."
+            "and gated until one is accepted. LoRA control: same modules (below r=1 on all of them, r=1 on the "
+            "best-scored ones, whichever is nearer the graft's budget), same steps, the nearest r to that budget, lr "
+            f"picked on the ranking role from {s['control_lrs']}; the control is not gated: its retention Δ shows "
+            "what it costs the old domain."
         ),
         "",
         report_md.rstrip(),

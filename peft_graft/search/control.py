@@ -1,7 +1,7 @@
 """The LoRA control of a stage: PEFT's LoRA on the same modules, at (as nearly as ranks allow) the same budget.
 
 Where even r=1 on every module would cost more than the graft, the control takes r=1 on as many of the graft's
-best-scored modules as the graft's budget pays for (`lora_shape_for`).
+best-scored modules as the graft's budget pays for, when that comes nearer its budget (`lora_shape_for`).
 
 A graft is only worth its parameters if a plain LoRA with as many trainable numbers, trained on the same data for
 the same steps from the same composed model, does not do as well. PEFT keeps one adapter type per PeftModel, so the
@@ -29,19 +29,20 @@ CONTROL_ADAPTER = "lora_control"
 def lora_shape_for(
     params: int, modules: Sequence[str], shapes: Sequence[tuple[int, int]]
 ) -> tuple[int, tuple[str, ...]]:
-    """The LoRA (r, modules) whose trainable numbers come closest to ``params`` without a smaller-than-r=1 LoRA.
+    """The LoRA (r, modules) whose trainable numbers come closest to ``params``.
 
-    Where ``params`` buys r ≥ 1 on every module (r·Σ(in + out)), every module at the nearest r. Below that, r = 1 on
-    the leading ``modules`` (callers pass them best-scored first) that ``params`` pays for, at least one: a graft
-    smaller than any LoRA on its modules still gets a control of its own size, not one that is many times larger.
+    From r·Σ(in + out) numbers on every module, the nearest r. Below r=1 on all, the nearer of r=1 on all and r=1
+    on the leading ``modules`` (callers pass them best-scored first) that ``params`` pays for, at least one: a graft
+    smaller than any LoRA on its modules still gets a control near its own size, not one far larger.
     """
     sizes = [in_f + out_f for in_f, out_f in shapes]
-    if params >= sum(sizes) / 2:  # rounds to r >= 1 over every module
-        return max(1, round(params / sum(sizes))), tuple(modules)
-    count, total = 1, sizes[0]
-    while count < len(sizes) and total + sizes[count] <= params:
-        total, count = total + sizes[count], count + 1
-    return 1, tuple(modules[:count])
+    total = sum(sizes)
+    if params >= total:
+        return max(1, round(params / total)), tuple(modules)
+    count, paid = 1, sizes[0]
+    while count < len(sizes) and paid + sizes[count] <= params:
+        paid, count = paid + sizes[count], count + 1
+    return 1, tuple(modules) if total - params <= abs(params - paid) else tuple(modules[:count])
 
 
 @dataclass(frozen=True)

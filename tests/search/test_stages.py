@@ -79,9 +79,10 @@ def test_the_control_matches_the_graft_budget_even_below_lora_r1():
     modules = ("a", "b", "c")
     assert lora_shape_for(640, modules, shapes) == (1, modules)  # r=1 on all: 640
     assert lora_shape_for(2560, modules, shapes) == (4, modules)
-    assert lora_shape_for(320, modules, shapes) == (1, modules)  # 320 still rounds to r=1 over all three
-    # below half of r=1 on all: r=1 on the leading (best-scored) modules the budget pays for, at least one
-    assert lora_shape_for(300, modules, shapes) == (1, ("a",))
+    # below r=1 on all: the nearer of r=1 on all and r=1 on the leading (best-scored) modules the budget pays for
+    assert lora_shape_for(600, modules, shapes) == (1, modules)  # 640 is nearer than a + b = 384
+    assert lora_shape_for(400, modules, shapes) == (1, ("a", "b"))
+    assert lora_shape_for(320, modules, shapes) == (1, ("a",))  # a + b = 384 > 320: only a is paid for
     assert lora_shape_for(200, ("b", "a", "c"), [shapes[1], shapes[0], shapes[2]]) == (1, ("b",))
     assert lora_shape_for(10, modules, shapes) == (1, ("a",))
 

@@ -350,6 +350,9 @@ class Linear(nn.Module, GraftLayer):
             self.set_base_weight(transpose(W, self.fan_in_fan_out).to(base.dtype).contiguous())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)  # a mixed batch (`mixed_batch`): one adapter per row
+        if adapter_names is not None:
+            adapter_names = self._rows_of_mixed_batch(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -360,6 +363,8 @@ class Linear(nn.Module, GraftLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        if adapter_names is not None:
+            return self._mixed_batch_deltas(x, result, adapter_names)
         result_dtype = result.dtype
         for adapter in self.active_adapters:
             if adapter not in self.graft_phi:
@@ -370,6 +375,42 @@ class Linear(nn.Module, GraftLayer):
             self._check_ready(adapter)
             result = result + self._graft_delta(adapter, x, result).to(result_dtype)
         return result
+
+    def _rows_of_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> list[str]:
+        """The adapter of each row of ``x``, checked as PEFT checks a mixed batch (with its messages).
+
+        One name per sample. A layer that sees the batch's tokens flattened into rows ([B·T, d], as OPT's MLP does)
+        gets each sample's name on its T consecutive rows, where PEFT's LoRA refuses the batch.
+        """
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        if len(x) == len(adapter_names):
+            return adapter_names
+        if x.dim() == 2 and adapter_names and len(x) % len(adapter_names) == 0:
+            tokens = len(x) // len(adapter_names)
+            return [name for name in adapter_names for _ in range(tokens)]
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {len(x)} respectively."
+        )
+
+    def _mixed_batch_deltas(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``result`` (the base output) plus, on each row, the ΔW of the adapter ``adapter_names`` names for it: what
+        that row alone gives with only that adapter active (``__base__``, or an adapter this layer lacks: none)."""
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows.setdefault(name, []).append(row)
+        update = result
+        for adapter, indices in rows.items():
+            if adapter not in self.graft_phi:
+                continue
+            self._check_ready(adapter)
+            index = torch.tensor(indices, device=x.device)
+            delta = self._graft_delta(adapter, x.index_select(0, index), result.index_select(0, index))
+            update = update.index_add(0, index, delta.to(result.dtype))
+        return update
 
     def __repr__(self) -> str:
         return "graft." + super().__repr__()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -26,6 +29,7 @@ from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
 from .layer import GraftLayer, Linear, is_loading_from_file
 from .lora_export import export_lora
+from .mixed_batch import mixed_batch_hooks
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
 
@@ -187,6 +191,13 @@ class GraftModel(BaseTuner):
         r; exact when it reaches the sum's rank). A blend that cannot be built raises `BlendError` and adds nothing.
         """
         blend.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT enters this around every forward/generate: it routes ``adapter_names`` (a mixed batch) to the
+        layers (`mixed_batch`)."""
+        with mixed_batch_hooks(self, GraftLayer, **kwargs):
+            yield
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """PEFT's merge; with ``safe_merge``, every layer is checked before any is written (all or nothing)."""
