@@ -20,7 +20,7 @@ growth curve (growth_curve.png: gain vs parameters, grafts and LoRA control), th
 (sensitivity_heat_map.png) and a summary (search_smollm2.{md,json}: settings, timing, the registry's records).
 The registry lives in a temporary folder unless ``--registry`` names one (a given registry resumes its search).
 
-    python examples/search_smollm2.py              # up to 3 stages; 27 min measured (1 thread, 2 cores at load ~6)
+    python examples/search_smollm2.py              # up to 3 stages; 5.9 min measured (1 thread, idle 2-core machine)
     python examples/search_smollm2.py --quick      # seconds: SmolLM2 cut to 2 layers, a few blocks, 2 stages
 
 ``--quick`` runs the same code on SmolLM2's first 2 layers (same weights and tokenizer) with a few blocks per role, as
