@@ -57,6 +57,10 @@ class AdapterContentError(AdapterFileError):
     wrong dtypes), or loading left a targeted module without its graft weights."""
 
 
+class UnsafeSerializationError(PeftGraftError, ValueError):
+    """A graft adapter was to be saved as a pickle (``safe_serialization=False``); grafts are safetensors only."""
+
+
 class AdapterIntegrityError(PeftGraftError, ValueError):
     """An adapter file no longer has the sha256 recorded in its ``graft_manifest.json`` (or the manifest is damaged)."""
 

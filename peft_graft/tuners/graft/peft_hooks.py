@@ -43,11 +43,17 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
 )
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from ...atomic import atomic_write_text
-from ...errors import AdapterContentError, AdapterFileError, PeftGraftError, ShapeMismatchError
+from ...errors import (
+    AdapterContentError,
+    AdapterFileError,
+    PeftGraftError,
+    ShapeMismatchError,
+    UnsafeSerializationError,
+)
 from ...manifest import MANIFEST_NAME, check_manifest, write_manifest
 from .integrity import (
     check_loaded_modules,
@@ -124,6 +130,12 @@ def _hub_graft_dir(model_id: Any, kwargs: dict[str, Any]) -> str | None:
 
 
 def _missing_weights_error(weights: str, folder: str) -> AdapterFileError:
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        return AdapterFileError(
+            f"{folder} holds graft weights as a pickle ({WEIGHTS_NAME}) and no {SAFETENSORS_WEIGHTS_NAME}: "
+            "peft-graft loads safetensors only, since unpickling a file runs the code it holds. Save the adapter "
+            "again with safe_serialization=True, from a source you trust."
+        )
     return AdapterFileError(
         f"{weights} is missing: the graft adapter in {folder} has a config but no weights. The save was "
         "interrupted or the file was moved; save the adapter again or restore the file."
@@ -411,17 +423,27 @@ def _write_manifests(save_pretrained: Callable[..., None]) -> Callable[..., None
 
     @functools.wraps(save_pretrained)
     def wrapper(self: peft.peft_model.PeftModel, *args: Any, **kwargs: Any) -> None:
-        save_pretrained(self, *args, **kwargs)
         call = signature.bind(self, *args, **kwargs)
         call.apply_defaults()
+        grafts = [
+            name
+            for name in call.arguments["selected_adapters"] or list(self.peft_config)
+            if name in self.peft_config and self.peft_config[name].peft_type == GRAFT_PEFT_TYPE
+        ]
+        if grafts and not call.arguments["safe_serialization"]:
+            raise UnsafeSerializationError(
+                f"safe_serialization=False would write graft adapter(s) {grafts} as a pickle (adapter_model.bin), "
+                "which peft-graft never loads: unpickling a file runs the code it holds. Save with "
+                "safe_serialization=True (the default) to get adapter_model.safetensors."
+            )
+        save_pretrained(self, *args, **kwargs)
         if not call.arguments["is_main_process"]:  # other ranks write no files
             return
         save_directory = call.arguments["save_directory"]
-        for adapter_name in call.arguments["selected_adapters"] or list(self.peft_config):
-            if self.peft_config[adapter_name].peft_type == GRAFT_PEFT_TYPE:
-                # PEFT's own rule for where a named adapter goes; config and weights are written by now.
-                folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-                write_manifest(folder)
+        for adapter_name in grafts:
+            # PEFT's own rule for where a named adapter goes; config and weights are written by now.
+            folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+            write_manifest(folder)
 
     wrapper.__graft_guard__ = True
     return wrapper
