@@ -1,4 +1,4 @@
-"""What a graft adapter file holds: safetensors only, in one dtype, whatever the base's dtype and PEFT's autocast."""
+"""What a graft adapter file holds: safetensors only, in the dtypes the layers hold, whatever the base's dtype."""
 
 from __future__ import annotations
 
@@ -40,19 +40,17 @@ def test_a_folder_with_only_a_pickle_is_refused_by_name_and_the_base_is_untouche
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("autocast", [True, False])
-def test_stored_projections_follow_phi_dtype_and_reload(tmp_path, dtype, autocast):
-    """PEFT's autocast upcasts adapter parameters (Φ) only; A and B (buffers) follow Φ, so the file holds one dtype
-    (fp32 with autocast, the base's without) and loads back to the same outputs."""
+def test_a_half_precision_base_saves_and_reloads_its_stored_projections(tmp_path, dtype, autocast):
+    """PEFT's adapter autocast upcasts parameters (Φ) to fp32 and leaves buffers (frozen A and B) in the base's dtype;
+    the file holds exactly that and loads back to the same outputs (it used to be refused by its own dtype check)."""
     model = svd_graft(dtype, autocast)
-    expected = torch.float32 if autocast else dtype
-    grafted = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".graft_" in n}
-    assert {t.dtype for n, t in grafted.items() if "signature" not in n} == {expected}
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert {t.dtype for k, t in saved.items() if k.endswith((".A", ".B", ".weight"))} == {expected}
+    assert {t.dtype for k, t in saved.items() if k.endswith(".weight")} == {torch.float32 if autocast else dtype}
+    assert {t.dtype for k, t in saved.items() if k.endswith((".A", ".B"))} == {dtype}
     loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=autocast).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, logits)

@@ -139,8 +139,10 @@ def _check_module(source: str, config: GraftConfig, module: str, tensors: Mappin
 
 
 def _check_values(source: str, tensors: Iterable[tuple[str, torch.Tensor]], graft: bool) -> None:
-    """Finite values; for graft tensors int64 indices and one floating dtype out of those a graft layer can hold."""
-    dtypes = set()
+    """Finite values; for graft tensors int64 indices, and floating dtypes out of those a graft layer can hold: one
+    for the trained tensors (Φ, sparse values) and one for stored A and B. PEFT's adapter autocast upcasts parameters
+    only, so on a half-precision base Φ is saved in fp32 beside the base dtype's frozen A and B."""
+    dtypes: dict[str, set[torch.dtype]] = {"projections": set(), "weights": set()}
     for key, tensor in tensors:
         if graft and key.endswith((".signature", ".rows", ".cols")):
             if tensor.dtype != torch.int64:
@@ -154,14 +156,16 @@ def _check_values(source: str, tensors: Iterable[tuple[str, torch.Tensor]], graf
                     f"{source}: {key} is {tensor.dtype}, but graft weights are float32 (or the fp16/bf16 of a half "
                     "precision base). Its dtype tag was changed; restore the file or save the adapter again."
                 )
-            dtypes.add(tensor.dtype)
+            frozen = ".graft_proj." in key and key.endswith((".A", ".B"))
+            dtypes["projections" if frozen else "weights"].add(tensor.dtype)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise NonFiniteWeightsError(f"{source}: {key} holds NaN/Inf. Restore the file or retrain the adapter.")
-    if len(dtypes) > 1:
-        raise AdapterContentError(
-            f"{source}: graft weights come in {sorted(map(str, dtypes))}, but a save writes them all in one dtype. "
-            "A dtype tag was changed; restore the file or save the adapter again."
-        )
+    for group, found in dtypes.items():
+        if len(found) > 1:
+            raise AdapterContentError(
+                f"{source}: graft {group} come in {sorted(map(str, found))}, but a save writes each of Φ and A/B in "
+                "one dtype. A dtype tag was changed; restore the file or save the adapter again."
+            )
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], config: GraftConfig, source: str) -> list[str]:

@@ -192,17 +192,6 @@ class GraftModel(BaseTuner):
         """
         blend.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT's cast (fp16/bf16 adapter parameters to fp32), then the frozen A and B buffers to Φ's dtype.
-
-        PEFT casts parameters only, so A and B (buffers) kept the half dtype of the base while Φ became fp32: the
-        layer then multiplied in two precisions and a saved file held two dtypes. A and B follow Φ instead.
-        """
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        for module in self.model.modules():
-            if isinstance(module, GraftLayer) and adapter_name in module.graft_phi:
-                module.graft_proj[adapter_name].follow_dtype(module.graft_phi[adapter_name].matrix().dtype)
-
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PEFT enters this around every forward/generate: it routes ``adapter_names`` (a mixed batch) to the

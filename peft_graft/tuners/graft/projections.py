@@ -327,16 +327,6 @@ class GraftProjection(nn.Module):
         self.B.copy_(B)
         self.signature[2] = fingerprint(A, B)
 
-    @torch.no_grad()
-    def follow_dtype(self, dtype: torch.dtype) -> None:
-        """Hold frozen A and B in ``dtype`` (Φ's); stored ones get the fingerprint of the values they now hold, so the
-        saved signature matches the saved tensors. Trainable A and B are parameters, which PEFT casts itself."""
-        if self.trainable or self.A.dtype == dtype:
-            return
-        self.A, self.B = self.A.to(dtype), self.B.to(dtype)
-        if self.stored:
-            self.signature[2] = fingerprint(self.A, self.B)
-
     def _verify_incoming(self, state_dict: dict, prefix: str, *args) -> None:
         incoming = state_dict.get(prefix + "signature")
         if incoming is None:
