@@ -288,10 +288,11 @@ def main() -> None:
     start = time.perf_counter()
     rows = svd_rows(model) + calibration_rows(model, tokenizer)
     table = summarize(rows)
+    load_after = os.getloadavg()[0]
+    shared = " (the machine was shared with other jobs)" if max(load_before, load_after) > 1.5 else ""
     meta = dict(
         machine=f"torch {torch.__version__}, torch threads: 1, {os.cpu_count()} CPUs, {platform.machine()}, "
-        f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (the machine was shared "
-        "with other jobs)",
+        f"load average {load_before:.1f} at the start and {load_after:.1f} at the end{shared}",
         command="nice -n 19 python benchmarks/projection_accuracy.py",
         seconds=time.perf_counter() - start,
     )

@@ -222,3 +222,23 @@ def test_graft_attached_after_eval_forward_is_identity(llama_dir, batch, double_
     model = graft(base, "svd", init_weights=True)  # SVD projections read the (repacked) base weights
     assert (logits(model, batch, eval_mode=True) - base_logits).abs().max() < 1e-2
     assert (logits(model, batch) - base_logits).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_mixed_adapter_batches_on_a_quantized_base(llama_dir, batch, quant: str) -> None:
+    """``adapter_names=`` routes each row through its own graft on a 4-bit/8-bit base too (the base result is the
+    quantized layer's, cloned before grafts add to it)."""
+    model = graft(load_quantized(llama_dir, quant), "svd")
+    other = peft_graft.GraftConfig(r=8, init_weights=False, target_modules=TARGETS, seed=5, task_type="CAUSAL_LM")
+    model.add_adapter("other", other)
+    model.eval()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["other", "default"]).logits
+        model.set_adapter("other")
+        alone_other = model(input_ids=ids).logits
+        model.set_adapter("default")
+        alone_default = model(input_ids=ids).logits
+    assert not torch.allclose(alone_other, alone_default)
+    torch.testing.assert_close(mixed[0], alone_other[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], alone_default[1], atol=1e-4, rtol=1e-4)
