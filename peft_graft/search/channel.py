@@ -46,7 +46,8 @@ class DistributedSettings:
 
     Roles (lists of ranks; the first live rank of a list takes each piece of work): ``probes`` probe candidates
     (default: every rank, rank 0 included). ``control`` may train the LoRA control (default: rank 1, so it trains
-    while rank 0 gates; rank 0 in a one-process run). ``retention`` scores a gated candidate on the retention role
+    while rank 0 gates; rank 0 in a one-process run) and measures each stage's baseline losses while rank 0 maps
+    sensitivity. ``retention`` scores a gated candidate on the retention role
     while rank 0 scores it on the acceptance role (default: rank 2 where there is one, a rank the control does not
     occupy; else rank 0 itself). ``heartbeat_timeout``: seconds without a heartbeat after which a rank counts as
     dead; keep it well above the longest pause a loaded machine may impose on a process.

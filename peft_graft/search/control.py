@@ -6,12 +6,15 @@ best-scored modules as the graft's budget pays for, when that comes nearer its b
 A graft is only worth its parameters if a plain LoRA with as many trainable numbers, trained on the same data for
 the same steps from the same composed model, does not do as well. PEFT keeps one adapter type per PeftModel, so the
 control trains on a copy of the model with the accepted grafts merged in: the same function, up to float rounding.
+The copy shares every weight it does not merge into (a new module tree over the same tensors), so a control costs no
+second copy of the base.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 
 from ..errors import NonFiniteLossError
 from ..gates import GrowthData
+from ..tuners.graft import GraftLayer
 from .training import adapter_size, mean_loss, train_adapter
 
 
@@ -59,12 +63,29 @@ class ControlResult:
         return asdict(self)
 
 
-def _merged_copy(model: nn.Module, accepted: Sequence[str]) -> nn.Module:
-    """A plain copy of ``model`` computing what its ``accepted`` composition computes."""
-    if not isinstance(model, PeftModel):
-        return copy.deepcopy(model)
-    clone = copy.deepcopy(model)
-    return clone.merge_and_unload(adapter_names=list(accepted)) if accepted else clone.unload()
+@contextmanager
+def _merged_copy(model: nn.Module, accepted: Sequence[str]) -> Iterator[nn.Module]:
+    """A plain model computing what the ``accepted`` composition of ``model`` computes, for the block.
+
+    The copy's module tree is new, but its tensors are ``model``'s own, except the base weights the accepted grafts
+    are merged into (merging replaces a weight's data, so those are copied first). LoRA freezes every weight it
+    does not train, shared ones included: the ``requires_grad`` flags of ``model`` are restored afterwards.
+    """
+    merged = set()
+    if isinstance(model, PeftModel) and accepted:
+        for layer in model.modules():
+            if isinstance(layer, GraftLayer) and any(a in layer.graft_phi for a in accepted):
+                merged.update(id(p) for p in layer.get_base_layer().parameters())
+    shared = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in merged]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    clone = copy.deepcopy(model, memo={id(t): t for t in shared})
+    try:
+        if isinstance(clone, PeftModel):
+            clone = clone.merge_and_unload(adapter_names=list(accepted)) if accepted else clone.unload()
+        yield clone
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def lora_control(
@@ -95,28 +116,27 @@ def lora_control(
     before = dict(baseline or {})
     best: ControlResult | None = None
     for lr in lrs:
-        base = _merged_copy(model, accepted)
-        torch.manual_seed(seed)  # LoRA's A is drawn at random: same init for every lr
-        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(modules))
-        lora = get_peft_model(base, config, adapter_name=CONTROL_ADAPTER)
-        for role in roles:
-            if role not in before:
-                before[role] = mean_loss(lora, getattr(data, role), [], batch_size)
-        try:
-            train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-            after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in roles}
-        except NonFiniteLossError:
-            after = dict.fromkeys(roles, float("nan"))
-        result = ControlResult(
-            r,
-            adapter_size(lora, CONTROL_ADAPTER),
-            lr,
-            before["acceptance"] - after["acceptance"],
-            before["ranking"] - after["ranking"],
-            len(modules),
-            after["retention"] - before["retention"] if "retention" in roles else None,
-        )
+        with _merged_copy(model, accepted) as base:
+            torch.manual_seed(seed)  # LoRA's A is drawn at random: same init for every lr
+            config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(modules))
+            lora = get_peft_model(base, config, adapter_name=CONTROL_ADAPTER)
+            for role in roles:
+                if role not in before:
+                    before[role] = mean_loss(lora, getattr(data, role), [], batch_size)
+            try:
+                train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in roles}
+            except NonFiniteLossError:
+                after = dict.fromkeys(roles, float("nan"))
+            result = ControlResult(
+                r,
+                adapter_size(lora, CONTROL_ADAPTER),
+                lr,
+                before["acceptance"] - after["acceptance"],
+                before["ranking"] - after["ranking"],
+                len(modules),
+                after["retention"] - before["retention"] if "retention" in roles else None,
+            )
         if best is None or result.ranking_gain > best.ranking_gain or best.ranking_gain != best.ranking_gain:
             best = result
-        del lora, base
     return best

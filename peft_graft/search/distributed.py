@@ -1,9 +1,10 @@
 """Distributed graft search: candidate probes sharded over the processes of an ``accelerate launch``/``torchrun``.
 
 Rank 0 is the coordinator. It runs the stage loop (`stages.run_stages`) with a `Coordinator` as its execution:
-it measures the sensitivity map and proposes candidates, posts them as a probe job, probes its share, takes the other
-ranks' results (each the trained adapter and its AdamW state), re-ranks, trains and gates the winners, decides, and
-writes the registry: it is the only process that opens it. A LoRA control can run on another rank while rank 0
+it measures the sensitivity map (while the control rank measures the stage's baseline losses) and proposes
+candidates, posts them as a probe job, probes its share, takes the other ranks' results (each the trained adapter
+and its AdamW state; only the ones the gates may take are re-created here), re-ranks, trains and gates the winners,
+decides, and writes the registry: it is the only process that opens it. A LoRA control can run on another rank while rank 0
 gates (it is started speculatively for the top probe with no deferral, the common case; if the gates choose another
 candidate or defer, rank 0 trains the control itself). A retention rank, where the roles name one, scores each gated
 candidate on the retention role while rank 0 scores it on the acceptance role (`GateContext.measured` takes its
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,8 +44,9 @@ from ..tuners.graft.layer import loading_from_file
 from .channel import COORDINATOR, Channel, DistributedSettings, claim_order
 from .control import ControlResult
 from .execution import Baseline, ControlRequest
-from .router import Candidate, ProbeResult, Router, _add_adapter, _remove_adapter
+from .router import Candidate, ProbeResult, Router, _add_adapter, _remove_adapter, ranked
 from .stages import SearchConfig, SearchReport, run_stages
+from .training import role_losses
 from .wire import (
     adapter_tensors,
     decode,
@@ -120,6 +122,7 @@ class Coordinator:
         )
         done: dict[int, ProbeResult] = {}
         optimizers: dict[str, torch.optim.Optimizer] = {}
+        remote: dict[str, tuple[Candidate, dict[str, Any], dict[str, torch.Tensor]]] = {}
 
         def here(i: int) -> None:
             nonlocal model
@@ -135,9 +138,10 @@ class Coordinator:
             for i in [i for i in range(len(candidates)) if i not in done]:
                 name, data = f"{name_prefix}_c{i}", self.channel.poll(f"result/{job}/{i}")
                 if data is not None:
-                    model, done[i], optimizer = self._adopt(model, name, candidates[i], data)
-                    if optimizer is not None:
-                        optimizers[name] = optimizer
+                    header, tensors = decode(data)
+                    done[i] = _probe_result(name, candidates[i], header)
+                    if header["status"] == "ok":
+                        remote[name] = (candidates[i], header, tensors)
                 elif self._orphaned(job, i):
                     logger.warning("Probe %s: its rank is gone, probing it on rank 0.", name)
                     self.retried.append(name)
@@ -148,6 +152,10 @@ class Coordinator:
             if waiting:
                 time.sleep(self.channel.settings.poll_interval)
         results = [done[i] for i in range(len(candidates))]
+        # Only the probes the gates may take are re-created here: adding an adapter costs about a tenth of a probe.
+        for probe in ranked(results)[: router.settings.gate_top]:
+            if probe.adapter in remote:
+                model, optimizers[probe.adapter] = self._adopt(model, probe.adapter, *remote[probe.adapter])
         self._speculate(model, results, accepted, baseline)
         return model, results, optimizers
 
@@ -158,15 +166,12 @@ class Coordinator:
         return not any(self.channel.alive(r) for r in self.probers if r != COORDINATOR)
 
     def _adopt(
-        self, model: nn.Module, name: str, candidate: Candidate, data: bytes
-    ) -> tuple[nn.Module, ProbeResult, torch.optim.Optimizer | None]:
-        """A worker's probe result, its adapter re-created here exactly as the worker left it."""
-        header, tensors = decode(data)
-        if header["status"] != "ok":
-            return model, _probe_result(name, candidate, header), None
+        self, model: nn.Module, name: str, candidate: Candidate, header: dict[str, Any], tensors: dict
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """A worker's probe adapter re-created here exactly as the worker left it, with its optimizer."""
         with loading_from_file():  # the worker's message holds every tensor: no projection is computed here
             model = _add_adapter(model, name, candidate.config())
-        return model, _probe_result(name, candidate, header), restore_probe(model, name, header, tensors)
+        return model, restore_probe(model, name, header, tensors)
 
     def _speculate(
         self, model: nn.Module, results: list[ProbeResult], accepted: Sequence[str], baseline: Baseline
@@ -174,7 +179,7 @@ class Coordinator:
         """Start the control of the best probe on a control rank, as if the gates accept it without deferral."""
         self.speculation = None
         rank = next((r for r in self.controllers if self.channel.alive(r)), COORDINATOR)
-        finite = sorted((p for p in results if p.status == "ok"), key=lambda p: -p.gain)
+        finite = ranked(results)
         if rank == COORDINATOR or not finite:
             return
         top = finite[0].candidate
@@ -191,6 +196,27 @@ class Coordinator:
         )
         job = self._post({"kind": "control", "rank": rank, "request": request.to_dict(), "accepted": list(accepted)})
         self.speculation = _Speculation(request, job, rank)
+
+    def losses(
+        self, model: nn.Module, accepted: Sequence[str], data: GrowthData, roles: Sequence[str], batch_size: int
+    ) -> Callable[[], dict[str, float]]:
+        """Measured on the first live control rank (idle until the stage's control) while rank 0 maps
+        sensitivity; by rank 0 itself where that is its own role, or once that rank is gone without answering."""
+        rank = next((r for r in self.controllers if self.channel.alive(r)), COORDINATOR)
+        if rank == COORDINATOR:
+            measured = role_losses(model, data, roles, accepted, batch_size)
+            return lambda: measured
+        header = {"kind": "losses", "rank": rank, "accepted": list(accepted), "roles": list(roles)}
+        job = self._post(header)
+
+        def fetch() -> dict[str, float]:
+            message = self.channel.wait(f"losses/{job}", rank)
+            if message is not None:
+                return decode(message)[0]["losses"]
+            logger.warning("Rank %d is gone before it measured the stage's losses: measuring them on rank 0.", rank)
+            return role_losses(model, data, roles, accepted, batch_size)
+
+        return fetch
 
     def control(
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
@@ -298,6 +324,9 @@ def serve(
             elif kind == "control" and header["rank"] == channel.rank:
                 result = ControlRequest.from_dict(header["request"]).run(model, header["accepted"], data)
                 channel.put(f"control/{job}", encode({"result": result.to_dict()}))
+            elif kind == "losses" and header["rank"] == channel.rank:
+                losses = role_losses(model, data, header["roles"], header["accepted"], config.batch_size)
+                channel.put(f"losses/{job}", encode({"losses": losses}))
             elif kind == "retention" and header["rank"] == channel.rank:
                 model, answer = _score_retention(model, data, header, tensors)
                 channel.put(f"retention/{job}", answer)

@@ -9,7 +9,7 @@ launch. Both must give the same results, so every piece is a deterministic funct
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +19,7 @@ from torch import nn
 from ..gates import GrowthData
 from ..gates.context import MeasuredLosses
 from .control import ControlResult, lora_control
+from .training import role_losses
 
 
 if TYPE_CHECKING:
@@ -93,9 +94,17 @@ class StageExecution(Protocol):
         name_prefix: str,
         baseline: Baseline,
     ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
-        """What `Router.probe` returns, for every candidate: the model holding each surviving probe adapter (trained
-        ``probe_steps`` steps), the results in candidate order, and each survivor's optimizer (to train on). Probe
-        gains are against ``baseline.ranking``."""
+        """What `Router.probe` returns, for every candidate: the model holding the surviving probe adapters (trained
+        ``probe_steps`` steps; at least the best ``gate_top`` by `router.ranked`, the ones the gates may take), the
+        results in candidate order, and each held survivor's optimizer (to train on). Probe gains are against
+        ``baseline.ranking``."""
+
+    def losses(
+        self, model: nn.Module, accepted: Sequence[str], data: GrowthData, roles: Sequence[str], batch_size: int
+    ) -> Callable[[], dict[str, float]]:
+        """The mean losses of the ``accepted`` composition on ``roles`` (`training.role_losses`), measured where
+        this execution places them; calling the result gives them. A stage asks before its sensitivity map and
+        reads them after it, so another process can measure them meanwhile."""
 
     def control(
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData
@@ -126,6 +135,12 @@ class LocalExecution:
         baseline: Baseline,
     ) -> tuple[nn.Module, list[ProbeResult], dict[str, torch.optim.Optimizer]]:
         return router.probe(model, candidates, accepted, name_prefix, before=baseline.ranking)
+
+    def losses(
+        self, model: nn.Module, accepted: Sequence[str], data: GrowthData, roles: Sequence[str], batch_size: int
+    ) -> Callable[[], dict[str, float]]:
+        measured = role_losses(model, data, roles, accepted, batch_size)
+        return lambda: measured
 
     def control(
         self, model: nn.Module, accepted: Sequence[str], request: ControlRequest, data: GrowthData

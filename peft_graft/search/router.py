@@ -221,6 +221,11 @@ class RouteResult:
         return next((g for g in self.gated if g.decision is Decision.ACCEPT), None)
 
 
+def ranked(probes: Sequence[ProbeResult]) -> list[ProbeResult]:
+    """The finite probes, best ranking gain first (ties in candidate order): the order the gates take them in."""
+    return sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.gain)
+
+
 def _add_adapter(model: nn.Module, name: str, config: GraftConfig) -> PeftModel:
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
@@ -359,7 +364,7 @@ class Router:
         model, probes, optimizers = self.execution.probe(
             self, model, list(candidates)[:max_probes], accepted, name_prefix, baseline
         )
-        finite = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.gain)
+        finite = ranked(probes)
         gated: list[GateOutcome] = []
         for probe in finite[: self.settings.gate_top]:
             outcome = self._gate(model, probe, optimizers[probe.adapter], accepted, parents, registry)
@@ -367,8 +372,8 @@ class Router:
             if outcome.decision is Decision.ACCEPT:
                 break
         keep = next((g.adapter for g in gated if g.decision is Decision.ACCEPT), None)
-        for probe in finite:
-            if probe.adapter != keep:
+        for probe in finite:  # an execution may hold only the probes the gates could see
+            if probe.adapter != keep and probe.adapter in getattr(model, "peft_config", {}):
                 model = _remove_adapter(model, probe.adapter)
         return RouteResult(model, probes, gated)
 

@@ -221,11 +221,13 @@ def run_stages(
     execution.publish(model, accepted, accepted)
     previous = SearchReport.load(out_dir) if out_dir is not None and last_stage else None
     report = SearchReport(config.to_dict(), previous.stages if previous else [])
-    loss = _loss(model, data, accepted, config)  # of the composition each stage starts from, carried stage to stage
-    report.base_loss = previous.base_loss if previous else loss
+    report.base_loss = previous.base_loss if previous else None
+    loss: float | None = None  # acceptance loss of the composition each stage starts from, carried stage to stage
     spent = sum(adapter_size(model, a) for a in accepted)
     report.stop_reason = f"max_stages={config.max_stages} reached"
     for stage in range(last_stage + 1, config.max_stages + 1):
+        roles = ("ranking",) if loss is not None else ("ranking", "acceptance")
+        measured = execution.losses(model, accepted, data, roles, config.batch_size)  # maybe elsewhere, meanwhile:
         try:
             smap = _sensitivity(model, data, config, progress)
             candidates = propose(smap, config.space, config.budget - spent)
@@ -234,8 +236,11 @@ def run_stages(
                 raise
             report.stop_reason = f"budget spent at stage {stage}: {err}"
             break
+        losses = measured()
+        loss = losses.get("acceptance", loss)
+        report.base_loss = loss if report.base_loss is None else report.base_loss
         prefix = f"{config.name_prefix}{stage}"
-        baseline = Baseline(router.ranking_loss(model, accepted), loss)
+        baseline = Baseline(losses["ranking"], loss)
         result = router.route(
             model, candidates, accepted, parents, registry, prefix, config.space.max_probes, baseline
         )

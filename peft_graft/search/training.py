@@ -14,6 +14,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..errors import NonFiniteLossError
+from ..gates import GrowthData
 from ..gates.context import causal_lm_example_losses, composed
 
 
@@ -86,3 +87,10 @@ def mean_loss(model: nn.Module, blocks: torch.Tensor, adapters: Sequence[str], b
             return causal_lm_example_losses(model, blocks, batch_size).mean().item()
     finally:
         model.train(was_training)
+
+
+def role_losses(
+    model: nn.Module, data: GrowthData, roles: Sequence[str], adapters: Sequence[str], batch_size: int = 8
+) -> dict[str, float]:
+    """`mean_loss` on each named role of ``data`` (``"ranking"``, ``"acceptance"``...), ``adapters`` active."""
+    return {role: mean_loss(model, getattr(data, role), adapters, batch_size) for role in roles}
