@@ -146,8 +146,11 @@ class _Accumulator:
 
     def _on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         g = grad.detach().float()  # [B, T, out]: the gradient of Σ_n loss_n, so g of example n gives G_n
-        term = torch.einsum("bto,bti->oi", g, x)
-        self.grad = term if self.grad is None else self.grad + term
+        g_rows, x_rows = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        if self.grad is None:
+            self.grad = g_rows.T @ x_rows
+        else:  # in place: no new [out, in] tensor per batch
+            self.grad.addmm_(g_rows.T, x_rows)
         per_example = (torch.einsum("bto,bso->bts", g, g) * torch.einsum("bti,bsi->bts", x, x)).sum((1, 2))
         self.fisher += per_example.sum().item()
 

@@ -28,6 +28,7 @@ DUMP = Path(sys.argv[1])
 writes = 0
 controls: list[int] = []  # per LoRA control (rank 0), the rank that trained it
 retention: list[int] = []  # per gate decision with a retention gate (rank 0), the rank that scored the retention role
+baselines: list[int] = []  # per stage (rank 0), the rank that measured its baseline losses
 
 
 def count_writes(transaction):
@@ -84,6 +85,13 @@ class Recording(distributed.Coordinator):
         controls.append(guess.rank if guess is not None and guess.request == request else RANK)
         (DUMP / f"controls{ATTEMPT}.json").write_text(json.dumps(controls))
         return result
+
+    def losses(self, model, accepted, data, roles, batch_size):
+        posted = self.jobs
+        measured = super().losses(model, accepted, data, roles, batch_size)
+        baselines.append(next(r for r in self.controllers if self.channel.alive(r)) if self.jobs > posted else RANK)
+        (DUMP / f"baselines{ATTEMPT}.json").write_text(json.dumps(baselines))
+        return measured
 
     def retention_losses(self, model, candidate, accepted):
         measured = super().retention_losses(model, candidate, accepted)

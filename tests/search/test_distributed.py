@@ -92,8 +92,8 @@ def test_two_processes_decide_as_one_through_a_dead_worker_and_a_restart(search_
     """accelerate launch, 2 processes. First attempt: rank 1 vanishes at its first probe of stage 1 (exit 0: the
     launcher lets rank 0 go on), rank 0 sees its heartbeat stop, probes what it held and finishes stage 1 alone; then
     rank 0 itself dies at stage 2 (exit 1), and the launcher starts both again (``--max_restarts 1``). Second attempt:
-    rank 0 resumes after stage 1 from its registry, both ranks probe, rank 1 trains the LoRA control and scores the
-    retention role.
+    rank 0 resumes after stage 1 from its registry, both ranks probe, rank 1 measures the baseline losses, trains the
+    LoRA control and scores the retention role.
     Everything matches the one-process run, bit for bit, and only rank 0 wrote the registry."""
     out, dump = search_file.parent / "launched", search_file.parent / "dump"
     dump.mkdir()
@@ -124,6 +124,10 @@ def test_two_processes_decide_as_one_through_a_dead_worker_and_a_restart(search_
     # the records' metrics above, is the one-process run's, bit for bit)
     assert json.loads((dump / "retention0.json").read_text()) == [0]
     assert json.loads((dump / "retention1.json").read_text()) == [1]
+    # each stage's baseline losses: rank 1 measured stage 1's while rank 0 mapped sensitivity, rank 0 stage 2's
+    # (rank 1 gone), rank 1 again after the restart
+    assert json.loads((dump / "baselines0.json").read_text()) == [1, 0]
+    assert json.loads((dump / "baselines1.json").read_text()) == [1]
     assert all("regression" in metrics["retention"] for _, _, metrics in run["records"])
     coordinator, worker = (json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1))
     assert coordinator["registry_writes"] > 0 and worker["registry_writes"] == 0  # rank 0 is the only writer
