@@ -326,9 +326,10 @@ class Linear(nn.Module, GraftLayer):
         for adapter, merged in steps:
             if not torch.isfinite(merged).all():
                 raise NonFiniteWeightsError(
-                    f"Merging graft adapter {adapter!r} into {self.module_name!r} would write NaN/Inf into the base "
-                    "weights; no base weight was changed. The adapter's weights are broken: check Φ for NaN/Inf and "
-                    "retrain or reload it."
+                    # PEFT's wording first (callers match it), then where and what to do
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: merging it into "
+                    f"{self.module_name!r} would write NaN/Inf into the base weights; no base weight was changed. "
+                    "Check Φ for NaN/Inf and retrain or reload it."
                 )
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
