@@ -42,6 +42,7 @@ import sqlite3
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import tqdm.auto
+import tqdm.std
 import transformers
 from peft import get_peft_model
 
@@ -644,6 +647,14 @@ def _consolidate_all(registry: GraftRegistry, maker: AdapterMaker, journal: Jour
     _journaled(journal, "consolidate", run, lambda c: {"ids": list(c.graft_ids)}, out=str(out), planned=ids)
 
 
+def _own_progress_lock() -> None:
+    """Give a forked child a progress-bar lock of its own. tqdm's default lock holds a multiprocessing lock that a fork
+    shares with the parent: a child killed while drawing a bar would leave it taken, and the parent's next bar would
+    wait forever (seen as a hung test)."""
+    for cls in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+        cls.set_lock(threading.RLock())
+
+
 def _writer(root: Path, scratch: Path, journal: Journal, hub: str, trial: int, maker: AdapterMaker) -> None:
     """Child of `kill_trials`: the life cycle in a loop until the parent kills it; any exception is journaled.
 
@@ -651,6 +662,7 @@ def _writer(root: Path, scratch: Path, journal: Journal, hub: str, trial: int, m
     these trials almost every kill would land in a push or a consolidation.
     """
     full_cycle = trial % 2 == 0
+    _own_progress_lock()
     torch.set_num_threads(1)  # the parent's thread pool did not survive the fork
     transformers.utils.logging.disable_progress_bar()  # consolidate saves and reloads a model per call
     scratch.mkdir(parents=True, exist_ok=True)
@@ -761,6 +773,7 @@ def _guarded(journal: Journal, op: str, call: Callable[[], Any], result: Callabl
 def _concurrent_worker(root: Path, scratch: Path, journal: Journal, barrier: Any, worker: int, count: int,
                        maker: AdapterMaker, shared: Path, timeout: float) -> None:
     """Child of `concurrent_writers`: the shared adapter first (all workers at once), then its own grafts."""
+    _own_progress_lock()
     torch.set_num_threads(1)
     registry = GraftRegistry(root, timeout=timeout)
     barrier.wait(120)
