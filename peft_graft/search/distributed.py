@@ -152,7 +152,7 @@ class Coordinator:
             if waiting:
                 time.sleep(self.channel.settings.poll_interval)
         results = [done[i] for i in range(len(candidates))]
-        # Only the probes the gates may take are re-created here: adding an adapter costs about a tenth of a probe.
+        # Only the probes the gates may take are re-created here: each re-created adapter costs rank 0 time alone.
         for probe in ranked(results)[: router.settings.gate_top]:
             if probe.adapter in remote:
                 model, optimizers[probe.adapter] = self._adopt(model, probe.adapter, *remote[probe.adapter])
