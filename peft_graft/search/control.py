@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import NonFiniteLossError
 from ..gates import GrowthData
 from ..tuners.graft import GraftLayer
-from .training import adapter_size, mean_loss, train_adapter
+from .training import adapter_size, mean_loss, role_losses, train_adapter
 
 
 CONTROL_ADAPTER = "lora_control"
@@ -125,7 +125,7 @@ def lora_control(
                     before[role] = mean_loss(lora, getattr(data, role), [], batch_size)
             try:
                 train_adapter(lora, CONTROL_ADAPTER, data.train, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-                after = {role: mean_loss(lora, getattr(data, role), [CONTROL_ADAPTER], batch_size) for role in roles}
+                after = role_losses(lora, data, roles, [CONTROL_ADAPTER], batch_size)
             except NonFiniteLossError:
                 after = dict.fromkeys(roles, float("nan"))
             result = ControlResult(

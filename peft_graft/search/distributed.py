@@ -43,7 +43,7 @@ from ..registry import GraftRegistry
 from ..tuners.graft.layer import loading_from_file
 from .channel import COORDINATOR, Channel, DistributedSettings, claim_order
 from .control import ControlResult
-from .execution import Baseline, ControlRequest
+from .execution import Baseline, ControlRequest, LocalExecution
 from .router import Candidate, ProbeResult, Router, _add_adapter, _remove_adapter, ranked
 from .stages import SearchConfig, SearchReport, run_stages
 from .training import role_losses
@@ -204,8 +204,7 @@ class Coordinator:
         sensitivity; by rank 0 itself where that is its own role, or once that rank is gone without answering."""
         rank = next((r for r in self.controllers if self.channel.alive(r)), COORDINATOR)
         if rank == COORDINATOR:
-            measured = role_losses(model, data, roles, accepted, batch_size)
-            return lambda: measured
+            return LocalExecution().losses(model, accepted, data, roles, batch_size)
         header = {"kind": "losses", "rank": rank, "accepted": list(accepted), "roles": list(roles)}
         job = self._post(header)
 
