@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, get_peft_model, initialize_lora_eva_weights
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_graft import calibrate  # importing peft_graft registers GRAFT, so PeftConfig.from_pretrained reads it
@@ -111,20 +111,32 @@ def config_changes(saved: dict, config: PeftConfig) -> dict:
     return changes
 
 
+def needs_data(config: PeftConfig) -> bool:
+    """Whether the adapter's init reads training data: graft projections that need calibration, or LoRA's EVA."""
+    return getattr(config, "needs_calibration", False) or getattr(config, "init_lora_weights", None) == "eva"
+
+
 def build(exp: Experiment, protocol: Protocol, model_dir: Path, seed: int,
-          train_blocks: torch.Tensor) -> tuple[torch.nn.Module, PeftConfig]:
-    """A fresh base from disk with the experiment's adapter; configs that need calibration (gradient projections)
-    get it from calibration_batches training batches drawn by ``seed``."""
+          train_blocks: torch.Tensor) -> tuple[torch.nn.Module, PeftConfig, float]:
+    """A fresh base from disk with the experiment's adapter, and the seconds the adapter's init took (get_peft_model
+    plus any data-driven init; not the base's loading), the compute a method spends before its first step.
+
+    Configs whose init reads data (gradient projections: `calibrate`; EVA: PEFT's `initialize_lora_eva_weights`)
+    get calibration_batches training batches drawn by ``seed``."""
     base = load_base(model_dir, protocol.bases[exp.base]["load_in_4bit"])
     config = adapter_config(exp, seed, protocol.quick)
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
+    started = time.perf_counter()
     model = get_peft_model(base, config)
-    if getattr(config, "needs_calibration", False):
+    if needs_data(config):
         if exp.calibration_batches is None:
-            raise SystemExit(f"{exp.name}: the adapter needs calibration; set calibration_batches in training_params")
+            raise SystemExit(f"{exp.name}: the adapter's init reads data; set calibration_batches in training_params")
         batches = calibration_batches(train_blocks, seed, protocol.batch_size, exp.calibration_batches)
-        calibrate(model, batches, progress=False)
-    return model, config
+        if getattr(config, "needs_calibration", False):
+            calibrate(model, batches, progress=False)
+        else:
+            initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=False)
+    return model, config, time.perf_counter() - started
 
 
 def calibration_batches(train_blocks: torch.Tensor, seed: int, batch: int, n: int) -> list[dict[str, torch.Tensor]]:

@@ -5,7 +5,9 @@ and what earlier models left in malloc's free lists would otherwise count):
 
 1. peak tensor memory (judged) and peak RSS (for reference) over 3 training steps of the adapter alone;
 2. the size of adapter_model.safetensors;
-3. training step time, steps alternated with the base's timing reference adapter loaded next to it;
+3. training step time, steps alternated with the base's timing reference adapter loaded next to it, and the
+   total compute of a training run: the adapter's init (get_peft_model plus calibration or EVA's data pass, timed
+   in build) + the protocol's steps × the median step, for this adapter and for the reference;
 4. eval-mode forward latency of one validation sequence: the plain base, this adapter unmerged and the reference,
    alternated; then this adapter after merge_and_unload(), alternated with the plain base.
 """
@@ -51,7 +53,7 @@ def run_probe(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: P
 def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Path,
             data: dict[str, torch.Tensor]) -> dict:
     x, prompt, repeats = data["train"][: protocol.batch_size], data["validation"][:1], protocol.probe_repeats
-    model, config = build(exp, protocol, model_dir, protocol.tuning_seed, data["train"])
+    model, config, init_s = build(exp, protocol, model_dir, protocol.tuning_seed, data["train"])
     n_params = sum(p.numel() for p in trainable(model))
     optimizer = make_optimizer(model, exp.probe_lr)
     release_freed_memory()
@@ -61,8 +63,9 @@ def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Pat
     peak_rss = peak_rss_mib()
     adapter_bytes, tensor_bytes_saved = saved_adapter_bytes(model)
 
-    reference = None if ref.name == exp.name else build(ref, protocol, model_dir, protocol.tuning_seed,
-                                                        data["train"])[0]
+    reference, ref_init_s = None, init_s
+    if ref.name != exp.name:
+        reference, _, ref_init_s = build(ref, protocol, model_dir, protocol.tuning_seed, data["train"])
     steps, ref_steps = [], []
     if reference is not None:
         ref_optimizer = make_optimizer(reference, exp.probe_lr)
@@ -82,11 +85,14 @@ def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Pat
     lat_merged = alternate_latency({"base": plain, "merged": merged}, prompt, repeats)
 
     median = statistics.median
+    step, ref_step = median(steps), median(ref_steps) if ref_steps else median(steps)
+    compute, ref_compute = init_s + protocol.steps * step, ref_init_s + protocol.steps * ref_step
     return dict(
         method=exp.name, r=getattr(config, "r", None), trainable_params=n_params, adapter_bytes=adapter_bytes,
         adapter_tensor_bytes=tensor_bytes_saved, peak_tensor_mib=peak_tensors, peak_rss_mib=peak_rss,
-        train_rss_increase_mib=peak_rss - rss_before, memory_method=memory_method, step_ms=median(steps) * 1e3,
-        step_ratio_to_ref=median(steps) / median(ref_steps) if ref_steps else 1.0, ref=ref.name,
+        train_rss_increase_mib=peak_rss - rss_before, memory_method=memory_method, step_ms=step * 1e3,
+        step_ratio_to_ref=step / ref_step, ref=ref.name, init_s=init_s, ref_init_s=ref_init_s,
+        compute_s=compute, compute_ratio_to_ref=compute / ref_compute,
         latency_base_ms=lat["base"] * 1e3, latency_unmerged_ms=lat["unmerged"] * 1e3,
         latency_unmerged_over_base=lat["unmerged"] / lat["base"],
         latency_unmerged_over_ref=lat["unmerged"] / lat["ref"] if "ref" in lat else 1.0,

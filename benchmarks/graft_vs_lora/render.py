@@ -16,14 +16,16 @@ COLUMNS = [  # (row key, header) of the full table; {reference} is the protocol 
     ("method", "method"), ("base", "base"), ("r", "r"), ("trainable_params", "trainable params"),
     ("params_ratio", "params / {reference}"), ("adapter_bytes", "adapter bytes"), ("bytes_ratio", "bytes / {reference}"),
     ("lr", "lr"), ("gain_mean", "test gain nats (95% CI)"), ("step_ms", "step ms"), ("step_ratio_to_ref", "step / ref"),
-    ("peak_tensor_mib", "peak tensor MiB"), ("peak_rss_mib", "peak RSS MiB"), ("train_rss_increase_mib", "train +RSS MiB"),
+    ("init_s", "init s"), ("compute_ratio_to_ref", "compute / ref"), ("peak_tensor_mib", "peak tensor MiB"),
+    ("peak_rss_mib", "peak RSS MiB"), ("train_rss_increase_mib", "train +RSS MiB"),
     ("latency_unmerged_over_base", "unmerged lat / base"), ("latency_unmerged_over_ref", "unmerged lat / ref"),
     ("latency_merged_over_base", "merged lat / base"),
 ]
 README_COLUMNS = [
     ("label", "method"), ("r", "r"), ("trainable_params", "trainable params"), ("adapter_bytes", "adapter bytes"),
     ("lr", "lr"), ("gain_mean", "test gain (nats, 95% CI)"), ("step_ratio_to_ref", "step / ref"),
-    ("latency_unmerged_over_ref", "unmerged lat / ref"), ("peak_tensor_mib", "peak tensor MiB"),
+    ("compute_ratio_to_ref", "compute / ref"), ("latency_unmerged_over_ref", "unmerged lat / ref"),
+    ("peak_tensor_mib", "peak tensor MiB"),
 ]
 ENVIRONMENT = {  # environment key -> how its value reads
     "cpu": "{}", "cores": "{} cores", "torch": "torch {}", "torch_threads": "{} threads",
@@ -97,7 +99,10 @@ def notes(report: dict) -> list[str]:
     memory_method = rows[0]["memory_method"] if rows else "n/a"
     calibrated = [
         (f"{r['method']}: projections from the loss gradient of {r['calibration_batches']} training batches "
-         "(peft_graft.calibrate) before training, i.e. that many extra forward/backward passes.")
+         "(peft_graft.calibrate) before training, i.e. that many extra forward/backward passes."
+         if r["peft_type"] == "GRAFT" else
+         f"{r['method']}: EVA's incremental SVD of the layer inputs over up to {r['calibration_batches']} training "
+         "batches (forward passes only; PEFT's initialize_lora_eva_weights) before training.")
         for r in rows if r["calibration_batches"]
     ]
     return [
@@ -108,6 +113,8 @@ def notes(report: dict) -> list[str]:
         ("step / ref and unmerged lat / ref: timed alternately with the reference adapter in the same process; ref = "
          f"{_timing_refs(report)}. Latency: eval-mode forward of one sequence ({p['seq_len']} tokens), median of "
          f"{p['probe_repeats']}; merged = after merge_and_unload()."),
+        ("init s: get_peft_model plus any data-driven init (calibration, EVA), timed in the probe; compute / ref: "
+         f"(init + {p['steps']} × the median step) over the same for the reference, both measured in the probe."),
         *calibrated,
         ("Adapter bytes: size of adapter_model.safetensors from save_pretrained (VeRA with save_projection=False, "
          "seeded-orthogonal grafts store only Φ)."),

@@ -89,7 +89,7 @@ class Runner:
         path, spec = store.run_path(self.root, exp.name, seed, lr), store.run_spec(exp, self.protocol, seed, lr)
         if (record := self._stored(path, spec)) is None:
             started, p = time.time(), self.protocol
-            model, config = build(exp, p, self.model_dir, seed, self.data["train"])
+            model, config, _ = build(exp, p, self.model_dir, seed, self.data["train"])
             stats = train(model, self.data["train"], p.steps, p.batch_size, lr, seed)
             result = dict(loss=mean_loss(model, self.data[p.split(seed)]), r=getattr(config, "r", None),
                           trainable_params=sum(t.numel() for t in trainable(model)), **stats)

@@ -29,7 +29,7 @@ from .protocol import Protocol
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "benchmarks" / "results" / "graft_vs_lora"
 QUICK_RESULTS_DIR = Path(tempfile.gettempdir()) / "graft_vs_lora_quick"  # quick results stay out of benchmarks/results
-PROBE_VERSION = 2  # bump when probe.py measures something new, so that stored probes go stale
+PROBE_VERSION = 3  # bump when probe.py measures something new, so that stored probes go stale
 
 
 def results_root(explicit: Path | None, quick: bool) -> Path:
@@ -58,9 +58,8 @@ def run_spec(exp: Experiment, protocol: Protocol, seed: int, lr: float) -> dict:
 
 
 def probe_spec(exp: Experiment, timing_reference: Experiment, protocol: Protocol) -> dict:
-    setup = {k: v for k, v in protocol.setup().items() if k != "steps"}
     return dict(kind="probe", version=PROBE_VERSION, **exp.identity(), timing_reference=timing_reference.identity(),
-                setup=setup, seed=protocol.tuning_seed, lr=exp.probe_lr, repeats=protocol.probe_repeats,
+                setup=protocol.setup(), seed=protocol.tuning_seed, lr=exp.probe_lr, repeats=protocol.probe_repeats,
                 threads=protocol.threads, mode=protocol.probe_mode)
 
 

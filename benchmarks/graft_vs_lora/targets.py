@@ -106,6 +106,28 @@ def merged_latency(c: Context) -> Verdict:
         f"{s['merged_max_abs_dlogit']:.1e}"), s["method"]
 
 
+def gain_vs_peers(c: Context) -> Verdict:
+    """The best peer's gain (the strongest LoRA variant) reached by a graft inside every budget at once: trainable
+    params, total compute (init + training, measured in the probe) and step time, each against the reference."""
+    t = c.target
+    peers = [row for name, row in c.rows.items() if c.experiments[name].matches(t["peers"])]
+    small = [r for r in c.candidates if c.ref and c.within_budget(r)]
+    if not (peers and small):
+        return c.missing()
+    best_peer = max(peers, key=lambda r: r["gain_mean"])
+
+    def fits(r: dict) -> bool:
+        return r["compute_ratio_to_ref"] <= t["max_compute_ratio"] and r["step_ratio_to_ref"] <= t["max_step_ratio"]
+
+    head = max([r for r in small if fits(r)] or small, key=lambda r: r["gain_mean"])
+    listing = ", ".join(f"{r['method']} {r['gain_mean']:+.3f} at {r['compute_ratio_to_ref']:.2f}x compute, "
+                        f"{r['step_ratio_to_ref']:.2f}x step" for r in small)
+    return fits(head) and head["gain_mean"] >= best_peer["gain_mean"], (
+        f"best peer {best_peer['method']} gains {best_peer['gain_mean']:.4f} ± {best_peer['gain_ci95']:.4f}; "
+        f"best graft {'within every budget' if fits(head) else 'within the params budget (none fits them all)'}: "
+        f"{head['method']}; grafts within the params budget: {listing}"), head["method"]
+
+
 def peak_memory(c: Context) -> Verdict:
     s, ref = c.rows.get(c.target["subject"]), c.ref
     if not (s and ref):
@@ -117,7 +139,9 @@ def peak_memory(c: Context) -> Verdict:
 
 
 KINDS: dict[str, Callable[[Context], Verdict]] = {
-    f.__name__: f for f in (gain_within_budget, artifact_bytes, step_time, unmerged_latency, merged_latency, peak_memory)
+    f.__name__: f for f in (
+        gain_within_budget, gain_vs_peers, artifact_bytes, step_time, unmerged_latency, merged_latency, peak_memory
+    )
 }
 
 

@@ -7,6 +7,7 @@ from peft import PeftConfig
 
 import peft_graft  # noqa: F401  (registers GRAFT, so PeftConfig.from_pretrained reads graft configs)
 from benchmarks.graft_vs_lora.experiments import Experiment, adapter_identity, experiment_names
+from benchmarks.graft_vs_lora.modeling import needs_data
 from benchmarks.graft_vs_lora.protocol import Protocol
 from benchmarks.graft_vs_lora.targets import KINDS, load_targets
 
@@ -29,8 +30,8 @@ def test_adapter_config_loads_with_peft(name):
         assert (sorted(value) if isinstance(value, set) else value) == (sorted(saved) if key == "target_modules"
                                                                         else saved), key
     assert exp.base in PROTOCOL.bases and exp.label and exp.lr_grid == tuple(sorted(exp.lr_grid))
-    # a config that needs calibration says with how many batches; no other config asks for any
-    assert getattr(config, "needs_calibration", False) == (exp.calibration_batches is not None)
+    # a config whose init reads data (calibration, EVA) says with how many batches; no other config asks for any
+    assert needs_data(config) == (exp.calibration_batches is not None)
     assert set(exp.quick_overrides) <= set(exp.adapter_config)
 
 
@@ -43,8 +44,9 @@ def test_protocol_and_targets_refer_to_existing_methods():
     for target in load_targets():
         assert target["kind"] in KINDS
         assert {target[k] for k in ("reference", "subject") if k in target} <= names
-        if "candidates" in target:
-            assert any(Experiment.load(n).matches(target["candidates"]) for n in names), target["title"]
+        for group in ("candidates", "peers"):
+            if group in target:
+                assert any(Experiment.load(n).matches(target[group]) for n in names), target["title"]
 
 
 def test_projection_solver_fields_enter_a_run_identity_only_when_they_change_the_run():

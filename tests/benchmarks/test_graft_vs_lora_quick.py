@@ -91,6 +91,19 @@ def test_grafts_respect_their_parameter_budgets(quick_run):
     assert rows["graft_orth_r8"]["adapter_tensor_bytes"] < rows["lora_r8"]["adapter_tensor_bytes"] / 10  # Φ only
 
 
+def test_compute_counts_the_init_and_the_training_steps(quick_run):
+    """compute / ref = (init + steps × step) over the reference's: the reference is 1 exactly, data-driven inits
+    (EVA's forward passes, calibration's forward/backward passes) cost more than LoRA's random init."""
+    _, _, result = quick_run
+    rows = {row["method"]: row for row in result["rows"]}
+    lora = rows["lora_r8"]
+    assert lora["compute_ratio_to_ref"] == 1.0 and lora["init_s"] == lora["ref_init_s"] > 0
+    for row in rows.values():
+        assert row["compute_s"] == pytest.approx(row["init_s"] + QUICK.steps * row["step_ms"] / 1e3)
+    for name in ("eva_r8", "graft_grad_spread_all"):
+        assert rows[name]["calibration_batches"] and rows[name]["init_s"] > rows[name]["ref_init_s"], name
+
+
 def test_resume_reruns_only_stale_results(quick_run):
     out, _, result = quick_run
     again = run.main(["--all", "--quick", "--results-dir", str(out), "--resume"])
