@@ -209,18 +209,40 @@ class GraftLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ math
 
+    def _adapter_dtype(self, adapter: str) -> torch.dtype:
+        """The dtype the graft computes in: fp32 when PEFT autocasts adapters on a half-precision base."""
+        return next(self.graft_phi[adapter].parameters()).dtype
+
+    def _graft_hidden(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """s·Φ B u ([..., r]), with u = x (additive) or the current pre-bias output (output mode).
+
+        The scaling multiplies these r numbers per token rather than the out-wide ΔW·u: the same product, but one
+        pass over an [..., out] tensor fewer in the forward and in the backward (on SmolLM2 with grafts on all seven
+        projections those passes cost a few percent of a training step)."""
+        dtype = self._adapter_dtype(adapter)
+        u = self._cast_input_dtype(x, dtype) if self.graft_mode[adapter] == "additive" else self._pre_bias(current)
+        h = self.graft_phi[adapter](F.linear(u.to(dtype), self.graft_proj[adapter].B.to(dtype)))
+        scaling = self.graft_scaling[adapter]
+        return h if scaling == 1 else h * scaling
+
     def _graft_delta(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """s·A Φ B u (+ sparse), with u = x (additive) or the current pre-bias output (output mode)."""
-        phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
-        dtype = next(phi.parameters()).dtype  # fp32 when PEFT autocasts adapters on a half-precision base
-        x = self._cast_input_dtype(x, dtype)
-        u = x if self.graft_mode[adapter] == "additive" else self._pre_bias(current).to(dtype)
-        h = F.linear(u, proj.B.to(dtype))  # [..., r]
-        h = phi(h)
-        delta = F.linear(h, proj.A.to(dtype)) * self.graft_scaling[adapter]  # [..., out]
+        """s·A Φ B u (+ sparse) of ``adapter`` for the input ``x`` and the base output ``current``."""
+        h = self._graft_hidden(adapter, x, current)
+        delta = F.linear(h, self.graft_proj[adapter].A.to(h.dtype))  # [..., out]
         if adapter in self.graft_sparse:
-            delta = delta + self.graft_sparse[adapter](x, self.out_features)
+            delta = delta + self.graft_sparse[adapter](self._cast_input_dtype(x, h.dtype), self.out_features)
         return delta
+
+    def _add_graft(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` + ΔW u; where dtypes allow, the addition is fused into the last product (one addmm), which
+        saves a pass over the [..., out] output."""
+        if adapter in self.graft_sparse or result.dim() < 2 or self._adapter_dtype(adapter) != result.dtype:
+            return result + self._graft_delta(adapter, x, result).to(result.dtype)
+        h = self._graft_hidden(adapter, x, result)
+        fused = torch.addmm(
+            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.graft_proj[adapter].A.to(h.dtype).T
+        )
+        return fused.view(result.shape)
 
     def _pre_bias(self, output: torch.Tensor) -> torch.Tensor:
         bias = self.get_base_layer().bias
@@ -366,7 +388,6 @@ class Linear(nn.Module, GraftLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         if adapter_names is not None:
             return self._mixed_batch_deltas(x, result, adapter_names)
-        result_dtype = result.dtype
         for adapter in self.active_adapters:
             if adapter not in self.graft_phi:
                 continue
@@ -374,7 +395,7 @@ class Linear(nn.Module, GraftLayer):
                 result = self.graft_recorders[adapter].observe(x, self._pre_bias(result), result)
                 continue
             self._check_ready(adapter)
-            result = result + self._graft_delta(adapter, x, result).to(result_dtype)
+            result = self._add_graft(adapter, x, result)
         return result
 
     def _rows_of_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> list[str]:
