@@ -62,11 +62,12 @@ def file_data_bytes(folder: Path) -> int:
     return len(raw) - 8 - int.from_bytes(raw[:8], "little")
 
 
-def load_nf4(folder: Path) -> transformers.PreTrainedModel:
+def load_nf4(folder: Path, dtype: torch.dtype = torch.bfloat16) -> transformers.PreTrainedModel:
+    """The NF4 base computing in ``dtype`` (its unquantized parts held in ``dtype`` too)."""
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+                                                   bnb_4bit_compute_dtype=dtype)  # fmt: skip
     return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quantization, device_map="cpu", dtype=torch.bfloat16
+        folder, quantization_config=quantization, device_map="cpu", dtype=dtype
     )
 
 
@@ -150,6 +151,18 @@ def run_shape(name: str, config: transformers.PretrainedConfig, args, work: Path
                     (exact(input_ids=ids).logits.float() - reference).abs().max().item()
                 )
             del exact
+            gc.collect()
+            # The same two models computing in fp32: what is left is the merge's own error, not bf16 rounding.
+            unmerged32 = PeftModel.from_pretrained(load_nf4(work / "base", torch.float32), work / projection)
+            with torch.no_grad():
+                reference32 = unmerged32(input_ids=ids).logits.float()
+                runs[projection]["bf16_vs_fp32_unmerged_max_dlogit"] = (reference - reference32).abs().max().item()
+                exact32 = unmerged32.merge_and_dequantize(torch.float32)
+                runs[projection]["exact_merge_fp32_max_dlogit"] = (
+                    (exact32(input_ids=ids).logits.float() - reference32).abs().max().item()
+                )
+            del unmerged32, exact32
+            gc.collect()
             base = load_nf4(work / "base")
         else:
             base = model.unload()
@@ -209,7 +222,10 @@ def render(results: list[dict], full: dict[str, list[str]], meta: dict) -> str:
         first = next(iter(r["runs"].values()))
         lines += ["", (f"reload {first['reload_s']:.2f} s (max |Δlogit| {first['reload_max_dlogit']:.2e}); lossy merge "
                   f"into NF4 max |Δlogit| {first['lossy_merge_max_dlogit']:.3f}; merge_and_dequantize (bf16) "
-                  f"{first['merge_and_dequantize_s']:.1f} s, max |Δlogit| {first['exact_merge_max_dlogit']:.3f}"), "",
+                  f"{first['merge_and_dequantize_s']:.1f} s, max |Δlogit| {first['exact_merge_max_dlogit']:.3f}; the same "
+                  f"computing in fp32: merge_and_dequantize (fp32) max |Δlogit| {first['exact_merge_fp32_max_dlogit']:.1e}"
+                  f", while bf16 vs fp32 computing of the unmerged model alone differ by "
+                  f"{first['bf16_vs_fp32_unmerged_max_dlogit']:.3f}"), "",
                   "| planner check | planned | measured | ratio |", "|---|---|---|---|"]  # fmt: skip
         for label, planned, measured in r["planner"]:
             lines.append(f"| {label} | {planned:,} | {measured:,} | {planned / measured:.4f} |")
