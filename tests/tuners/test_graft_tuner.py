@@ -195,3 +195,32 @@ def test_defaults_are_the_lr_robust_recipe():
     config = GraftConfig()
     assert (config.r, config.phi, config.projection, config.scaling) == (64, "dense", "orthogonal", None)
     assert not config.stores_projections  # the adapter file holds Φ (and a fingerprint) only
+
+
+@pytest.mark.parametrize("phi", ["dense", "diagonal", "lowrank"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "shape", [(16,), (5, 16), (2, 3, 16), "non-contiguous"], ids=["1d", "2d", "3d", "non-contiguous"]
+)
+def test_fused_forward_and_phi_gradient_match_the_formula(phi, mode, shape):
+    """The forward adds s·AΦB·u inside one addmm: outputs and dL/dΦ equal those of W·x + b + s·A Φ B u written out,
+    for every input layout the layer can see (u = x additive, u = W·x output mode)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    model = get_peft_model(
+        base, GraftConfig(target_modules=["0"], r=4, phi=phi, mode=mode, scaling=0.5, init_weights=False)
+    )
+    layer = graft_layers(model)[0]
+    x = torch.randn(3, 2, 16).transpose(0, 1) if shape == "non-contiguous" else torch.randn(shape)
+    out = model(x)
+    out.square().sum().backward()
+    fused_grads = [p.grad.clone() for p in layer.graft_phi["default"].parameters()]
+    layer.graft_phi["default"].zero_grad()
+
+    linear, proj = layer.get_base_layer(), layer.graft_proj["default"]
+    u = x if mode == "additive" else x @ linear.weight.T
+    expected = linear(x) + 0.5 * (u @ proj.B.T @ layer.graft_phi["default"].matrix().T @ proj.A.T)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    expected.square().sum().backward()
+    for fused, written_out in zip(fused_grads, layer.graft_phi["default"].parameters(), strict=True):
+        torch.testing.assert_close(fused, written_out.grad, atol=1e-5, rtol=1e-5)
