@@ -4,12 +4,15 @@ measure."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.graft_vs_lora.experiments import Experiment
 from benchmarks.graft_vs_lora.probe import peak_tensor_mib, tensor_bytes
 from benchmarks.graft_vs_lora.protocol import Protocol, best_lr, next_lr, sweep, t_interval
+from benchmarks.graft_vs_lora.targets import KINDS, Context, load_targets
 
 
 @pytest.mark.parametrize(
@@ -62,3 +65,26 @@ def test_peak_tensor_memory_counts_model_and_transient_allocations():
     assert peak_tensor_mib(model, lambda: None) == pytest.approx(own)
     transient = peak_tensor_mib(model, lambda: torch.ones(2**20).mul_(2))
     assert own + 4 <= transient < own + 4.5  # the 4 MiB fp32 buffer, freed again, sets the peak
+
+
+def _peer_target_case(grafts: dict[str, tuple[float, float, float]]) -> tuple[bool | None, str, str | None]:
+    """gain_vs_peers over LoRA r=8 (gain 0.40), DoRA (0.42) and grafts {name: (gain, compute ratio, step ratio)}."""
+    target = next(t for t in load_targets() if t["kind"] == "gain_vs_peers")
+    rows, experiments = {}, {}
+    for name, peft_type, gain, compute, step, params in [
+        ("lora_r8", "LORA", 0.40, 1.0, 1.0, 1000), ("dora_r8", "LORA", 0.42, 1.05, 1.04, 1050),
+        *((name, "GRAFT", *values, 90) for name, values in grafts.items()),
+    ]:
+        experiments[name] = Experiment(name, Path("."), {"peft_type": peft_type}, {"base": "fp32"})
+        rows[name] = dict(method=name, gain_mean=gain, gain_ci95=0.01, compute_ratio_to_ref=compute,
+                          step_ratio_to_ref=step, trainable_params=params)
+    return KINDS["gain_vs_peers"](Context(target, rows, experiments))
+
+
+def test_gain_vs_peers_needs_one_graft_inside_every_budget_that_beats_the_best_peer():
+    passed, evidence, subject = _peer_target_case({"cheap": (0.43, 1.02, 1.01), "costly": (0.50, 1.5, 1.0)})
+    assert passed and subject == "cheap" and "best peer dora_r8" in evidence  # the costly graft does not count
+    passed, _, subject = _peer_target_case({"cheap": (0.41, 1.02, 1.01), "costly": (0.50, 1.5, 1.0)})
+    assert passed is False and subject == "cheap"  # inside the budgets, but below DoRA
+    passed, evidence, subject = _peer_target_case({"slow": (0.45, 1.02, 1.2), "costly": (0.50, 1.5, 1.0)})
+    assert passed is False and subject == "costly" and "none fits them all" in evidence
