@@ -85,7 +85,7 @@ def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Pat
     lat_merged = alternate_latency({"base": plain, "merged": merged}, prompt, repeats)
 
     median = statistics.median
-    step, ref_step = median(steps), median(ref_steps) if ref_steps else median(steps)
+    step, ref_step = median(steps), median(ref_steps or steps)
     compute, ref_compute = init_s + protocol.steps * step, ref_init_s + protocol.steps * ref_step
     return dict(
         method=exp.name, r=getattr(config, "r", None), trainable_params=n_params, adapter_bytes=adapter_bytes,

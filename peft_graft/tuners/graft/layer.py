@@ -236,13 +236,13 @@ class GraftLayer(BaseTunerLayer):
     def _add_graft(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` + ΔW u; where dtypes allow, the addition is fused into the last product (one addmm), which
         saves a pass over the [..., out] output."""
-        if adapter in self.graft_sparse or result.dim() < 2 or self._adapter_dtype(adapter) != result.dtype:
+        if adapter in self.graft_sparse or result.dim() < 2:
             return result + self._graft_delta(adapter, x, result).to(result.dtype)
         h = self._graft_hidden(adapter, x, result)
-        fused = torch.addmm(
-            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.graft_proj[adapter].A.to(h.dtype).T
-        )
-        return fused.view(result.shape)
+        A = self.graft_proj[adapter].A.to(h.dtype)
+        if h.dtype != result.dtype:  # an fp32 graft on a half-precision base
+            return result + F.linear(h, A).to(result.dtype)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), A.T).view(result.shape)
 
     def _pre_bias(self, output: torch.Tensor) -> torch.Tensor:
         bias = self.get_base_layer().bias
