@@ -246,6 +246,12 @@ def run_stages(
         )
         model = result.model
         entry = _stage_entry(stage, result, baseline.acceptance)
+        if result.accepted is not None:  # measured first: a control on another rank trains meanwhile
+            name = result.accepted.adapter
+            entry["params"] = adapter_size(model, name)
+            execution.publish(model, [name], [*accepted, name])
+            entry["loss_after"] = _loss(model, data, [*accepted, name], config)
+            entry["gain"] = baseline.acceptance - entry["loss_after"]
         chosen = result.accepted or (result.gated[0] if result.gated else None)
         if chosen is not None:
             modules = chosen.candidate.modules
@@ -261,15 +267,10 @@ def run_stages(
                 baseline.ranking,
                 baseline.acceptance,
             )
-            control = execution.control(model, accepted, request, data)
-            entry["control"] = control.to_dict()
+            entry["control"] = execution.control(model, accepted, request, data).to_dict()
         if result.accepted is not None:
-            name = result.accepted.adapter
-            entry["params"] = adapter_size(model, name)
             accepted, parents = [*accepted, name], [*parents, *result.accepted.graft_ids[-1:]]
-            execution.publish(model, [name], accepted)
-            entry["loss_after"] = loss = _loss(model, data, accepted, config)
-            entry["gain"] = baseline.acceptance - loss
+            loss = entry["loss_after"]
             spent += entry["params"]
         report.stages.append(entry)
         logger.info("Stage %d: %s", stage, entry["decision"])
