@@ -33,6 +33,8 @@ from sewl_stream import (
     Sizes,
     Tally,
     batches,
+    c0_target,
+    c256_target,
     general_text,
     gradient_arm,
     grafted,
@@ -107,37 +109,16 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
 
 
 def judged(report: dict) -> list[tuple[str, bool]]:
-    """issue 12's two quality targets, on these long streams (same wording and thresholds as sewl_stream.py)."""
+    """issue 12's two quality targets on these long streams, judged as sewl_stream.py judges them."""
     res = report["results"]
-    ctx, static = res["C256|context only"], res["C0|static"]
-    best_c256 = res["C256|SEWL kfac, last 4"]
-    ctx_gain = static["nll"] - ctx["nll"]
-    sgd_extra = res["C0|all weights, SGD"]["cost_vs_forward"] - 1
-    rows = []
-    for name in ("SEWL kfac, last 4", "SEWL kfac, all"):
-        r = res[f"C0|{name}"]
-        share, extra = (static["nll"] - r["nll"]) / ctx_gain, (r["cost_vs_forward"] - 1) / sgd_extra
-        rows.append(
-            (
-                (
-                    f"C0: SEWL recovers ≥ 60% of the gain context gives ({ctx_gain:.4f} nats) at ≤ 1/3 of all-weights "
-                    f"SGD's update cost beyond the forward (+{sgd_extra:.2f}×): {name} recovers {share:.0%} at "
-                    f"+{r['cost_vs_forward'] - 1:.2f}× ({extra:.0%} of SGD's)"
-                ),
-                share >= 0.6 and extra <= 1 / 3,
-            )
-        )
-    rows.insert(
-        0,
-        (
-            (
-                "on top of C256 SEWL lowers stream perplexity ≥ 5% with ≤ +0.01 nats forgetting (SEWL kfac, last 4: ppl "
-                f"{best_c256['ppl'] / ctx['ppl'] - 1:+.1%}, forgetting {best_c256['forgetting']:+.4f})"
-            ),
-            best_c256["ppl"] <= 0.95 * ctx["ppl"] and best_c256["forgetting"] <= 0.01,
+    context = res["C256|context only"]
+    return [
+        c256_target(context, res["C256|SEWL kfac, last 4"]),
+        *(
+            c0_target(res["C0|static"], context, res["C0|all weights, SGD"], res[f"C0|{name}"])
+            for name in ("SEWL kfac, last 4", "SEWL kfac, all")
         ),
-    )
-    return rows
+    ]
 
 
 def halves(report: dict, key: str) -> tuple[float, float]:

@@ -1,0 +1,47 @@
+"""`benchmarks/sewl_long.py --quick` runs end to end on the real SmolLM2 and real news (< 60 s): every arm reports a
+finite perplexity, context lowers it, the first chunk of a stream is scored before any update (so every arm's first
+loss equals its reference's), the dev-tuned learning rates come from the committed sewl_stream run, and the three
+quality targets are judged (their verdicts are the full run's business, not this test's)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.slow
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_quick_long_benchmark(tmp_path):
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sewl_long.py"), "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads((tmp_path / "sewl_long.json").read_text())
+    results, curves = report["results"], report["curves"]
+    assert set(results) == {
+        "C0|static",
+        "C0|all weights, SGD",
+        "C0|SEWL kfac, last 4",
+        "C0|SEWL kfac, all",
+        "C256|context only",
+        "C256|SEWL kfac, last 4",
+    }
+    assert all(math.isfinite(r["nll"]) and r["cost_vs_forward"] > 0 for r in results.values())
+    assert results["C256|context only"]["nll"] < results["C0|static"]["nll"]
+    for key, streams in curves.items():
+        reference = curves[f"{key.split('|')[0]}|{'static' if key.startswith('C0') else 'context only'}"]
+        assert [s[0] for s in streams] == pytest.approx([s[0] for s in reference], abs=1e-5)
+        assert len(streams[0]) == report["sizes"]["chunks"]
+    tuning = json.loads((BENCHMARKS / "results" / "sewl_stream.json").read_text())["tuning"]
+    kfac = tuning["SEWL kfac, last 4"]
+    assert report["lrs"]["SEWL kfac, last 4"] == float(min(kfac, key=kfac.get))
+    assert len(report["targets"]) == 3 and all(isinstance(ok, bool) for _, ok in report["targets"])
+    table = (tmp_path / "sewl_long.md").read_text()
+    assert table.count("| PASS |") + table.count("| MISS |") == 3
+    assert (tmp_path / "sewl_long.png").stat().st_size > 0
