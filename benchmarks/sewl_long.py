@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from sewl_stream import (
     LAST4,
+    REFERENCE,
     RESULTS,
     Sizes,
     Tally,
@@ -86,7 +87,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
             "SEWL kfac, last 4": sewl_arm("SEWL kfac, last 4", last4, "kfac"),
             "SEWL kfac, all": sewl_arm("SEWL kfac, all", every, "kfac"),
         }
-        for setting, name, key in ARMS:
+        for _, name, key in ARMS:
             if key is not None:
                 arms[name].set_lr(lrs[key])
         for source in sizes.sources:
@@ -125,7 +126,7 @@ def judged(report: dict) -> list[tuple[str, bool]]:
 def halves(report: dict, key: str) -> tuple[float, float]:
     """Mean NLL difference to the setting's reference over the first and the second half of the streams."""
     setting = key.split("|")[0]
-    reference = report["curves"][f"{setting}|{'static' if setting == 'C0' else 'context only'}"]
+    reference = report["curves"][f"{setting}|{REFERENCE[setting]}"]
     diffs = [[a - b for a, b in zip(arm, ref)] for arm, ref in zip(report["curves"][key], reference)]
     half = len(diffs[0]) // 2
     return (
@@ -144,10 +145,10 @@ def plot(report: dict, path: Path) -> None:
     chunk = report["sizes"]["chunk"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, streams in report["curves"].items():
-        setting = key.split("|")[0]
-        reference = report["curves"][f"{setting}|{'static' if setting == 'C0' else 'context only'}"]
-        if streams is reference:
+        setting, arm = key.split("|")
+        if arm == REFERENCE[setting]:
             continue
+        reference = report["curves"][f"{setting}|{REFERENCE[setting]}"]
         per_chunk = torch.tensor(streams) - torch.tensor(reference)
         running = per_chunk.mean(0).cumsum(0) / torch.arange(1, per_chunk.shape[1] + 1)
         ax.plot(torch.arange(1, len(running) + 1) * chunk, running, label=key.replace("|", ": "))
@@ -181,7 +182,7 @@ def write(report: dict, out: Path) -> None:
     ]
     res = report["results"]
     for key, r in sorted(res.items(), key=lambda kv: (kv[1]["setting"], kv[1]["nll"])):
-        reference = res[f"{r['setting']}|{'static' if r['setting'] == 'C0' else 'context only'}"]
+        reference = res[f"{r['setting']}|{REFERENCE[r['setting']]}"]
         first, second = halves(report, key)
         lr = report["lrs"].get(r["arm"])
         lines.append(

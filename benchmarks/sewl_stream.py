@@ -71,6 +71,10 @@ QUICK = Sizes(32, 32, 2, 2, 1, ("news",), (), ("kfac",), (1.0,))
 LR_CENTRE = {"sgd": 3e-5, "rms": 3e-6, "lora": 3e-3, **{f"sewl-{rule}": 0.1 for rule in RULES}}
 
 
+# The arm every other arm of a setting is compared with: scoring alone (C0), the previous tokens in context (C256).
+REFERENCE = {"C0": "static", "C256": "context only"}
+
+
 # ------------------------------------------------------------------ streams
 
 
@@ -441,7 +445,7 @@ def summarise(tally: Tally) -> dict:
     for key in tally.nll:
         setting, name = key
         nll = statistics.mean(tally.nll[key])
-        reference = "static" if setting == "C0" else "context only"
+        reference = REFERENCE[setting]
         forward = statistics.mean(tally.seconds[setting, reference])
         out[f"{setting}|{name}"] = {
             "setting": setting,
@@ -539,7 +543,7 @@ def write(report: dict, out: Path) -> None:
     ]
     res = report["results"]
     for key, r in sorted(res.items(), key=lambda kv: (kv[1]["setting"], kv[1]["nll"])):
-        reference = res[f"{r['setting']}|{'static' if r['setting'] == 'C0' else 'context only'}"]
+        reference = res[f"{r['setting']}|{REFERENCE[r['setting']]}"]
         lr = report["tuning"].get(r["arm"])
         chosen = min(lr, key=lr.get) if lr else None
         lines.append(
