@@ -8,12 +8,18 @@ the committed `sewl_stream` run (``results/sewl_stream.json``: tuned on dev stre
 - C0 (chunk alone): static, all-weights SGD, SEWL kfac on the last 4 layers and on all layers;
 - C256 (previous 256 tokens in context): context only, SEWL kfac on the last 4 layers.
 
-kfac is the rule that did best in both settings of the full run. Each chunk is scored before the update on it;
+kfac is the rule that did best in both settings of the full run. Those arms adapt r=16 grafts with seeded orthogonal
+projections. The "calibrated" arms adapt r=32 grafts whose projections come from the loss gradient of general text
+(`peft_graft.calibrate` on 8 × 128 tokens of news and Shakespeare that no stream, dev stream or forgetting text uses;
+done once per base, every user shares them), with each chunk's step held to 0.1 of the spectral rail
+(``max_step_fraction``): on all layers (C0) and on the last 8 (C0 and C256), lr tuned here per setting on 16-chunk dev
+streams. A first look on the dev streams chose that family: with gradient projections the default step limit (1.0)
+overshoots, and r=32 beat r=16. Each chunk is scored before the update on it;
 forgetting is the Δ NLL on the same general text as `sewl_stream.py`. The plot shows, along the stream, each arm's
 running NLL difference to its setting's reference: whether the gain grows with what has been read.
 
-    .venv/bin/python benchmarks/sewl_long.py            # 2 sources × 3 seeds × 32 chunks, ~25 min on 1 core
-    .venv/bin/python benchmarks/sewl_long.py --quick    # < 60 s smoke run (tests/sewl/test_long_benchmark.py)
+    .venv/bin/python benchmarks/sewl_long.py            # 2 sources × 3 seeds × 32 chunks, ~40 min on 1 core
+    .venv/bin/python benchmarks/sewl_long.py --quick    # ~80 s smoke run (tests/sewl/test_long_benchmark.py)
 
 Writes results/sewl_long.{md,json,png}.
 """
@@ -27,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+from peft import get_peft_model
+from sewl_common import ALL_PROJECTIONS
 from sewl_stream import (
     LAST4,
     REFERENCE,
@@ -45,23 +53,33 @@ from sewl_stream import (
     score_arm,
     sewl_arm,
     summarise,
+    tune,
 )
 from transformers import AutoTokenizer
 
-from peft_graft.testing.assets import smollm2_path
+from peft_graft import GraftConfig, calibrate
+from peft_graft.testing.assets import load_corpus, smollm2_path, tokenize_blocks
+from peft_graft.testing.assets.corpora import load_documents
 
 
 # Shakespeare plays and news only: the review sentences of sewl_stream.py make one stream of ~1,000 tokens in all.
-FULL = Sizes(128, 256, 32, 0, 3, ("shakespeare", "news"), ("kfac",), ("kfac",), ())
-QUICK = Sizes(32, 32, 3, 0, 1, ("news",), ("kfac",), ("kfac",), ())
-# The arms and their dev-tuned lr keys in sewl_stream.json; (setting, arm name, lr key).
+# grid: lr multipliers of the calibrated arms (× sewl_stream's kfac centre 0.1) tried on the dev streams.
+FULL = Sizes(128, 256, 32, 16, 3, ("shakespeare", "news"), ("kfac",), ("kfac",), (0.01, 0.03))
+QUICK = Sizes(32, 32, 3, 2, 1, ("news",), ("kfac",), ("kfac",), (0.03,))
+CALIBRATION_BLOCKS = {FULL: 8, QUICK: 2}
+CAL_LAST8, CAL_ALL = "SEWL kfac, calibrated r=32, last 8", "SEWL kfac, calibrated r=32, all"
+DEV = "dev"  # lr tuned here, per setting
+# (setting, arm name, where its lr comes from: its key in sewl_stream.json's tuning, DEV, or None for no lr).
 ARMS = (
     ("C0", "static", None),
     ("C0", "all weights, SGD", "all weights, SGD"),
     ("C0", "SEWL kfac, last 4", "SEWL kfac, last 4"),
     ("C0", "SEWL kfac, all", "SEWL kfac, all"),
+    ("C0", CAL_LAST8, DEV),
+    ("C0", CAL_ALL, DEV),
     ("C256", "context only", None),
     ("C256", "SEWL kfac, last 4", "SEWL kfac, last 4"),
+    ("C256", CAL_LAST8, DEV),
 )
 
 
@@ -71,39 +89,79 @@ def tuned_lrs(path: Path) -> dict[str, float]:
     return {arm: float(min(tried, key=tried.get)) for arm, tried in tuning.items()}
 
 
+def calibration_batches(tokenizer, blocks: int) -> list[dict]:
+    """One-sequence batches of 128 tokens, half news, half Shakespeare, from train documents that neither the
+    forgetting text (news train articles 0-1, the Sonnets) nor any stream (test) or dev stream (validation) uses."""
+    plays = [d.text for d in load_documents("shakespeare")["train"] if d.title != "Sonnets"]
+    texts = (load_corpus("news")["train"][2:60], [plays[0][len(plays[0]) // 10 :]])
+    ids = torch.cat([tokenize_blocks(t, tokenizer, 128, max_blocks=blocks // 2) for t in texts])
+    return [{"input_ids": row[None], "labels": row[None]} for row in ids]
+
+
+def calibrated(layers: list[int] | None, seed: int, data: list[dict]) -> torch.nn.Module:
+    model = get_peft_model(
+        load_base(),
+        GraftConfig(
+            r=32, target_modules=ALL_PROJECTIONS, layers_to_transform=layers, projection="gradient", seed=seed
+        ),
+    )
+    calibrate(model, data, progress=False)
+    return model.eval()
+
+
 def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
+    """``lrs``: sewl_stream's dev-tuned lr per arm key; the calibrated arms' lrs are tuned here (seed 0's models)."""
     torch.set_num_threads(1)
     began = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path(), local_files_only=True)
     general = general_text(tokenizer, sizes)
+    data = calibration_batches(tokenizer, CALIBRATION_BLOCKS[sizes])
+    dev = [make_stream(tokenizer, s, "validation", 0, sizes, sizes.dev_chunks) for s in sizes.sources]
     tally = Tally()
+    tuning: dict[str, dict[float, float]] = {}
+    chosen: dict[str, float] = {}  # "setting|arm" -> lr
     curves: dict[str, list[list[float]]] = {}  # "setting|arm" -> per stream, the loss of every chunk
     for seed in range(sizes.seeds):
         last4, every = grafted(LAST4, seed), grafted(None, seed)
+        cal8, cal_all = calibrated(list(range(22, 30)), seed, data), calibrated(None, seed, data)
         full = load_base()
-        arms = {
+        shared = {
             "static": score_arm("static", last4),
             "all weights, SGD": gradient_arm("all weights, SGD", "sgd", full, list(full.parameters())),
             "SEWL kfac, last 4": sewl_arm("SEWL kfac, last 4", last4, "kfac"),
             "SEWL kfac, all": sewl_arm("SEWL kfac, all", every, "kfac"),
         }
-        for _, name, key in ARMS:
-            if key is not None:
-                arms[name].set_lr(lrs[key])
+        for name in ("all weights, SGD", "SEWL kfac, last 4", "SEWL kfac, all"):
+            shared[name].set_lr(lrs[name])
+            chosen[f"C0|{name}"] = lrs[name]
+        chosen["C256|SEWL kfac, last 4"] = lrs["SEWL kfac, last 4"]
+        arms = {}
+        for setting, name, source in ARMS:
+            key = f"{setting}|{name}"
+            if source != DEV:
+                arms[key] = shared["static" if name == "context only" else name]
+                continue
+            last_k = 8 if name == CAL_LAST8 else None
+            arms[key] = sewl_arm(name, cal8 if last_k else cal_all, "kfac", last_k=last_k, max_step_fraction=0.1)
+            if seed == 0:
+                tuning[key] = tune(arms[key], [batches(d, sizes, setting == "C256") for d in dev], sizes.grid)
+                chosen[key] = arms[key].lr
+            arms[key].set_lr(chosen[key])
         for source in sizes.sources:
             stream = make_stream(tokenizer, source, "test", seed, sizes, sizes.chunks)
             for setting, name, _ in ARMS:
-                arm = arms["static" if name == "context only" else name]
+                arm = arms[f"{setting}|{name}"]
                 losses, seconds, final = read(arm, batches(stream, sizes, setting == "C256"), after=general)
                 tally.nll[setting, name].append(statistics.mean(losses))
                 tally.seconds[setting, name].append(seconds)
                 tally.forgetting[setting, name].append(statistics.mean(final))
                 curves.setdefault(f"{setting}|{name}", []).append(losses)
             print(f"seed {seed} {source}: {stream.title} done ({time.perf_counter() - began:.0f} s)", flush=True)
-        del last4, every, full, arms
+        del last4, every, cal8, cal_all, full, shared, arms
     return {
         "sizes": sizes.__dict__,
-        "lrs": {name: lrs[key] for _, name, key in ARMS if key is not None},
+        "lrs": chosen,
+        "tuning": tuning,
         "results": summarise(tally),
         "curves": curves,
         "seconds": time.perf_counter() - began,
@@ -114,11 +172,15 @@ def judged(report: dict) -> list[tuple[str, bool]]:
     """issue 12's two quality targets on these long streams, judged as sewl_stream.py judges them."""
     res = report["results"]
     context = res["C256|context only"]
+    c256 = min(
+        (r for r in res.values() if r["setting"] == "C256" and r["arm"].startswith("SEWL")), key=lambda r: r["nll"]
+    )
     return [
-        c256_target(context, res["C256|SEWL kfac, last 4"]),
+        c256_target(context, c256),
         *(
-            c0_target(res["C0|static"], context, res["C0|all weights, SGD"], res[f"C0|{name}"])
-            for name in ("SEWL kfac, last 4", "SEWL kfac, all")
+            c0_target(res["C0|static"], context, res["C0|all weights, SGD"], r)
+            for r in res.values()
+            if r["setting"] == "C0" and r["arm"].startswith("SEWL")
         ),
     ]
 
@@ -162,6 +224,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def tried(report: dict) -> str:
+    """The dev-stream tuning of the calibrated arms, as 'arm: lr → dev NLL, ...'."""
+    return "; ".join(
+        f"{key.replace('|', ' ')}: " + ", ".join(f"{float(lr):.2g} → {nll:.4f}" for lr, nll in grid.items())
+        for key, grid in report["tuning"].items()
+    )
+
+
 def write(report: dict, out: Path) -> None:
     sizes = report["sizes"]
     lines = [
@@ -171,7 +241,9 @@ def write(report: dict, out: Path) -> None:
             f"{sizes['chunks']} chunks of {sizes['chunk']} tokens per held-out stream ({sizes['chunks'] * sizes['chunk']:,}"
             f" scored tokens), C256 context {sizes['context']} tokens, sources {', '.join(sizes['sources'])}, "
             f"{sizes['seeds']} seed(s); learning rates as tuned on the dev streams of the committed sewl_stream run; "
-            f"default rails. Wall time {report['seconds'] / 60:.1f} min."
+            "default rails. Calibrated arms: r=32 gradient projections (calibrate() on disjoint news + Shakespeare "
+            f"text), max_step_fraction 0.1, lr tuned here on {sizes['dev_chunks']}-chunk dev streams per setting "
+            f"(tried: {tried(report)}). Wall time {report['seconds'] / 60:.1f} min."
         ),
         "",
         (
@@ -184,7 +256,7 @@ def write(report: dict, out: Path) -> None:
     for key, r in sorted(res.items(), key=lambda kv: (kv[1]["setting"], kv[1]["nll"])):
         reference = res[f"{r['setting']}|{REFERENCE[r['setting']]}"]
         first, second = halves(report, key)
-        lr = report["lrs"].get(r["arm"])
+        lr = report["lrs"].get(key)
         lines.append(
             f"| {r['setting']} | {r['arm']} | {'' if lr is None else f'{lr:.2g}'} | {r['ppl']:.2f} | "
             f"{r['ppl'] / reference['ppl'] - 1:+.1%} | {first:+.4f} | {second:+.4f} | {r['cost_vs_forward']:.2f} | "
@@ -201,7 +273,7 @@ def write(report: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a < 60 s smoke run (1 seed, news, 3 short chunks)")
+    parser.add_argument("--quick", action="store_true", help="a ~80 s smoke run (1 seed, news, 3 short chunks)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tuning", type=Path, default=RESULTS / "sewl_stream.json", help="where the tuned lrs are")
     args = parser.parse_args()

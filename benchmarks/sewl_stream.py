@@ -160,13 +160,14 @@ def score_arm(name: str, model: torch.nn.Module) -> Arm:
     return Arm(name, "static", scorer(model), scorer(model), lambda: None)
 
 
-def sewl_arm(name: str, model: torch.nn.Module, rule: str) -> Arm:
-    """Several SEWL arms share one grafted model: each starts from Φ as attached, and `read` puts it back after."""
+def sewl_arm(name: str, model: torch.nn.Module, rule: str, **options) -> Arm:
+    """Several SEWL arms share one grafted model: each starts from Φ as attached, and `read` puts it back after.
+    ``options``: further `SEWLConfig` fields of this arm (default: the rails' defaults, last 4 layers if so named)."""
     live: dict = {}
 
     def set_lr(lr: float) -> None:
-        last_k = 4 if name.endswith("last 4") else None
-        live["sewl"] = SEWL(model, SEWLConfig(rule=rule, lr=lr, last_k=last_k))
+        config = {"last_k": 4 if name.endswith("last 4") else None, **options}
+        live["sewl"] = SEWL(model, SEWLConfig(rule=rule, lr=lr, **config))
         live["start"] = live["sewl"].state.clone()
 
     def reset() -> None:
