@@ -68,6 +68,7 @@ FULL = Sizes(128, 256, 32, 16, 3, ("shakespeare", "news"), ("kfac",), ("kfac",),
 QUICK = Sizes(32, 32, 3, 2, 1, ("news",), ("kfac",), ("kfac",), (0.03,))
 CALIBRATION_BLOCKS = {FULL: 8, QUICK: 2}
 CAL_LAST8, CAL_ALL = "SEWL kfac, calibrated r=32, last 8", "SEWL kfac, calibrated r=32, all"
+LAST8 = list(range(22, 30))  # SmolLM2's last 8 of 30 layers
 DEV = "dev"  # lr tuned here, per setting
 # (setting, arm name, where its lr comes from: its key in sewl_stream.json's tuning, DEV, or None for no lr).
 ARMS = (
@@ -123,7 +124,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
     curves: dict[str, list[list[float]]] = {}  # "setting|arm" -> per stream, the loss of every chunk
     for seed in range(sizes.seeds):
         last4, every = grafted(LAST4, seed), grafted(None, seed)
-        cal8, cal_all = calibrated(list(range(22, 30)), seed, data), calibrated(None, seed, data)
+        cal8, cal_all = calibrated(LAST8, seed, data), calibrated(None, seed, data)
         full = load_base()
         shared = {
             "static": score_arm("static", last4),
@@ -141,7 +142,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
             if source != DEV:
                 arms[key] = shared["static" if name == "context only" else name]
                 continue
-            last_k = 8 if name == CAL_LAST8 else None
+            last_k = len(LAST8) if name == CAL_LAST8 else None
             arms[key] = sewl_arm(name, cal8 if last_k else cal_all, "kfac", last_k=last_k, max_step_fraction=0.1)
             if seed == 0:
                 tuning[key] = tune(arms[key], [batches(d, sizes, setting == "C256") for d in dev], sizes.grid)
