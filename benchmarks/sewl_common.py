@@ -75,3 +75,14 @@ def no_grad_forward(model: torch.nn.Module, chunk: torch.Tensor) -> Callable[[],
             return model(input_ids=chunk)
 
     return run
+
+
+def adapter_off_forward(model: torch.nn.Module, chunk: torch.Tensor) -> Callable[[], object]:
+    """The same no-grad forward with a PEFT model's adapters switched off: the base's own computation on the same
+    weights in the same memory, so a comparison with the adapter on measures the adapter and nothing else."""
+
+    def run() -> object:
+        with torch.no_grad(), model.disable_adapter():
+            return model(input_ids=chunk)
+
+    return run

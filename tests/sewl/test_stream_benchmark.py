@@ -33,6 +33,8 @@ def test_quick_stream_benchmark(tmp_path):
     assert (
         report["extras"]["lora_r8_bytes"] > report["extras"]["state_int8_bytes"] > report["extras"]["phi_int8_bytes"]
     )
+    timings = ("latency_unmerged_ratio", "latency_merged_ratio", "copy_noise_ratio")
+    assert all(math.isfinite(report["extras"][key]) and report["extras"][key] > 0 for key in timings)
     assert len(report["targets"]) == 5 and all(isinstance(ok, bool) for _, ok in report["targets"])
     table = (tmp_path / "sewl_stream.md").read_text()
     assert table.count("| PASS |") + table.count("| MISS |") == 5
