@@ -389,7 +389,7 @@ def extras(arm: Arm, model: torch.nn.Module, plain: torch.nn.Module, sizes: Size
     evolve(arm, chunks)
     probe = stream.ids[None, : 2 * sizes.chunk]
     # Unmerged: the same model with and without its adapter, so both forwards read the same base weights. Two copies
-    # of the same weights can differ by several percent in one process (where the allocator put them), which is
+    # of the same weights can differ by a few percent in one process (why is not established), which is
     # measured here too (`copy_noise`: the plain base vs the grafted model with its adapter off) and is part of the
     # merged comparison, whose served model is a copy. The verdict takes 21 rounds: on an idle machine the median of 9
     # paired ratios moved by ±1.5% between repeats, the size of the 2% target; of 21, by ±1%.
