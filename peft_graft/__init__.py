@@ -37,7 +37,8 @@ from .errors import (
 
 
 if TYPE_CHECKING:
-    from .calibration import calibrate
+    from .calibration import calibrate, calibrating_step
+    from .calibration_callback import CalibrateOnFirstStep
     from .tuners.graft import GRAFT_PEFT_TYPE, GraftConfig, GraftLayer, GraftModel, register_graft_method
 
 
@@ -48,6 +49,8 @@ __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
         "calibrate": ".calibration",
+        "calibrating_step": ".calibration",
+        "CalibrateOnFirstStep": ".calibration_callback",
         "GRAFT_PEFT_TYPE": ".tuners.graft",
         "GraftConfig": ".tuners.graft",
         "GraftLayer": ".tuners.graft",
@@ -65,6 +68,7 @@ __all__ = [
     "GRAFT_PEFT_TYPE",
     "AdapterFileError",
     "BlendError",
+    "CalibrateOnFirstStep",
     "CalibrationRequiredError",
     "ExportError",
     "GraftConfig",
@@ -79,5 +83,6 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedLayerError",
     "calibrate",
+    "calibrating_step",
     "register_graft_method",
 ]

@@ -179,7 +179,8 @@ class GraftLayer(BaseTunerLayer):
             raise CalibrationRequiredError(
                 f"Graft adapter {adapter!r} on {self.module_name!r} uses {', '.join(self.graft_pending[adapter])}, "
                 "which needs calibration data. Run `peft_graft.calibrate(model, dataloader)` before training, "
-                "inference or merging."
+                "inference or merging, or calibrate on the first training step: `peft_graft.calibrating_step` "
+                "(with transformers.Trainer: the `peft_graft.CalibrateOnFirstStep` callback)."
             )
 
     # ------------------------------------------------------------------ calibration
@@ -206,6 +207,22 @@ class GraftLayer(BaseTunerLayer):
             sparse.cols.copy_(flat % self.in_features)
             sparse.values.zero_()
         self.graft_pending[adapter] = ()
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        """Φ's parameters, the sparse residual's values and (trainable projections) A and B of ``adapter``."""
+        parts = [part[adapter] for part in (self.graft_phi, self.graft_proj, self.graft_sparse) if adapter in part]
+        return [p for part in parts for p in part.parameters()]
+
+    def add_recorded_step_gradient(self, adapter: str, stats: Any) -> None:
+        """Add to the adapter's parameter gradients what backpropagation gives them for the step ``stats`` recorded.
+
+        The adapter contributed ΔW = 0 during that step, so the loss's gradient w.r.t. the effective weight W + ΔW was
+        the recorded Σ gᵀx (out×in); the chain rule through ΔW(Φ, sparse values, trainable A/B) does the rest, for
+        every Φ family and both modes."""
+        with torch.enable_grad():
+            delta = self.get_delta_weight(adapter)
+        if delta.requires_grad:
+            delta.backward(stats.grad_x.to(delta))
 
     # ------------------------------------------------------------------ math
 

@@ -1,0 +1,179 @@
+"""`calibrating_step` / `CalibrateOnFirstStep`: calibration from the first training step's own passes, checked against
+`calibrate()` on the same batch followed by an ordinary autograd step with the calibrated adapter in place."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import peft_graft
+from peft_graft import CalibrateOnFirstStep, CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
+
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def batch(seed=3, rows=2):
+    ids = torch.randint(0, 128, (rows, 16), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def graft(tiny_llama, **kwargs):
+    return get_peft_model(tiny_llama(), GraftConfig(**{"r": 4, "target_modules": TARGETS, **kwargs}))
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, GraftLayer)]
+
+
+def adapter_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(actual, expected, name):
+    """Equal up to float32 rounding of sums over tokens, relative to the tensor's largest entry."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def reference_grads(tiny_llama, micro_batches, **kwargs):
+    """`calibrate()` on the micro-batches, then their loss backpropagated through the calibrated adapter."""
+    model = graft(tiny_llama, **kwargs)
+    peft_graft.calibrate(model, micro_batches, progress=False)
+    for b in micro_batches:
+        model(**b).loss.backward()
+    return model, adapter_grads(model)
+
+
+CONFIGS = {
+    "gradient": dict(projection="gradient"),
+    "activation": dict(projection="activation"),
+    "output-mode": dict(projection="gradient", mode="output"),
+    "diagonal-phi": dict(projection="gradient", phi="diagonal"),
+    "lowrank-phi": dict(projection="gradient", phi="lowrank", phi_rank=2),
+    "sparse-residual": dict(projection="svd", sparse_residual=6),
+}
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-batch", "accumulated"])
+def test_first_step_equals_calibrating_first_then_stepping(tiny_llama, kwargs, micro):
+    micro_batches = [batch(seed) for seed in range(3, 3 + micro)]
+    reference, expected = reference_grads(tiny_llama, micro_batches, **kwargs)
+    model = graft(tiny_llama, **kwargs)
+    model.train()
+    with peft_graft.calibrating_step(model):
+        for b in micro_batches:
+            model(**b).loss.backward()
+    grads = adapter_grads(model)
+    assert grads.keys() == expected.keys()
+    assert any(g.abs().max() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        assert_close(grad, expected[name], name)
+    for mine, ref in zip(layers(model), layers(reference), strict=True):
+        assert not mine.graft_recorders and not mine.graft_pending["default"]
+        torch.testing.assert_close(mine.graft_proj["default"].A, ref.graft_proj["default"].A, atol=1e-5, rtol=0)
+        if "default" in mine.graft_sparse:
+            assert torch.equal(mine.graft_sparse["default"].rows, ref.graft_sparse["default"].rows)
+
+
+def test_the_step_after_it_is_an_ordinary_training_step(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with peft_graft.calibrating_step(model):
+        first = model(**batch()).loss
+        first.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        after = model(**batch()).loss
+    assert after < first.detach() - 1e-3  # the recorded gradient, applied in the new subspace, lowers that batch's loss
+    model(**batch(4)).loss.backward()  # and the adapter now trains like any other
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_max_grad_norm_clips_the_adapter_gradients(tiny_llama):
+    _, expected = reference_grads(tiny_llama, [batch()], projection="gradient")
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
+    model = graft(tiny_llama, projection="gradient")
+    with peft_graft.calibrating_step(model, max_grad_norm=norm / 4):
+        model(**batch()).loss.backward()
+    clipped = adapter_grads(model)
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])).item()
+    assert total == pytest.approx(norm / 4, rel=1e-4)
+    for name, grad in clipped.items():
+        assert_close(grad * 4, expected[name], name)
+
+
+def pending(model):
+    return all(layer.graft_pending["default"] for layer in layers(model))
+
+
+def test_a_graft_that_does_not_start_at_zero_is_refused_before_anything_runs(tiny_llama):
+    model = graft(tiny_llama, projection="gradient", init_weights="lstsq")
+    with pytest.raises(GraftConfigError, match="init_weights=True"), peft_graft.calibrating_step(model):
+        pytest.fail("the block must not run")
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+
+
+def test_nothing_to_calibrate_is_an_error(tiny_llama):
+    model = graft(tiny_llama, projection="orthogonal")
+    with pytest.raises(GraftConfigError, match="nothing left to calibrate"), peft_graft.calibrating_step(model):
+        pytest.fail("the block must not run")
+
+
+def test_a_block_without_backward_leaves_the_adapter_uncalibrated(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    with torch.no_grad():  # a forward without backward records no gradient
+        step = peft_graft.calibrating_step(model).__enter__()
+        model(**batch())
+    with pytest.raises(CalibrationRequiredError, match="loss.backward"):
+        step.__exit__(None, None, None)
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+    with pytest.raises(CalibrationRequiredError, match="calibrating_step"):
+        model(**batch())
+
+
+def test_an_error_inside_the_block_changes_nothing(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"), peft_graft.calibrating_step(model):
+        model(**batch()).loss.backward()
+        raise RuntimeError("boom")
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+
+
+def trainer_run(tiny_llama, tmp_path, callbacks, calibrate_first):
+    """One Trainer step (two accumulated micro-batches, clipped, SGD so the step is linear in the gradient)."""
+    ids = batch(rows=1)["input_ids"].repeat(4, 1)  # one sequence four times: every shuffle gives the same batches
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    model = graft(tiny_llama, projection="gradient")
+    if calibrate_first:
+        peft_graft.calibrate(model, [{"input_ids": ids, "labels": ids}], progress=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        optim="sgd", learning_rate=1.0, max_grad_norm=0.01, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+    return model
+
+
+def test_trainer_callback_takes_the_step_of_an_adapter_calibrated_beforehand(tiny_llama, tmp_path):
+    with pytest.raises(CalibrationRequiredError):
+        trainer_run(tiny_llama, tmp_path, [], calibrate_first=False)
+    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstStep()], calibrate_first=False)
+    reference = trainer_run(tiny_llama, tmp_path, [], calibrate_first=True)
+    mine, ref = dict(model.named_parameters()), dict(reference.named_parameters())
+    trained = [n for n, p in mine.items() if p.requires_grad]
+    assert trained and all(mine[n].abs().max() > 0 for n in trained)
+    for name in trained:
+        assert_close(mine[name], ref[name], name)
+    for a, b in zip(layers(model), layers(reference), strict=True):
+        torch.testing.assert_close(a.graft_proj["default"].B, b.graft_proj["default"].B, atol=1e-5, rtol=0)
+
+
+def test_trainer_callback_leaves_a_calibrated_adapter_alone(tiny_llama, tmp_path):
+    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstStep()], calibrate_first=True)
+    assert not any(layer.graft_recorders for layer in layers(model))
