@@ -3,7 +3,7 @@
     experiments/<method>/adapter_config.json    the adapter config as its class saved it (PeftConfig.from_pretrained
                                                 reads it once peft_graft is imported), for SmolLM2-135M
     experiments/<method>/training_params.json   label, base ("fp32" or "nf4"), lr_grid, and where needed
-                                                calibration_batches and quick_overrides (config fields replaced on the
+                                                calibration_batches or "calibration": "first_step", and quick_overrides (config fields replaced on the
                                                 quick mode's tiny model, e.g. an r fitted to a parameter budget)
 
 Pure JSON: nothing here imports torch or peft, so the report reads the methods without loading a framework.
@@ -58,6 +58,12 @@ class Experiment:
     @property
     def calibration_batches(self) -> int | None:
         return self.training.get("calibration_batches")
+
+    @property
+    def calibrates_on_first_step(self) -> bool:
+        """Whether the first training step itself calibrates the adapter (`peft_graft.calibrating_step`), instead of
+        calibration_batches extra passes before training."""
+        return self.training.get("calibration") == "first_step"
 
     @property
     def quick_overrides(self) -> dict:

@@ -15,7 +15,9 @@ import torch
 from peft import PeftConfig, get_peft_model, initialize_lora_eva_weights
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from peft_graft import calibrate  # importing peft_graft registers GRAFT, so PeftConfig.from_pretrained reads it
+from peft_graft import calibrate, calibrating_step  # importing peft_graft registers GRAFT, so PeftConfig.from_pretrained reads it
+
+from peft_graft.calibration import needs_calibration
 
 from .experiments import Experiment
 from .protocol import Protocol
@@ -122,13 +124,13 @@ def build(exp: Experiment, protocol: Protocol, model_dir: Path, seed: int,
     plus any data-driven init; not the base's loading), the compute a method spends before its first step.
 
     Configs whose init reads data (gradient projections: `calibrate`; EVA: PEFT's `initialize_lora_eva_weights`)
-    get calibration_batches training batches drawn by ``seed``."""
+    get calibration_batches training batches drawn by ``seed``, unless the first training step calibrates them."""
     base = load_base(model_dir, protocol.bases[exp.base]["load_in_4bit"])
     config = adapter_config(exp, seed, protocol.quick)
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
     started = time.perf_counter()
     model = get_peft_model(base, config)
-    if needs_data(config):
+    if needs_data(config) and not exp.calibrates_on_first_step:
         if exp.calibration_batches is None:
             raise SystemExit(f"{exp.name}: the adapter's init reads data; set calibration_batches in training_params")
         batches = calibration_batches(train_blocks, seed, protocol.batch_size, exp.calibration_batches)
@@ -155,8 +157,10 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    loss = model(input_ids=x, labels=x, use_cache=False).loss
-    loss.backward()
+    """One step; on a graft still waiting for calibration data, the step calibrates it (`calibrating_step`)."""
+    with calibrating_step(model) if needs_calibration(model) else contextlib.nullcontext():
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

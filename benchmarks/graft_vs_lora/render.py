@@ -104,6 +104,11 @@ def notes(report: dict) -> list[str]:
          f"{r['method']}: EVA's incremental SVD of the layer inputs over up to {r['calibration_batches']} training "
          "batches (forward passes only; PEFT's initialize_lora_eva_weights) before training.")
         for r in rows if r["calibration_batches"]
+    ] + [
+        (f"{r['method']}: projections from the loss gradient of its first training step (peft_graft.calibrating_step: "
+         f"no extra passes); that step took {r['first_step_extra_s']:.2f} s longer than the median step (weight-"
+         "gradient products and the projection solver), counted in compute / ref, and its memory in peak tensor MiB.")
+        for r in rows if r.get("first_step_calibration")
     ]
     return [
         ("Peak tensor memory (judged): the model's tensors plus the peak of live allocations recorded by torch's "

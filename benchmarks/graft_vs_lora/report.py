@@ -54,7 +54,8 @@ class Collector:
         mean, ci = t_interval(gains)
         return dict(
             method=exp.name, label=exp.label, peft_type=exp.adapter_config["peft_type"], base=exp.base,
-            calibration_batches=exp.calibration_batches, r=probe["r"], trainable_params=probe["trainable_params"],
+            calibration_batches=exp.calibration_batches, first_step_calibration=exp.calibrates_on_first_step,
+            r=probe["r"], trainable_params=probe["trainable_params"],
             lr=lr, lr_at_grid_edge=edge, seeds=p.final_seeds,
             sweep_validation_loss={f"{k:g}": v for k, v in sorted(losses.items())}, test_losses=test_losses,
             test_gains=gains, gain_mean=mean, gain_ci95=ci,
