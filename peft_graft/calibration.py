@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationRequiredError, GraftConfigError
+from .errors import CalibrationRequiredError, GraftConfigError, NonFiniteCalibrationError
 from .tuners.graft.config import GraftConfig
 from .tuners.graft.layer import GraftLayer
 from .tuners.graft.model import PROGRESS_MIN_MODULES
@@ -63,6 +63,10 @@ class _Recorder:
                 result = result + self._zero
             result.register_hook(partial(self._on_grad, u2, x2))
         return result
+
+    def finite(self) -> bool:
+        stats = (self.input_gram, self.output_gram, self.grad_u, self._grad_x)
+        return all(bool(torch.isfinite(s).all()) for s in stats if s is not None)
 
     def sum_over_ranks(self) -> None:
         """Add up every rank's statistics (each rank recorded the same ones, for its own batches)."""
@@ -118,6 +122,13 @@ def _finish(adapter: str, config: GraftConfig, layers: list[GraftLayer], progres
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for layer in layers:
             layer.graft_recorders[adapter].sum_over_ranks()
+    broken = [layer.module_name for layer in layers if not layer.graft_recorders[adapter].finite()]
+    if broken:  # checked for every layer before any changes, so a failure leaves the adapter as it was
+        raise NonFiniteCalibrationError(
+            f"Calibration of graft {adapter!r} recorded NaN/Inf statistics at {broken[0]!r} ({len(broken)} layers "
+            "in all): the loss or the activations of the calibration data are not finite. Nothing was calibrated; "
+            "check the data (and the loss on it) and calibrate again."
+        )
     quiet = not progress or len(layers) < PROGRESS_MIN_MODULES or None
     for layer in tqdm(layers, desc=f"Graft {adapter!r} from calibration", unit="module", disable=quiet):
         layer.apply_calibration(adapter, config, layer.graft_recorders[adapter])

@@ -30,7 +30,8 @@ class CalibrateOnFirstStep(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
-        if self._step is not None or state.global_step != 0 or not needs_calibration(model, self.adapter_name):
+        self.on_train_end(args, state, control)  # a recording left by a run that failed inside its first step
+        if state.global_step != 0 or not needs_calibration(model, self.adapter_name):
             return
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
         self._step = calibrating_step(model, self.adapter_name, clip).__enter__()
@@ -46,6 +47,6 @@ class CalibrateOnFirstStep(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._step is not None:  # training stopped before the first optimizer step
+        if self._step is not None:  # stopped before the first optimizer step: record nothing further
             self._step.discard()
             self._step = None

@@ -39,6 +39,10 @@ class CalibrationRequiredError(PeftGraftError, RuntimeError):
     """A data-driven projection, init or sparse residual was used before `calibrate()` ran."""
 
 
+class NonFiniteCalibrationError(PeftGraftError, FloatingPointError):
+    """Calibration recorded NaN/Inf statistics (a diverging loss or bad inputs); nothing was calibrated."""
+
+
 class NonFiniteWeightsError(PeftGraftError, ValueError):
     """Merging would write NaN/Inf into the base weights; the base is left untouched."""
 

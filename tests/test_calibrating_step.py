@@ -8,7 +8,14 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_graft
-from peft_graft import CalibrateOnFirstStep, CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
+from peft_graft import (
+    CalibrateOnFirstStep,
+    CalibrationRequiredError,
+    GraftConfig,
+    GraftConfigError,
+    GraftLayer,
+    NonFiniteCalibrationError,
+)
 
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -145,11 +152,11 @@ def test_an_error_inside_the_block_changes_nothing(tiny_llama):
     assert all(p.grad is None for p in model.parameters() if p.requires_grad)
 
 
-def trainer_run(tiny_llama, tmp_path, callbacks, calibrate_first):
+def trainer_run(tiny_llama, tmp_path, callbacks, calibrate_first, model=None):
     """One Trainer step (two accumulated micro-batches, clipped, SGD so the step is linear in the gradient)."""
     ids = batch(rows=1)["input_ids"].repeat(4, 1)  # one sequence four times: every shuffle gives the same batches
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    model = graft(tiny_llama, projection="gradient")
+    model = model or graft(tiny_llama, projection="gradient")
     if calibrate_first:
         peft_graft.calibrate(model, [{"input_ids": ids, "labels": ids}], progress=False)
     args = TrainingArguments(
@@ -174,6 +181,49 @@ def test_trainer_callback_takes_the_step_of_an_adapter_calibrated_beforehand(tin
         torch.testing.assert_close(a.graft_proj["default"].B, b.graft_proj["default"].B, atol=1e-5, rtol=0)
 
 
+def test_trainer_callback_after_a_failed_first_step_starts_afresh(tiny_llama, tmp_path):
+    model, callback = graft(tiny_llama, projection="gradient"), CalibrateOnFirstStep()
+    hook = poisoned(model)
+    with pytest.raises(NonFiniteCalibrationError):
+        trainer_run(tiny_llama, tmp_path, [callback], calibrate_first=False, model=model)
+    hook.remove()
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+    trainer_run(tiny_llama, tmp_path, [callback], calibrate_first=False, model=model)
+    reference = trainer_run(tiny_llama, tmp_path, [], calibrate_first=True)
+    mine, ref = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in (n for n, p in mine.items() if p.requires_grad):
+        assert_close(mine[name], ref[name], name)  # nothing of the failed attempt left in the statistics
+
+
 def test_trainer_callback_leaves_a_calibrated_adapter_alone(tiny_llama, tmp_path):
     model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstStep()], calibrate_first=True)
     assert not any(layer.graft_recorders for layer in layers(model))
+
+
+def poisoned(model):
+    """A NaN after the last decoder layer: the loss and every recorded gradient become NaN."""
+    return model.base_model.model.model.layers[-1].register_forward_hook(lambda m, args, out: out * float("nan"))
+
+
+def test_a_non_finite_step_calibrates_nothing(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    hook = poisoned(model)
+    with pytest.raises(NonFiniteCalibrationError, match="NaN/Inf"), peft_graft.calibrating_step(model):
+        model(**batch()).loss.backward()
+    hook.remove()
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    with peft_graft.calibrating_step(model):  # a finite step afterwards calibrates as usual
+        model(**batch()).loss.backward()
+    assert not pending(model)
+
+
+def test_calibrate_on_non_finite_data_calibrates_nothing(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    hook = poisoned(model)
+    with pytest.raises(NonFiniteCalibrationError, match="Nothing was calibrated"):
+        peft_graft.calibrate(model, [batch()], progress=False)
+    hook.remove()
+    assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
