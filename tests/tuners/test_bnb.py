@@ -242,3 +242,27 @@ def test_mixed_adapter_batches_on_a_quantized_base(llama_dir, batch, quant: str)
     assert not torch.allclose(alone_other, alone_default)
     torch.testing.assert_close(mixed[0], alone_other[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mixed[1], alone_default[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant", QUANT)
+@pytest.mark.parametrize("mode", ["additive", "output"])
+def test_first_step_calibration_on_a_quantized_base(llama_dir, batch, quant: str, mode: str) -> None:
+    """`calibrating_step` gives Φ the gradient autograd gives it with the projections it found in place, on
+    4-bit/8-bit bases. (calibrate() runs in eval mode, where bnb computes differently (8-bit thresholds, 4-bit repacked
+    for a bf16 kernel), so the reference is the same graft with the step's projections put in place by hand.)"""
+    config = peft_graft.GraftConfig(r=4, projection="gradient", mode=mode, target_modules=TARGETS)
+    models = [get_peft_model(load_quantized(llama_dir, quant), config) for _ in range(2)]
+    for model in models:
+        model.train()
+    with peft_graft.calibrating_step(models[1]):
+        models[1](**batch).loss.backward()
+    for mine, reference in zip(grafted_layers(models[1]), grafted_layers(models[0]), strict=True):
+        reference.graft_proj["default"].assign(mine.graft_proj["default"].A, mine.graft_proj["default"].B)
+        reference.graft_pending["default"] = ()
+    models[0](**batch).loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, expected in grads[0].items():
+        scale = expected.abs().max().item()
+        assert scale > 0
+        torch.testing.assert_close(grads[1][name], expected, atol=1e-4 * scale, rtol=1e-3)
