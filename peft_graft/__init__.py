@@ -38,8 +38,9 @@ from .errors import (
 
 
 if TYPE_CHECKING:
-    from .calibration import calibrate, calibrating_step
-    from .calibration_callback import CalibrateOnFirstStep
+    from .calibration import calibrate
+    from .calibration_callback import CalibrateOnFirstSteps
+    from .step_calibration import CalibratingSteps, calibrating_step
     from .tuners.graft import GRAFT_PEFT_TYPE, GraftConfig, GraftLayer, GraftModel, register_graft_method
 
 
@@ -50,8 +51,9 @@ __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
         "calibrate": ".calibration",
-        "calibrating_step": ".calibration",
-        "CalibrateOnFirstStep": ".calibration_callback",
+        "calibrating_step": ".step_calibration",
+        "CalibratingSteps": ".step_calibration",
+        "CalibrateOnFirstSteps": ".calibration_callback",
         "GRAFT_PEFT_TYPE": ".tuners.graft",
         "GraftConfig": ".tuners.graft",
         "GraftLayer": ".tuners.graft",
@@ -69,7 +71,8 @@ __all__ = [
     "GRAFT_PEFT_TYPE",
     "AdapterFileError",
     "BlendError",
-    "CalibrateOnFirstStep",
+    "CalibrateOnFirstSteps",
+    "CalibratingSteps",
     "CalibrationRequiredError",
     "ExportError",
     "GraftConfig",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,11 @@ from .tuners.graft.model import PROGRESS_MIN_MODULES
 class _Recorder:
     """Accumulates one layer's calibration statistics in fp32 on the layer's device."""
 
-    def __init__(self, layer: GraftLayer, mode: str, grams: bool, grads: bool) -> None:
+    def __init__(self, layer: GraftLayer, mode: str, grams: bool, grads: bool, contributes: bool = False) -> None:
         self.layer, self.mode, self.grams, self.grads = layer, mode, grams, grads
+        # False: the layer adds nothing while recording (calibration); True: the calibrated graft acts as usual and
+        # the gradient at its effective weight is recorded (refining steps of `CalibratingSteps`)
+        self.contributes = contributes
         self.input_gram: torch.Tensor | None = None
         self.output_gram: torch.Tensor | None = None
         self.grad_u: torch.Tensor | None = None
@@ -63,6 +66,12 @@ class _Recorder:
                 result = result + self._zero
             result.register_hook(partial(self._on_grad, u2, x2))
         return result
+
+    def absorb(self, other: _Recorder) -> None:
+        """Add ``other``'s statistics to these (statistics summed over several recorded steps)."""
+        for name in ("input_gram", "output_gram", "grad_u", "_grad_x"):
+            if getattr(other, name) is not None:
+                setattr(self, name, self._add(getattr(self, name), getattr(other, name)))
 
     def finite(self) -> bool:
         stats = (self.input_gram, self.output_gram, self.grad_u, self._grad_x)
@@ -98,9 +107,12 @@ def needs_calibration(model: nn.Module, adapter_name: str | None = None) -> bool
     return any(layer.graft_pending.get(adapter) for layer in _graft_layers(model, adapter))
 
 
-def _start(model: nn.Module, adapter_name: str | None, grads: bool) -> tuple[str, GraftConfig, list[GraftLayer]]:
+def start_recording(
+    model: nn.Module, adapter_name: str | None, grads: bool, contributes: bool = False
+) -> tuple[str, GraftConfig, list[GraftLayer]]:
     """Check that ``adapter_name`` is an active graft adapter and give each of its layers a recorder (the layers then
-    contribute nothing and record instead); ``grads`` records the weight gradient even if the config needs none."""
+    record, and contribute nothing unless ``contributes``); ``grads`` records the weight gradient even if the config
+    needs none."""
     adapter = adapter_name or getattr(model, "active_adapter", "default")
     config = model.peft_config[adapter]
     if not isinstance(config, GraftConfig):
@@ -113,15 +125,12 @@ def _start(model: nn.Module, adapter_name: str | None, grads: bool) -> tuple[str
     statistics = set(config.calibration_needs.values())
     grams, grads = "activations" in statistics, grads or "gradient" in statistics
     for layer in layers:
-        layer.graft_recorders[adapter] = _Recorder(layer, config.mode, grams, grads)
+        layer.graft_recorders[adapter] = _Recorder(layer, config.mode, grams, grads, contributes)
     return adapter, config, layers
 
 
-def _finish(adapter: str, config: GraftConfig, layers: list[GraftLayer], progress: bool) -> None:
-    """Sum the statistics over ranks (under torch.distributed) and turn them into each layer's projections and Φ₀."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for layer in layers:
-            layer.graft_recorders[adapter].sum_over_ranks()
+def check_finite(adapter: str, layers: list[GraftLayer]) -> None:
+    """Raise before anything is changed if any layer recorded NaN/Inf."""
     broken = [layer.module_name for layer in layers if not layer.graft_recorders[adapter].finite()]
     if broken:  # checked for every layer before any changes, so a failure leaves the adapter as it was
         raise NonFiniteCalibrationError(
@@ -129,12 +138,20 @@ def _finish(adapter: str, config: GraftConfig, layers: list[GraftLayer], progres
             "in all): the loss or the activations of the calibration data are not finite. Nothing was calibrated; "
             "check the data (and the loss on it) and calibrate again."
         )
+
+
+def finish_recording(adapter: str, config: GraftConfig, layers: list[GraftLayer], progress: bool) -> None:
+    """Sum the statistics over ranks (under torch.distributed) and turn them into each layer's projections and Φ₀."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for layer in layers:
+            layer.graft_recorders[adapter].sum_over_ranks()
+    check_finite(adapter, layers)
     quiet = not progress or len(layers) < PROGRESS_MIN_MODULES or None
     for layer in tqdm(layers, desc=f"Graft {adapter!r} from calibration", unit="module", disable=quiet):
         layer.apply_calibration(adapter, config, layer.graft_recorders[adapter])
 
 
-def _stop(adapter: str, layers: list[GraftLayer]) -> None:
+def stop_recording(adapter: str, layers: list[GraftLayer]) -> None:
     for layer in layers:
         layer.graft_recorders.pop(adapter, None)
 
@@ -154,9 +171,10 @@ def calibrate(
     torch.distributed, call it on every rank with that rank's shard (every rank must yield at least one batch); the
     statistics are summed over ranks. Returns the number of batches this process used.
 
-    To spend no extra passes on it, let the first training step calibrate instead: `calibrating_step`.
+    To spend no extra passes on it, let the first training steps calibrate instead: `peft_graft.calibrating_step`,
+    `peft_graft.CalibratingSteps`.
     """
-    adapter, config, layers = _start(model, adapter_name, grads=False)
+    adapter, config, layers = start_recording(model, adapter_name, grads=False)
     grads = layers[0].graft_recorders[adapter].grads
     device = next(model.parameters()).device
     was_training = model.training
@@ -180,90 +198,9 @@ def calibrate(
             used += 1
         if used == 0:
             raise CalibrationRequiredError("The calibration dataloader yielded no batches.")
-        _finish(adapter, config, layers, progress)
+        finish_recording(adapter, config, layers, progress)
     finally:
-        _stop(adapter, layers)
+        stop_recording(adapter, layers)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return used
-
-
-class CalibratingStep:
-    """The context manager `calibrating_step` returns; `discard` leaves without calibrating (nothing changes)."""
-
-    def __init__(self, model: nn.Module, adapter_name: str | None, max_grad_norm: float | None) -> None:
-        self.model, self.adapter_name, self.max_grad_norm = model, adapter_name, max_grad_norm
-        self._active: tuple[str, GraftConfig, list[GraftLayer]] | None = None
-
-    def __enter__(self) -> Self:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise GraftConfigError(
-                "calibrating_step runs in one process; under torch.distributed calibrate with "
-                "`peft_graft.calibrate(model, shard)` on every rank before training."
-            )
-        adapter = self.adapter_name or getattr(self.model, "active_adapter", "default")
-        config = self.model.peft_config.get(adapter)
-        if isinstance(config, GraftConfig):
-            if config.init_weights not in (True, "zeros"):
-                raise GraftConfigError(
-                    f"calibrating_step needs a graft that starts at ΔW = 0 (init_weights=True), so that the step it "
-                    f"records is the step the calibrated adapter would take; adapter {adapter!r} has "
-                    f"init_weights={config.init_weights!r}. Use `peft_graft.calibrate(model, dataloader)` instead."
-                )
-            if not needs_calibration(self.model, adapter):
-                raise GraftConfigError(f"Adapter {adapter!r} has nothing left to calibrate.")
-        self._active = _start(self.model, adapter, grads=True)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is not None:
-            self.discard()
-            return
-        adapter, config, layers = self._active
-        try:
-            missing = [layer.module_name for layer in layers if layer.graft_recorders[adapter].grad_x is None]
-            if missing:
-                raise CalibrationRequiredError(
-                    f"No gradient reached {missing[0]!r} (and {len(missing) - 1} more graft layers) inside "
-                    "calibrating_step: run the first training step's forward and loss.backward() inside the block."
-                )
-            _finish(adapter, config, layers, progress=False)
-            for layer in layers:
-                layer.add_recorded_step_gradient(adapter, layer.graft_recorders[adapter])
-        finally:
-            self.discard()
-        if self.max_grad_norm is not None:
-            params = [p for layer in layers for p in layer.adapter_parameters(adapter) if p.requires_grad]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-
-    def discard(self) -> None:
-        """Stop recording; an adapter not yet calibrated stays so (using it raises CalibrationRequiredError)."""
-        if self._active is not None:
-            adapter, _, layers = self._active
-            _stop(adapter, layers)
-            self._active = None
-
-
-def calibrating_step(
-    model: nn.Module, adapter_name: str | None = None, max_grad_norm: float | None = None
-) -> CalibratingStep:
-    """Calibrate adapter ``adapter_name`` on the first training step itself: no extra forward or backward pass.
-
-    Run that step's forward and ``loss.backward()`` (every micro-batch of it) inside the block, then step the
-    optimizer as usual::
-
-        with peft_graft.calibrating_step(model):
-            model(**batch).loss.backward()
-        optimizer.step()
-
-    Inside the block the graft layers record instead of contributing; on leaving it the statistics become the
-    projections, and the adapter's parameters receive the gradients backpropagation would have given them had the
-    calibrated adapter been in place: exact, because a graft that starts at ΔW = 0 changes neither the loss nor any
-    gradient, so the loss's gradient w.r.t. each effective weight is the recorded Σ gᵀx. The optimizer thus takes the
-    step a calibrated adapter takes on that batch, and the calibration costs the weight-gradient products and the
-    projection solver, not a pass over data. Those gradients are set after any clipping your loop did; pass
-    ``max_grad_norm`` to clip them (the adapter's own parameters, jointly). With `transformers.Trainer` use
-    `peft_graft.CalibrateOnFirstStep`. Needs ``init_weights=True``; one process (under torch.distributed use
-    `calibrate` on every rank).
-    """
-    return CalibratingStep(model, adapter_name, max_grad_norm)

@@ -27,6 +27,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins (the bare
     "peft_graft.artifacts": "core",
     "peft_graft.calibration": "core",
     "peft_graft.calibration_callback": "core",
+    "peft_graft.step_calibration": "core",
     "peft_graft.inspect_base": "core",
     "peft_graft.tuners": "core",
     "peft_graft.status": "lifecycle",

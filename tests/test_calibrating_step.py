@@ -9,7 +9,8 @@ from transformers import Trainer, TrainingArguments
 
 import peft_graft
 from peft_graft import (
-    CalibrateOnFirstStep,
+    CalibrateOnFirstSteps,
+    CalibratingSteps,
     CalibrationRequiredError,
     GraftConfig,
     GraftConfigError,
@@ -170,7 +171,7 @@ def trainer_run(tiny_llama, tmp_path, callbacks, calibrate_first, model=None):
 def test_trainer_callback_takes_the_step_of_an_adapter_calibrated_beforehand(tiny_llama, tmp_path):
     with pytest.raises(CalibrationRequiredError):
         trainer_run(tiny_llama, tmp_path, [], calibrate_first=False)
-    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstStep()], calibrate_first=False)
+    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstSteps()], calibrate_first=False)
     reference = trainer_run(tiny_llama, tmp_path, [], calibrate_first=True)
     mine, ref = dict(model.named_parameters()), dict(reference.named_parameters())
     trained = [n for n, p in mine.items() if p.requires_grad]
@@ -182,7 +183,7 @@ def test_trainer_callback_takes_the_step_of_an_adapter_calibrated_beforehand(tin
 
 
 def test_trainer_callback_after_a_failed_first_step_starts_afresh(tiny_llama, tmp_path):
-    model, callback = graft(tiny_llama, projection="gradient"), CalibrateOnFirstStep()
+    model, callback = graft(tiny_llama, projection="gradient"), CalibrateOnFirstSteps()
     hook = poisoned(model)
     with pytest.raises(NonFiniteCalibrationError):
         trainer_run(tiny_llama, tmp_path, [callback], calibrate_first=False, model=model)
@@ -196,7 +197,7 @@ def test_trainer_callback_after_a_failed_first_step_starts_afresh(tiny_llama, tm
 
 
 def test_trainer_callback_leaves_a_calibrated_adapter_alone(tiny_llama, tmp_path):
-    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstStep()], calibrate_first=True)
+    model = trainer_run(tiny_llama, tmp_path, [CalibrateOnFirstSteps()], calibrate_first=True)
     assert not any(layer.graft_recorders for layer in layers(model))
 
 
@@ -227,3 +228,102 @@ def test_calibrate_on_non_finite_data_calibrates_nothing(tiny_llama):
         peft_graft.calibrate(model, [batch()], progress=False)
     hook.remove()
     assert pending(model) and not any(layer.graft_recorders for layer in layers(model))
+
+
+def subspace_gap(X, Y):
+    """‖P_X − P_Y‖ for matrices with orthonormal columns."""
+    return torch.linalg.matrix_norm(X @ X.T - Y @ Y.T, ord=2).item()
+
+
+def test_refining_steps_follow_the_summed_gradient(tiny_llama):
+    """Step 2 of CalibratingSteps(steps=2), against references from autograd on the base weights themselves: the
+    projections span the top-r subspaces of G₁ + G₂, Φ is the old ΔW in the new basis, its gradient is G₂ in that
+    basis, and Adam's state for Φ is dropped."""
+    model = graft(tiny_llama, projection="gradient")
+    targets = {layer: layer.get_base_layer().weight for layer in layers(model)}
+    for weight in targets.values():
+        weight.requires_grad_(True)  # W.grad = dL/dW = the gradient at the effective weight W + ΔW
+    phis = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 4]
+    optimizer = torch.optim.Adam(phis, lr=0.05)
+    calibration = CalibratingSteps(model, steps=2)
+    with calibration.step(optimizer):
+        model(**batch(3)).loss.backward()
+    optimizer.step()
+    first = {layer: w.grad.clone() for layer, w in targets.items()}
+    before = {layer: (layer.graft_proj["default"].A.clone(), layer.graft_proj["default"].B.clone(),
+                      layer.graft_phi["default"].weight.detach().clone()) for layer in targets}
+    for w in targets.values():
+        w.grad = None
+    optimizer.zero_grad()
+    with calibration.step(optimizer):
+        model(**batch(4)).loss.backward()
+    assert calibration.finished and not any(layer.graft_recorders for layer in targets)
+    for layer, w in targets.items():
+        second, (A, B, phi) = w.grad, before[layer]
+        U, _, Vh = torch.linalg.svd((first[layer] + second).double())
+        new_A, new_B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
+        assert subspace_gap(new_A, U[:, :4].float()) < 1e-3 and subspace_gap(new_B.T, Vh[:4].T.float()) < 1e-3
+        weight = layer.graft_phi["default"].weight
+        assert_close(weight.detach(), new_A.T @ (A @ phi @ B) @ new_B.T, layer.module_name)
+        assert_close(weight.grad, layer.graft_scaling["default"] * new_A.T @ second @ new_B.T, layer.module_name)
+        assert weight not in optimizer.state
+    with calibration.step(optimizer):  # finished: an ordinary step, nothing recorded
+        assert not any(layer.graft_recorders for layer in targets)
+
+
+def test_refining_needs_a_dense_phi_and_the_optimizer(tiny_llama):
+    with pytest.raises(GraftConfigError, match="phi='dense'"):
+        CalibratingSteps(graft(tiny_llama, projection="gradient", phi="diagonal"), steps=2)
+    with pytest.raises(GraftConfigError, match="positive integer"):
+        CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=0)
+    calibration = CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=2)
+    with calibration.step():
+        calibration.model(**batch()).loss.backward()
+    with pytest.raises(GraftConfigError, match="pass the optimizer"):
+        calibration.step()
+
+
+def test_a_non_finite_refining_step_changes_nothing(tiny_llama):
+    model = graft(tiny_llama, projection="gradient")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    calibration = CalibratingSteps(model, steps=2)
+    with calibration.step(optimizer):
+        model(**batch()).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    hook = poisoned(model)
+    with pytest.raises(NonFiniteCalibrationError), calibration.step(optimizer):
+        model(**batch(4)).loss.backward()
+    hook.remove()
+    assert calibration.done == 1 and not any(layer.graft_recorders for layer in layers(model))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_trainer_callback_refines_like_the_manual_loop(tiny_llama, tmp_path):
+    ids = batch(rows=1)["input_ids"].repeat(4, 1)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.01, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trained = graft(tiny_llama, projection="gradient")
+    Trainer(model=trained, args=args, train_dataset=data, callbacks=[CalibrateOnFirstSteps(steps=2)]).train()
+
+    model = graft(tiny_llama, projection="gradient")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    calibration = CalibratingSteps(model, steps=2)
+    for _ in range(3):
+        with calibration.step(optimizer):
+            model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.01)
+        optimizer.step()
+        optimizer.zero_grad()
+    mine, ref = dict(trained.named_parameters()), dict(model.named_parameters())
+    for name in (n for n, p in ref.items() if p.requires_grad):
+        assert_close(mine[name], ref[name], name)
+    for a, b in zip(layers(trained), layers(model), strict=True):
+        torch.testing.assert_close(a.graft_proj["default"].A, b.graft_proj["default"].A, atol=1e-5, rtol=0)

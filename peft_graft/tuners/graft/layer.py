@@ -188,11 +188,9 @@ class GraftLayer(BaseTunerLayer):
     @torch.no_grad()
     def apply_calibration(self, adapter: str, config: GraftConfig, stats: Any) -> None:
         """Turn recorded statistics into projections, an initial Φ and sparse positions."""
-        proj, phi, r = self.graft_proj[adapter], self.graft_phi[adapter], config.r_for(self.module_name)
-        if config.projection == "activation":
-            proj.assign(*activation_projections(stats.input_gram, stats.output_gram, r, *self._solver(config)))
-        elif config.projection == "gradient":
-            proj.assign(*gradient_projections(stats.grad_u, r, *self._solver(config)))
+        proj, phi = self.graft_proj[adapter], self.graft_phi[adapter]
+        if config.projection in ("activation", "gradient"):
+            proj.assign(*self._data_projections(config, stats))
         if config.init_weights in ("lstsq", "gradient_diag"):  # Φ₀ that reproduces one gradient step
             step = -config.init_lr * stats.grad_u.to(proj.A.device)  # ΔW of one gradient step, in graft input space
             A, B = proj.A.float(), proj.B.float()
@@ -207,6 +205,27 @@ class GraftLayer(BaseTunerLayer):
             sparse.cols.copy_(flat % self.in_features)
             sparse.values.zero_()
         self.graft_pending[adapter] = ()
+
+    def _data_projections(self, config: GraftConfig, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        r = config.r_for(self.module_name)
+        if config.projection == "activation":
+            return activation_projections(stats.input_gram, stats.output_gram, r, *self._solver(config))
+        return gradient_projections(stats.grad_u, r, *self._solver(config))
+
+    @torch.no_grad()
+    def refine_projections(self, adapter: str, config: GraftConfig, totals: Any, step: Any) -> None:
+        """Move a calibrated dense-Φ adapter to the projections of ``totals`` (statistics summed over the calibrating
+        steps so far), keeping the part of ΔW that the new subspaces hold (Φ ← A'ᵀ·AΦB·B'ᵀ), and give Φ the gradient
+        of the step ``step`` recorded, in the new basis (s·A'ᵀ Σgᵀu B'ᵀ, replacing autograd's, which is in the old)."""
+        proj, phi = self.graft_proj[adapter], self.graft_phi[adapter]
+        new_A, new_B = self._data_projections(config, totals)
+        device = proj.A.device
+        new_A, new_B = new_A.to(device), new_B.to(device)
+        delta = proj.A.float() @ phi.weight.float() @ proj.B.float()
+        grad = self.graft_scaling[adapter] * (new_A.T @ step.grad_u.to(device) @ new_B.T)
+        proj.assign(new_A, new_B)
+        phi.weight.copy_(new_A.T @ delta @ new_B.T)
+        phi.weight.grad = grad.to(phi.weight.dtype)
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
         """Φ's parameters, the sparse residual's values and (trainable projections) A and B of ``adapter``."""
@@ -408,11 +427,16 @@ class Linear(nn.Module, GraftLayer):
         for adapter in self.active_adapters:
             if adapter not in self.graft_phi:
                 continue
-            if adapter in self.graft_recorders:  # calibrating: observe, contribute nothing
-                result = self.graft_recorders[adapter].observe(x, self._pre_bias(result), result)
+            recorder = self.graft_recorders.get(adapter)
+            if recorder is not None and not recorder.contributes:  # calibrating: observe, contribute nothing
+                result = recorder.observe(x, self._pre_bias(result), result)
                 continue
             self._check_ready(adapter)
-            result = self._add_graft(adapter, x, result)
+            if recorder is None:
+                result = self._add_graft(adapter, x, result)
+            else:  # refining calibrated projections: act as usual and record the gradient at the effective weight
+                pre_bias = self._pre_bias(result)
+                result = recorder.observe(x, pre_bias, self._add_graft(adapter, x, result))
         return result
 
     def _rows_of_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> list[str]:
