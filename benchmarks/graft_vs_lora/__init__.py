@@ -25,8 +25,9 @@ Protocol (protocol.json; identical for every method):
 - Configs that need calibration (projection="gradient") place A/B on the top singular vectors of the loss gradient
   of each target weight, summed over calibration_batches training batches drawn by the seed (`peft_graft.calibrate`,
   before training): that many extra forward/backward passes that the other methods do not spend. Configs with
-  "calibration": "first_step" take them from the first training step's own gradient instead
-  (`peft_graft.calibrating_step`): no extra passes; that step's extra time counts in their compute.
+  "calibration": "first_step" (or "first_steps" and calibration_steps k) take them from the first training
+  step's (steps') own gradient instead (`peft_graft.CalibratingSteps`): no extra passes; those steps' extra time
+  counts in their compute.
 - Speed / memory / bytes / latency: per adapter, a fresh process (probe.py): peak tensor memory over 3 training steps
   (model tensors + peak live allocations from torch's profiler; this is what the memory target is judged on) and peak
   RSS (Linux VmHWM reset before training, for reference), adapter_model.safetensors size, median step time with

@@ -3,7 +3,8 @@
     experiments/<method>/adapter_config.json    the adapter config as its class saved it (PeftConfig.from_pretrained
                                                 reads it once peft_graft is imported), for SmolLM2-135M
     experiments/<method>/training_params.json   label, base ("fp32" or "nf4"), lr_grid, and where needed
-                                                calibration_batches or "calibration": "first_step", and quick_overrides (config fields replaced on the
+                                                calibration_batches or "calibration": "first_step" / "first_steps"
+                                                (with calibration_steps), and quick_overrides (config fields replaced on the
                                                 quick mode's tiny model, e.g. an r fitted to a parameter budget)
 
 Pure JSON: nothing here imports torch or peft, so the report reads the methods without loading a framework.
@@ -60,10 +61,12 @@ class Experiment:
         return self.training.get("calibration_batches")
 
     @property
-    def calibrates_on_first_step(self) -> bool:
-        """Whether the first training step itself calibrates the adapter (`peft_graft.calibrating_step`), instead of
-        calibration_batches extra passes before training."""
-        return self.training.get("calibration") == "first_step"
+    def calibration_steps(self) -> int:
+        """How many of the first training steps calibrate the adapter (`peft_graft.CalibratingSteps`) instead of
+        calibration_batches extra passes before training: "calibration": "first_step" is 1, "first_steps" reads
+        calibration_steps; 0 for the rest."""
+        kind = self.training.get("calibration")
+        return {"first_step": 1, "first_steps": self.training.get("calibration_steps", 0)}.get(kind, 0)
 
     @property
     def quick_overrides(self) -> dict:

@@ -15,9 +15,8 @@ import torch
 from peft import PeftConfig, get_peft_model, initialize_lora_eva_weights
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from peft_graft import calibrate, calibrating_step  # importing peft_graft registers GRAFT, so PeftConfig.from_pretrained reads it
-
-from peft_graft.calibration import needs_calibration
+# importing peft_graft registers GRAFT, so PeftConfig.from_pretrained reads it
+from peft_graft import CalibratingSteps, calibrate
 
 from .experiments import Experiment
 from .protocol import Protocol
@@ -130,7 +129,7 @@ def build(exp: Experiment, protocol: Protocol, model_dir: Path, seed: int,
     torch.manual_seed(seed)  # LoRA's Kaiming init and anything else drawn from the global generator
     started = time.perf_counter()
     model = get_peft_model(base, config)
-    if needs_data(config) and not exp.calibrates_on_first_step:
+    if needs_data(config) and not exp.calibration_steps:
         if exp.calibration_batches is None:
             raise SystemExit(f"{exp.name}: the adapter's init reads data; set calibration_batches in training_params")
         batches = calibration_batches(train_blocks, seed, protocol.batch_size, exp.calibration_batches)
@@ -156,9 +155,15 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.0)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    """One step; on a graft still waiting for calibration data, the step calibrates it (`calibrating_step`)."""
-    with calibrating_step(model) if needs_calibration(model) else contextlib.nullcontext():
+def calibration(model: torch.nn.Module, exp: Experiment) -> CalibratingSteps | None:
+    """What calibrates the adapter during its first training steps, for the methods that are calibrated so."""
+    return CalibratingSteps(model, exp.calibration_steps) if exp.calibration_steps else None
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               calibrating: CalibratingSteps | None = None) -> float:
+    """One step; while ``calibrating`` has steps left, the step also calibrates the adapter."""
+    with calibrating.step(optimizer) if calibrating is not None else contextlib.nullcontext():
         loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
@@ -167,8 +172,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.item()
 
 
-def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> dict:
-    """AdamW at constant ``lr``, grad-norm clip 1.0; ``seed`` draws which training blocks are used, in which order."""
+def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+          calibrating: CalibratingSteps | None = None) -> dict:
+    """AdamW at constant ``lr``, grad-norm clip 1.0; ``seed`` draws which training blocks are used, in which order;
+    ``calibrating`` calibrates the adapter on the first steps."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(blocks), generator=generator)
                        for _ in range(-(-steps * batch // len(blocks)))])[: steps * batch].view(steps, batch)
@@ -176,7 +183,7 @@ def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, batch: int, 
     model.train()
     for idx in order:
         start = time.perf_counter()
-        loss = train_step(model, optimizer, blocks[idx])
+        loss = train_step(model, optimizer, blocks[idx], calibrating)
         times.append(time.perf_counter() - start)
     return dict(final_train_loss=loss, step_s_median=statistics.median(times))
 

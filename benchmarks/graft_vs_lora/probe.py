@@ -7,7 +7,7 @@ and what earlier models left in malloc's free lists would otherwise count):
 2. the size of adapter_model.safetensors;
 3. training step time, steps alternated with the base's timing reference adapter loaded next to it, and the
    total compute of a training run: the adapter's init (get_peft_model plus calibration or EVA's data pass, timed
-   in build; for an adapter calibrated by its first training step, that step's time beyond the median step) + the
+   in build; for an adapter calibrated by its first training steps, their time beyond the median step) + the
    protocol's steps × the median step, for this adapter and for the reference;
 4. eval-mode forward latency of one validation sequence: the plain base, this adapter unmerged and the reference,
    alternated; then this adapter after merge_and_unload(), alternated with the plain base.
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .experiments import Experiment
-from .modeling import build, load_base, load_data, make_optimizer, session, train_step, trainable
+from .modeling import build, calibration, load_base, load_data, make_optimizer, session, train_step, trainable
 from .protocol import Protocol
 from .store import REPO
 
@@ -60,16 +60,19 @@ def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Pat
     release_freed_memory()
     rss_before = current_rss_mib()
     memory_method = reset_peak_rss()
-    # A first step that calibrates the adapter is timed on its own (it is part of the method's compute) and its
-    # memory measured on a second copy (the profiler would slow the timed one down).
-    first_step_s = _timed(lambda: train_step(model, optimizer, x)) if exp.calibrates_on_first_step else None
+    # Steps that calibrate the adapter are timed on their own (they are part of the method's compute) and their
+    # memory measured on a second copy (the profiler would slow the timed ones down).
+    calibrating = calibration(model, exp)
+    calibration_steps_s = [_timed(lambda: train_step(model, optimizer, x, calibrating))
+                           for _ in range(exp.calibration_steps)]
     peak_tensors = peak_tensor_mib(model, lambda: [train_step(model, optimizer, x) for _ in range(3)])
     peak_rss = peak_rss_mib()
-    if first_step_s is not None:
+    if calibrating is not None:
         twin, _, _ = build(exp, protocol, model_dir, protocol.tuning_seed, data["train"])
-        twin_optimizer = make_optimizer(twin, exp.probe_lr)
-        peak_tensors = max(peak_tensors, peak_tensor_mib(twin, lambda: train_step(twin, twin_optimizer, x)))
-        del twin, twin_optimizer
+        twin_optimizer, twin_calibrating = make_optimizer(twin, exp.probe_lr), calibration(twin, exp)
+        peak_tensors = max(peak_tensors, peak_tensor_mib(
+            twin, lambda: [train_step(twin, twin_optimizer, x, twin_calibrating) for _ in range(exp.calibration_steps)]))
+        del twin, twin_optimizer, twin_calibrating
         release_freed_memory()
     adapter_bytes, tensor_bytes_saved = saved_adapter_bytes(model)
 
@@ -96,15 +99,15 @@ def measure(exp: Experiment, ref: Experiment, protocol: Protocol, model_dir: Pat
 
     median = statistics.median
     step, ref_step = median(steps), median(ref_steps or steps)
-    # the calibrating first step replaces one ordinary step
-    calibration_s = 0.0 if first_step_s is None else first_step_s - step
+    # the calibrating steps replace as many ordinary steps
+    calibration_s = sum(calibration_steps_s) - len(calibration_steps_s) * step
     compute, ref_compute = init_s + calibration_s + protocol.steps * step, ref_init_s + protocol.steps * ref_step
     return dict(
         method=exp.name, r=getattr(config, "r", None), trainable_params=n_params, adapter_bytes=adapter_bytes,
         adapter_tensor_bytes=tensor_bytes_saved, peak_tensor_mib=peak_tensors, peak_rss_mib=peak_rss,
         train_rss_increase_mib=peak_rss - rss_before, memory_method=memory_method, step_ms=step * 1e3,
         step_ratio_to_ref=step / ref_step, ref=ref.name, init_s=init_s, ref_init_s=ref_init_s,
-        first_step_s=first_step_s, first_step_extra_s=calibration_s,
+        calibration_steps_s=calibration_steps_s, calibration_extra_s=calibration_s,
         compute_s=compute, compute_ratio_to_ref=compute / ref_compute,
         latency_base_ms=lat["base"] * 1e3, latency_unmerged_ms=lat["unmerged"] * 1e3,
         latency_unmerged_over_base=lat["unmerged"] / lat["base"],

@@ -94,6 +94,10 @@ def _verdicts(report: dict) -> list[str]:
     return [f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"]]
 
 
+def _steps(n: int) -> str:
+    return "training step" if n == 1 else f"{n} training steps"
+
+
 def notes(report: dict) -> list[str]:
     p, rows = report["protocol"], report["rows"]
     memory_method = rows[0]["memory_method"] if rows else "n/a"
@@ -105,10 +109,11 @@ def notes(report: dict) -> list[str]:
          "batches (forward passes only; PEFT's initialize_lora_eva_weights) before training.")
         for r in rows if r["calibration_batches"]
     ] + [
-        (f"{r['method']}: projections from the loss gradient of its first training step (peft_graft.calibrating_step: "
-         f"no extra passes); that step took {r['first_step_extra_s']:.2f} s longer than the median step (weight-"
-         "gradient products and the projection solver), counted in compute / ref, and its memory in peak tensor MiB.")
-        for r in rows if r.get("first_step_calibration")
+        (f"{r['method']}: projections from the loss gradient of its first {_steps(r['calibration_steps'])} "
+         "(peft_graft.CalibratingSteps: no extra passes; each later one re-projects from the summed gradient); "
+         f"they took {r['calibration_extra_s']:.2f} s longer than as many median steps (weight-gradient products "
+         "and the projection solver), counted in compute / ref, and their memory in peak tensor MiB.")
+        for r in rows if r.get("calibration_steps")
     ]
     return [
         ("Peak tensor memory (judged): the model's tensors plus the peak of live allocations recorded by torch's "

@@ -54,7 +54,7 @@ class Collector:
         mean, ci = t_interval(gains)
         return dict(
             method=exp.name, label=exp.label, peft_type=exp.adapter_config["peft_type"], base=exp.base,
-            calibration_batches=exp.calibration_batches, first_step_calibration=exp.calibrates_on_first_step,
+            calibration_batches=exp.calibration_batches, calibration_steps=exp.calibration_steps,
             r=probe["r"], trainable_params=probe["trainable_params"],
             lr=lr, lr_at_grid_edge=edge, seeds=p.final_seeds,
             sweep_validation_loss={f"{k:g}": v for k, v in sorted(losses.items())}, test_losses=test_losses,

@@ -24,6 +24,7 @@ from . import store
 from .experiments import Experiment, load_experiments
 from .modeling import (
     build,
+    calibration,
     config_changes,
     load_base,
     load_data,
@@ -90,7 +91,7 @@ class Runner:
         if (record := self._stored(path, spec)) is None:
             started, p = time.time(), self.protocol
             model, config, _ = build(exp, p, self.model_dir, seed, self.data["train"])
-            stats = train(model, self.data["train"], p.steps, p.batch_size, lr, seed)
+            stats = train(model, self.data["train"], p.steps, p.batch_size, lr, seed, calibration(model, exp))
             result = dict(loss=mean_loss(model, self.data[p.split(seed)]), r=getattr(config, "r", None),
                           trainable_params=sum(t.numel() for t in trainable(model)), **stats)
             record = self._save(path, spec, result, started, config_changes(exp.adapter_config, config))

@@ -31,8 +31,8 @@ def test_adapter_config_loads_with_peft(name):
                                                                         else saved), key
     assert exp.base in PROTOCOL.bases and exp.label and exp.lr_grid == tuple(sorted(exp.lr_grid))
     # a config whose init reads data (calibration, EVA) says where from: calibration_batches extra batches or its
-    # first training step (one of the two); no other config asks for any
-    assert (exp.calibration_batches is not None) + exp.calibrates_on_first_step == int(needs_data(config))
+    # first training steps (one of the two); no other config asks for any
+    assert (exp.calibration_batches is not None) + bool(exp.calibration_steps) == int(needs_data(config))
     assert set(exp.quick_overrides) <= set(exp.adapter_config)
 
 

@@ -92,19 +92,21 @@ def test_grafts_respect_their_parameter_budgets(quick_run):
 
 
 def test_compute_counts_the_init_and_the_training_steps(quick_run):
-    """compute / ref = (init + a calibrating first step's extra time + steps × step) over the reference's: the
-    reference is 1 exactly, data-driven inits (EVA's forward passes, calibration's forward/backward passes) cost more
-    than LoRA's random init, and a first step that calibrates is timed and counted."""
+    """compute / ref = (init + the calibrating steps' extra time + steps × step) over the reference's: the reference
+    is 1 exactly, data-driven inits (EVA's forward passes, calibration's forward/backward passes) cost more than
+    LoRA's random init, and first steps that calibrate are timed and counted."""
     _, _, result = quick_run
     rows = {row["method"]: row for row in result["rows"]}
     lora = rows["lora_r8"]
     assert lora["compute_ratio_to_ref"] == 1.0 and lora["init_s"] == lora["ref_init_s"] > 0
     for row in rows.values():
-        first = row["first_step_extra_s"]
-        assert (row["first_step_s"] is None) == (first == 0) == (not row["first_step_calibration"]), row["method"]
-        assert row["compute_s"] == pytest.approx(row["init_s"] + first + QUICK.steps * row["step_ms"] / 1e3)
-    step = rows["graft_gradstep_qvupdown"]
-    assert step["first_step_s"] == pytest.approx(step["first_step_extra_s"] + step["step_ms"] / 1e3)
+        assert len(row["calibration_steps_s"]) == row["calibration_steps"], row["method"]
+        assert (row["calibration_extra_s"] == 0) == (not row["calibration_steps"]), row["method"]
+        assert row["compute_s"] == pytest.approx(
+            row["init_s"] + row["calibration_extra_s"] + QUICK.steps * row["step_ms"] / 1e3)
+    steps = rows["graft_gradsteps4_qvup"]
+    assert steps["calibration_extra_s"] == pytest.approx(
+        sum(steps["calibration_steps_s"]) - steps["calibration_steps"] * steps["step_ms"] / 1e3)
     for name in ("eva_r8", "graft_grad_spread_all"):
         assert rows[name]["calibration_batches"] and rows[name]["init_s"] > rows[name]["ref_init_s"], name
 
