@@ -70,12 +70,14 @@ class _Recorder:
     def absorb(self, other: _Recorder) -> None:
         """Add ``other``'s statistics to these (statistics summed over several recorded steps)."""
         for name in ("input_gram", "output_gram", "grad_u", "_grad_x"):
-            if getattr(other, name) is not None:
-                setattr(self, name, self._add(getattr(self, name), getattr(other, name)))
+            total, term = getattr(self, name), getattr(other, name)
+            if term is not None:
+                setattr(self, name, term.clone() if total is None else total.add_(term))
 
     def finite(self) -> bool:
+        """Whether every statistic is finite: a NaN or Inf entry makes its sum non-finite (one pass, no mask)."""
         stats = (self.input_gram, self.output_gram, self.grad_u, self._grad_x)
-        return all(bool(torch.isfinite(s).all()) for s in stats if s is not None)
+        return all(bool(torch.isfinite(s.sum())) for s in stats if s is not None)
 
     def sum_over_ranks(self) -> None:
         """Add up every rank's statistics (each rank recorded the same ones, for its own batches)."""

@@ -6,8 +6,9 @@ each grafted layer is the loss's gradient w.r.t. its effective weight; the proje
 gradient backpropagation would have given it with those projections in place. Steps 2..k run with the graft
 acting; each adds its recorded gradient to the sum, the projections move to that sum's top-r subspaces, Φ is carried
 over to the new basis (the part of ΔW the new subspaces hold), gets the step's gradient in that basis, and the
-optimizer forgets its state for Φ (its moments were in the old basis). Summing the gradients of k steps gives the
-subspace that k calibration batches give `calibrate()`, without the k extra forward and backward passes.
+optimizer forgets its state for Φ (its moments were in the old basis). k steps thus sum the gradients of k batches,
+as `calibrate()` on k batches does (each taken at its step's weights rather than at the base's), without the k extra
+forward and backward passes.
 """
 
 from __future__ import annotations
