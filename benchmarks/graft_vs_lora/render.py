@@ -94,8 +94,15 @@ def _verdicts(report: dict) -> list[str]:
     return [f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"]]
 
 
-def _steps(n: int) -> str:
-    return "training step" if n == 1 else f"{n} training steps"
+def _calibrating_steps(row: dict) -> str:
+    """How a method calibrated by its first training steps got its projections, and what those steps cost."""
+    n, extra = row["calibration_steps"], row["calibration_extra_s"]
+    if n == 1:
+        return (f"its first training step (peft_graft.calibrating_step: no extra passes); that step took {extra:.2f} s "
+                "longer than the median step (weight-gradient products and the projection solver)")
+    return (f"its first {n} training steps (peft_graft.CalibratingSteps: no extra passes; each step after the first "
+            f"re-projects from the summed gradient); they took {extra:.2f} s longer than {n} median steps "
+            "(weight-gradient products and the projection solver)")
 
 
 def notes(report: dict) -> list[str]:
@@ -109,10 +116,8 @@ def notes(report: dict) -> list[str]:
          "batches (forward passes only; PEFT's initialize_lora_eva_weights) before training.")
         for r in rows if r["calibration_batches"]
     ] + [
-        (f"{r['method']}: projections from the loss gradient of its first {_steps(r['calibration_steps'])} "
-         "(peft_graft.CalibratingSteps: no extra passes; each later one re-projects from the summed gradient); "
-         f"they took {r['calibration_extra_s']:.2f} s longer than as many median steps (weight-gradient products "
-         "and the projection solver), counted in compute / ref, and their memory in peak tensor MiB.")
+        f"{r['method']}: projections from the loss gradient of {_calibrating_steps(r)}; counted in compute / ref, "
+        "and in peak tensor MiB."
         for r in rows if r.get("calibration_steps")
     ]
     return [
