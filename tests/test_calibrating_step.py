@@ -327,3 +327,32 @@ def test_trainer_callback_refines_like_the_manual_loop(tiny_llama, tmp_path):
         assert_close(mine[name], ref[name], name)
     for a, b in zip(layers(trained), layers(model), strict=True):
         torch.testing.assert_close(a.graft_proj["default"].A, b.graft_proj["default"].A, atol=1e-5, rtol=0)
+
+
+def three_calibrating_steps(tiny_llama, checkpointing):
+    calibration = CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=3)
+    model = calibration.model
+    if checkpointing is not None:  # how PEFT users train with gradient checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for seed in (3, 4, 5):
+        with calibration.step(optimizer):
+            model(**batch(seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_records_each_step_once(tiny_llama, reentrant):
+    """Checkpointing re-runs forwards during backward; the statistics must still count every token once."""
+    plain = three_calibrating_steps(tiny_llama, None)
+    checkpointed = three_calibrating_steps(tiny_llama, reentrant)
+    expected = dict(plain.named_parameters())
+    for name, param in checkpointed.named_parameters():
+        if param.requires_grad:
+            assert_close(param.detach(), expected[name].detach(), name)
+    for a, b in zip(layers(checkpointed), layers(plain), strict=True):
+        torch.testing.assert_close(a.graft_proj["default"].A, b.graft_proj["default"].A, atol=1e-6, rtol=0)
