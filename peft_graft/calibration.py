@@ -103,9 +103,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
+def adapter_or_active(model: nn.Module, adapter_name: str | None) -> str:
+    """``adapter_name``, or the model's active adapter when it is None."""
+    return adapter_name or getattr(model, "active_adapter", "default")
+
+
 def needs_calibration(model: nn.Module, adapter_name: str | None = None) -> bool:
     """Whether graft adapter ``adapter_name`` (default: the active one) still waits for calibration data."""
-    adapter = adapter_name or getattr(model, "active_adapter", "default")
+    adapter = adapter_or_active(model, adapter_name)
     return any(layer.graft_pending.get(adapter) for layer in _graft_layers(model, adapter))
 
 
@@ -115,7 +120,7 @@ def start_recording(
     """Check that ``adapter_name`` is an active graft adapter and give each of its layers a recorder (the layers then
     record, and contribute nothing unless ``contributes``); ``grads`` records the weight gradient even if the config
     needs none."""
-    adapter = adapter_name or getattr(model, "active_adapter", "default")
+    adapter = adapter_or_active(model, adapter_name)
     config = model.peft_config[adapter]
     if not isinstance(config, GraftConfig):
         raise GraftConfigError(f"Adapter {adapter!r} is not a graft adapter ({type(config).__name__}).")

@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .calibration import check_finite, finish_recording, needs_calibration, start_recording, stop_recording
+from .calibration import (
+    adapter_or_active,
+    check_finite,
+    finish_recording,
+    needs_calibration,
+    start_recording,
+    stop_recording,
+)
 from .errors import CalibrationRequiredError, GraftConfigError
 from .tuners.graft.config import GraftConfig
 from .tuners.graft.layer import GraftLayer
@@ -45,7 +52,7 @@ class CalibratingSteps:
         self, model: nn.Module, steps: int = 1, adapter_name: str | None = None, max_grad_norm: float | None = None
     ) -> None:
         self.model, self.steps, self.max_grad_norm = model, steps, max_grad_norm
-        self.adapter = adapter_name or getattr(model, "active_adapter", "default")
+        self.adapter = adapter_or_active(model, adapter_name)
         self.done = 0
         self._totals: dict[GraftLayer, object] = {}
         self._check()
@@ -89,19 +96,19 @@ class CalibratingSteps:
             )
         return CalibratingStep(self, optimizer)
 
-    def _begin(self) -> tuple[str, GraftConfig, list[GraftLayer]]:
-        return start_recording(self.model, self.adapter, grads=True, contributes=self.done > 0)
+    def _begin(self) -> tuple[GraftConfig, list[GraftLayer]]:
+        _, config, layers = start_recording(self.model, self.adapter, grads=True, contributes=self.done > 0)
+        return config, layers
 
     def _absorb(self, layers: list[GraftLayer], config: GraftConfig, optimizer: torch.optim.Optimizer | None) -> None:
         """Turn the step just recorded into projections and gradients (changing nothing if it cannot)."""
-        recorders = [layer.graft_recorders[self.adapter] for layer in layers]
-        missing = [layer.module_name for layer, rec in zip(layers, recorders, strict=True) if rec.grad_x is None]
+        pairs = [(layer, layer.graft_recorders[self.adapter]) for layer in layers]
+        missing = [layer.module_name for layer, rec in pairs if rec.grad_x is None]
         if missing:
             raise CalibrationRequiredError(
                 f"No gradient reached {missing[0]!r} (and {len(missing) - 1} more graft layers) in a calibrating "
                 "step: run the step's forward and loss.backward() inside the block."
             )
-        pairs = list(zip(layers, recorders, strict=True))
         if not self.done:
             finish_recording(self.adapter, config, layers, progress=False)
             for layer, rec in pairs:
@@ -128,7 +135,7 @@ class CalibratingStep:
 
     def __init__(self, owner: CalibratingSteps, optimizer: torch.optim.Optimizer | None) -> None:
         self.owner, self.optimizer = owner, optimizer
-        self._active: tuple[str, GraftConfig, list[GraftLayer]] | None = None
+        self._active: tuple[GraftConfig, list[GraftLayer]] | None = None
 
     def __enter__(self) -> Self:
         if not self.owner.finished:
@@ -143,7 +150,7 @@ class CalibratingStep:
         if exc_type is not None:
             self.discard()
             return
-        _, config, layers = self._active
+        config, layers = self._active
         try:
             self.owner._absorb(layers, config, self.optimizer)
         finally:
@@ -152,8 +159,7 @@ class CalibratingStep:
     def discard(self) -> None:
         """Stop recording; what this step recorded is dropped (an uncalibrated adapter stays uncalibrated)."""
         if self._active is not None:
-            adapter, _, layers = self._active
-            stop_recording(adapter, layers)
+            stop_recording(self.owner.adapter, self._active[1])
             self._active = None
 
 

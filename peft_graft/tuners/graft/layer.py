@@ -180,7 +180,7 @@ class GraftLayer(BaseTunerLayer):
                 f"Graft adapter {adapter!r} on {self.module_name!r} uses {', '.join(self.graft_pending[adapter])}, "
                 "which needs calibration data. Run `peft_graft.calibrate(model, dataloader)` before training, "
                 "inference or merging, or calibrate on the first training step: `peft_graft.calibrating_step` "
-                "(with transformers.Trainer: the `peft_graft.CalibrateOnFirstStep` callback)."
+                "(with transformers.Trainer: the `peft_graft.CalibrateOnFirstSteps` callback)."
             )
 
     # ------------------------------------------------------------------ calibration
