@@ -12,8 +12,8 @@ kfac is the rule that did best in both settings of the full run. Those arms adap
 projections. The "calibrated" arms adapt r=32 grafts whose projections come from the loss gradient of general text
 (`peft_graft.calibrate` on 8 × 128 tokens of news and Shakespeare that no stream, dev stream or forgetting text uses;
 done once per base, every user shares them), with each chunk's step held to 0.1 of the spectral rail
-(``max_step_fraction``): on all layers (C0) and on the last 8 (C0 and C256), lr tuned here per setting on 16-chunk dev
-streams. A first look on the dev streams chose that family: with gradient projections the default step limit (1.0)
+(``max_step_fraction``): on all layers (C0), on layers 10-29 (C0: the backward pass stops at layer 10, a third less
+update cost) and on the last 8 (C0 and C256), lr tuned here per setting on 16-chunk dev streams. A first look on the dev streams chose that family: with gradient projections the default step limit (1.0)
 overshoots, and r=32 beat r=16. Each chunk is scored before the update on it;
 forgetting is the Δ NLL on the same general text as `sewl_stream.py`. The plot shows, along the stream, each arm's
 running NLL difference to its setting's reference: whether the gain grows with what has been read.
@@ -68,7 +68,10 @@ FULL = Sizes(128, 256, 32, 16, 3, ("shakespeare", "news"), ("kfac",), ("kfac",),
 QUICK = Sizes(32, 32, 3, 2, 1, ("news",), ("kfac",), ("kfac",), (0.03,))
 CALIBRATION_BLOCKS = {FULL: 8, QUICK: 2}
 CAL_LAST8, CAL_ALL = "SEWL kfac, calibrated r=32, last 8", "SEWL kfac, calibrated r=32, all"
+CAL_UPPER = "SEWL kfac, calibrated r=32, layers 10-29"
 LAST8 = list(range(22, 30))  # SmolLM2's last 8 of 30 layers
+# The calibrated arms' graft layers (None: all). Grafting only the upper two thirds stops the backward pass at layer 10.
+CALIBRATED = {CAL_LAST8: LAST8, CAL_ALL: None, CAL_UPPER: list(range(10, 30))}
 DEV = "dev"  # lr tuned here, per setting
 # (setting, arm name, where its lr comes from: its key in sewl_stream.json's tuning, DEV, or None for no lr).
 ARMS = (
@@ -78,6 +81,7 @@ ARMS = (
     ("C0", "SEWL kfac, all", "SEWL kfac, all"),
     ("C0", CAL_LAST8, DEV),
     ("C0", CAL_ALL, DEV),
+    ("C0", CAL_UPPER, DEV),
     ("C256", "context only", None),
     ("C256", "SEWL kfac, last 4", "SEWL kfac, last 4"),
     ("C256", CAL_LAST8, DEV),
@@ -124,7 +128,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
     curves: dict[str, list[list[float]]] = {}  # "setting|arm" -> per stream, the loss of every chunk
     for seed in range(sizes.seeds):
         last4, every = grafted(LAST4, seed), grafted(None, seed)
-        cal8, cal_all = calibrated(LAST8, seed, data), calibrated(None, seed, data)
+        cal = {name: calibrated(layers, seed, data) for name, layers in CALIBRATED.items()}
         full = load_base()
         shared = {
             "static": score_arm("static", last4),
@@ -142,8 +146,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
             if source != DEV:
                 arms[key] = shared["static" if name == "context only" else name]
                 continue
-            last_k = len(LAST8) if name == CAL_LAST8 else None
-            arms[key] = sewl_arm(name, cal8 if last_k else cal_all, "kfac", last_k=last_k, max_step_fraction=0.1)
+            arms[key] = sewl_arm(name, cal[name], "kfac", last_k=None, max_step_fraction=0.1)
             if seed == 0:
                 tuning[key] = tune(arms[key], [batches(d, sizes, setting == "C256") for d in dev], sizes.grid)
                 chosen[key] = arms[key].lr
@@ -158,7 +161,7 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
                 tally.forgetting[setting, name].append(statistics.mean(final))
                 curves.setdefault(f"{setting}|{name}", []).append(losses)
             print(f"seed {seed} {source}: {stream.title} done ({time.perf_counter() - began:.0f} s)", flush=True)
-        del last4, every, cal8, cal_all, full, shared, arms
+        del last4, every, cal, full, shared, arms
     return {
         "sizes": sizes.__dict__,
         "lrs": chosen,

@@ -32,6 +32,7 @@ def test_quick_long_benchmark(tmp_path):
         "C0|SEWL kfac, all",
         "C0|SEWL kfac, calibrated r=32, last 8",
         "C0|SEWL kfac, calibrated r=32, all",
+        "C0|SEWL kfac, calibrated r=32, layers 10-29",
         "C256|context only",
         "C256|SEWL kfac, last 4",
         "C256|SEWL kfac, calibrated r=32, last 8",
@@ -49,7 +50,7 @@ def test_quick_long_benchmark(tmp_path):
     for key, tried in report["tuning"].items():
         assert report["lrs"][key] == float(min(tried, key=tried.get))
     # one C256 verdict, one C0 verdict per SEWL arm
-    assert len(report["targets"]) == 5 and all(isinstance(ok, bool) for _, ok in report["targets"])
+    assert len(report["targets"]) == 6 and all(isinstance(ok, bool) for _, ok in report["targets"])
     table = (tmp_path / "sewl_long.md").read_text()
-    assert table.count("| PASS |") + table.count("| MISS |") == 5
+    assert table.count("| PASS |") + table.count("| MISS |") == 6
     assert (tmp_path / "sewl_long.png").stat().st_size > 0
