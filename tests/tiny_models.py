@@ -107,6 +107,15 @@ def _tiny_bert() -> transformers.PreTrainedModel:
     return transformers.BertForSequenceClassification(config)
 
 
+def _tiny_roberta() -> transformers.PreTrainedModel:
+    config = transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=2 * HIDDEN, max_position_embeddings=64, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.RobertaForSequenceClassification(config)
+
+
 def _tiny_t5() -> transformers.PreTrainedModel:
     config = transformers.T5Config(
         vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=2 * HIDDEN, num_layers=2, num_decoder_layers=2,
@@ -128,6 +137,12 @@ ARCHS: dict[str, TinyArch] = {
         TinyArch("opt", _tiny_opt, "causal", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
         TinyArch(
             "bert", _tiny_bert, "seq_cls", ("query", "key", "value", "dense"),
+            peft_kwargs={"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]},
+        ),
+        # RoBERTa's classifier is a head module (dense + out_proj), not a Linear: modules_to_save wraps a module
+        # without a weight of its own.
+        TinyArch(
+            "roberta", _tiny_roberta, "seq_cls", ("query", "key", "value"),
             peft_kwargs={"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]},
         ),
         TinyArch("t5", _tiny_t5, "seq2seq", ("q", "k", "v", "o", "wi", "wo")),

@@ -87,6 +87,10 @@ def test_merge_and_unload_matches_unmerged(arch, phi: str, projection: str, mode
     model = get_peft_model(
         arch.fresh(), graft_config(arch, "explicit", init_weights=False, phi=phi, projection=projection, mode=mode)
     )
+    with torch.no_grad():  # a trained head copy: merging must keep it, not the base's head
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
     unmerged = logits(model, batch)
     assert (unmerged - base_logits).abs().max() > 1e-4  # the graft does something worth merging
 

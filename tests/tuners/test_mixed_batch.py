@@ -15,6 +15,10 @@ from tiny_models import ARCHS, VOCAB, tiny_llama
 from peft_graft import GraftConfig
 
 
+# PEFT mixes batches through a modules_to_save copy only when it is a Linear/Embedding/Conv layer (LoRA shares the
+# limit), so RoBERTa, whose classifier is a head module, is left out.
+MIXABLE = {name: arch for name, arch in ARCHS.items() if name != "roberta"}
+
 def grafted(arch, mode: str = "additive") -> torch.nn.Module:
     """Two trained-looking (non-identity) grafts, ``a`` and ``b``, with different seeds and Φ."""
     def config(seed: int) -> GraftConfig:
@@ -49,7 +53,7 @@ def outputs(model: torch.nn.Module, batch: dict, adapter: str | None, **kwargs) 
 
 
 @pytest.mark.parametrize("mode", ["additive", "output"])
-@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("arch", MIXABLE.values(), ids=MIXABLE.keys())
 def test_each_row_gets_its_own_adapter(arch, mode):
     model = grafted(arch, mode)
     batch = {k: v for k, v in arch.batch().items() if k != "labels"}

@@ -160,6 +160,16 @@ class GraftModel(BaseTuner):
             self._replace_module(parent, target_name, new_module, target)
         self._projection_progress.update()
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` where ``child`` was, and nothing else.
+
+        PEFT's default also copies ``child``'s weight and bias onto a replacement without a base layer. That breaks
+        ``merge_and_unload`` of a ``modules_to_save`` head that has no weight of its own (RoBERTa's classification
+        head, dense + out_proj), and it is never needed here: a graft layer holds its base layer itself and puts its
+        adapters on that layer's device (`GraftLayer.update_layer`), and unloading returns that same base layer.
+        """
+        setattr(parent, child_name, new_module)
+
     @staticmethod
     def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
