@@ -69,7 +69,7 @@ class GraftPlan:
     adapter_bytes: int  # tensor data of adapter_model.safetensors; the file adds a JSON header (~100 B a tensor)
     adapter_tensors: int
     clamped: dict[str, int] = field(default_factory=dict)  # targets narrower than r: the r they get instead
-    other_trainable_params: int = 0  # outside the grafted modules: modules_to_save copies, biases
+    other_trainable_params: int = 0  # outside the grafted modules: modules_to_save copies, biases, token rows
 
     @property
     def trainable_percent(self) -> float:
@@ -360,7 +360,7 @@ def report_lines(report: BaseReport) -> list[str]:
          "plus its JSON header"),
     ]
     if plan.other_trainable_params:
-        lines.append(f"  of which outside the grafted modules (modules_to_save, biases): "
+        lines.append(f"  of which outside the grafted modules (modules_to_save, biases, token rows): "
                      f"{plan.other_trainable_params:,}")
     if plan.clamped:
         narrow = dict.fromkeys(f"{name.rpartition('.')[2]} (r={r})" for name, r in plan.clamped.items())

@@ -209,6 +209,9 @@ REFUSED = {  # id: (adapter kwargs, set-up, add_weighted_adapter arguments, erro
     "merged source": ({}, merge_one, {}, BlendError, "'one' is merged.*unmerge_adapter"),
     "cat too wide": (dict(r=20), None, dict(combination_type="cat"), BlendError, "r = 40.*at most 32.*'svd'"),
     "modules_to_save": (dict(second=dict(modules_to_save=["lm_head"])), None, {}, BlendError, "modules_to_save"),
+    "trainable tokens": (
+        dict(second=dict(trainable_token_indices=[1, 2])), None, {}, BlendError, "trainable_token_indices=\\[1, 2\\]"
+    ),
     "uncalibrated": (dict(projection="activation"), None, {}, CalibrationRequiredError, "needs calibration data"),
     "NaN in Φ": ({}, break_phi, {}, NonFiniteWeightsError, "'two' holds NaN/Inf"),
 }

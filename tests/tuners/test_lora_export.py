@@ -111,6 +111,12 @@ def with_modules_to_save(base_dir: Path) -> PeftModel:
     return model
 
 
+def with_trainable_tokens(base_dir: Path) -> PeftModel:
+    model = grafted(base_dir, phi="dense", trainable_token_indices=[1, 4, 7])
+    perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], seed=6)
+    return model
+
+
 def gpt2(bias: str, **kwargs) -> Callable[[Path], PeftModel]:
     def build(base_dir: Path) -> PeftModel:
         model = grafted(base_dir, target_modules=["c_attn", "c_proj", "c_fc"], bias=bias, **kwargs)
@@ -130,6 +136,7 @@ CASES: dict[str, Case] = {
     },
     "llama-two-adapters": Case(two_adapters, adapters=("default", "second")),
     "llama-modules-to-save": Case(with_modules_to_save),
+    "llama-trainable-tokens": Case(with_trainable_tokens),
     "llama-regex-targets": Case(lambda d: grafted(d, target_modules=r".*layers\.1\..*(q_proj|up_proj)")),
     "llama-all-linear": Case(lambda d: grafted(d, target_modules="all-linear", phi="banded", mode="output")),
     "llama-layers-to-transform": Case(

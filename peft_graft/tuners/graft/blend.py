@@ -161,12 +161,13 @@ def _check_arguments(
             f"The adapters mix graft modes {modes}: an additive ΔW = s·AΦB and an output-mode ΔW = s·AΦB·W have "
             "different projections B (in- vs out-features wide) and no common graft. Blend adapters of one mode."
         )
-    saving = [a for a, c in zip(adapters, configs) if c.modules_to_save]
-    if saving:
-        raise BlendError(
-            f"{saving[0]!r} also trains whole modules (modules_to_save={tuner.peft_config[saving[0]].modules_to_save}), "
-            "which are no graft and have no ΔW = s·AΦB to blend. Blend adapters without modules_to_save."
-        )
+    for field, what in (("modules_to_save", "whole modules"), ("trainable_token_indices", "embedding rows")):
+        saving = [a for a, c in zip(adapters, configs) if getattr(c, field)]
+        if saving:
+            raise BlendError(
+                f"{saving[0]!r} also trains {what} ({field}={getattr(configs[adapters.index(saving[0])], field)}), "
+                f"which are no graft and have no ΔW = s·AΦB to blend. Blend adapters without {field}."
+            )
     return configs
 
 

@@ -92,6 +92,10 @@ class GraftConfig(PeftConfig):
             automatically for `Conv1D`.
         bias (`str`): ``"none"``, ``"all"`` or ``"graft_only"``: which biases train too.
         modules_to_save (`list[str]`): Extra modules trained in full and saved (e.g. a classifier head).
+        trainable_token_indices (`Union[list[int], dict[str, list[int]]]`): Embedding rows that train with the
+            grafts, e.g. new special tokens, without training the whole embedding (PEFT's trainable tokens, as in
+            `LoraConfig`): a list of token ids for the input embedding, or ``{module name: token ids}``. Only these
+            rows are saved; a tied output embedding follows the input one.
         layers_to_transform (`Union[list[int], int]`): Only graft these layer indices.
         layers_pattern (`Union[list[str], str]`): Name of the layer list, used with ``layers_to_transform``.
     """
@@ -137,6 +141,9 @@ class GraftConfig(PeftConfig):
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Targets store weights as (in, out)."})
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'graft_only'."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra fully trained modules."})
+    trainable_token_indices: Union[list[int], dict[str, list[int]]] | None = field(
+        default=None, metadata={"help": "Embedding rows trained alongside the grafts, as in LoRA."}
+    )
     layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
     # The 0.1 spelling of save_projection, still found in saved adapter_config.json files; never written.
@@ -222,6 +229,16 @@ class GraftConfig(PeftConfig):
                 fail(name, "True or False" + (" or None" if name == "save_projection" else ""), value)
         names("target_modules", self.target_modules)
         names("exclude_modules", self.exclude_modules)
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            groups = tokens.values() if isinstance(tokens, dict) else [tokens]
+            if (
+                not isinstance(tokens, (list, dict))
+                or not all(isinstance(k, str) for k in (tokens if isinstance(tokens, dict) else ()))
+                or not all(isinstance(ids, list) and ids for ids in groups)
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for ids in groups for i in ids)
+            ):
+                fail("trainable_token_indices", "a non-empty list of token ids, a dict of them by module or None", tokens)
         layers = self.layers_to_transform
         indices = [layers] if isinstance(layers, int) else layers
         if layers is not None and (

@@ -69,10 +69,12 @@ def read_config(folder: str | os.PathLike) -> GraftConfig:
 
 
 def _is_extra_key(key: str, config: GraftConfig) -> bool:
-    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies and trained biases."""
+    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies, trained biases and trainable token rows."""
     path = f".{key}."
-    return any(f".{name}." in path for name in config.modules_to_save or ()) or (
-        config.bias != "none" and key.endswith(".bias")
+    return (
+        any(f".{name}." in path for name in config.modules_to_save or ())
+        or (config.bias != "none" and key.endswith(".bias"))
+        or (config.trainable_token_indices is not None and key.endswith(".token_adapter.trainable_tokens_delta"))
     )
 
 
@@ -185,7 +187,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config: GraftConfig, sour
         else:
             raise AdapterContentError(
                 f"{source}: {key!r} is not a key a graft adapter holds (expected <module>.graft_phi.<param>, "
-                "<module>.graft_proj.{A,B,signature}, <module>.graft_sparse.{values,rows,cols} or modules_to_save). "
+                "<module>.graft_proj.{A,B,signature}, <module>.graft_sparse.{values,rows,cols}, modules_to_save or trainable token rows). "
                 "The file is damaged; restore it or save the adapter again."
             )
     if not modules:

@@ -256,6 +256,7 @@ def _lora_config(
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
         bias=_LORA_BIAS[config.bias],
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        trainable_token_indices=config.trainable_token_indices,
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path or getattr(tuner.model, "name_or_path", None) or None,
         revision=config.revision,

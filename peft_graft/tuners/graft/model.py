@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ...errors import GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
+from ...errors import GraftConfigError, GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
 from . import blend
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
@@ -42,6 +42,32 @@ GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 # Computing svd projections for more modules than this shows a progress bar (tqdm; quiet when stderr is no terminal).
 PROGRESS_MIN_MODULES = 16
+
+
+def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
+    """Refuse ``trainable_token_indices`` that name no embedding of ``model`` or rows past its end, before anything
+    is grafted (PEFT would find out only after the grafts are in place, and leave them there)."""
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return
+    if not isinstance(tokens, dict):
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
+        tokens = {name: tokens}
+    for target, ids in tokens.items():
+        found = [m for n, m in model.named_modules() if n == target or n.endswith(f".{target}")]
+        layer = next((m for f in found for m in f.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
+        if layer is None:
+            raise GraftConfigError(
+                f"trainable_token_indices names {target!r}, but this model has no embedding (or linear) module of that "
+                "name. Pass a list of token ids for the input embedding, or the name of an embedding module."
+            )
+        rows = layer.num_embeddings if isinstance(layer, nn.Embedding) else layer.out_features
+        if max(ids) >= rows:
+            raise GraftConfigError(
+                f"trainable_token_indices asks for token {max(ids)} of {target!r}, which has {rows} rows. Resize the "
+                "embeddings first (model.resize_token_embeddings) if you added tokens."
+            )
 
 
 class GraftModel(BaseTuner):
@@ -85,6 +111,7 @@ class GraftModel(BaseTuner):
         accepts such layers: the clamped r goes into ``rank_pattern`` so that saving and reloading reproduce it. An
         explicit ``rank_pattern`` entry that does not fit is an error.
         """
+        _check_trainable_tokens(peft_config, model)
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         total, clamped, targets = 0, {}, 0
         for key, module in model.named_modules():
