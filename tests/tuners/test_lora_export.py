@@ -117,6 +117,12 @@ def with_trainable_tokens(base_dir: Path) -> PeftModel:
     return model
 
 
+def tied_embedding_copy(base_dir: Path) -> PeftModel:
+    model = grafted(base_dir, modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    perturb([model.base_model.model.model.embed_tokens.modules_to_save["default"].weight], seed=7)
+    return model
+
+
 def gpt2(bias: str, **kwargs) -> Callable[[Path], PeftModel]:
     def build(base_dir: Path) -> PeftModel:
         model = grafted(base_dir, target_modules=["c_attn", "c_proj", "c_fc"], bias=bias, **kwargs)
@@ -137,6 +143,7 @@ CASES: dict[str, Case] = {
     "llama-two-adapters": Case(two_adapters, adapters=("default", "second")),
     "llama-modules-to-save": Case(with_modules_to_save),
     "llama-trainable-tokens": Case(with_trainable_tokens),
+    "llama-tied-embedding-copy": Case(tied_embedding_copy, base="llama-tied"),
     "llama-regex-targets": Case(lambda d: grafted(d, target_modules=r".*layers\.1\..*(q_proj|up_proj)")),
     "llama-all-linear": Case(lambda d: grafted(d, target_modules="all-linear", phi="banded", mode="output")),
     "llama-layers-to-transform": Case(
@@ -211,6 +218,7 @@ def base_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
     models = {
         "llama": tiny_llama(vocab_size=100),
+        "llama-tied": tiny_llama(vocab_size=100, tie_word_embeddings=True),
         "llama128": tiny_llama(vocab_size=100, hidden_size=128, intermediate_size=256),  # whole 4-bit blocks
         "gpt2": ARCHS["gpt2"].fresh(),
     }

@@ -1,8 +1,10 @@
-"""``trainable_token_indices``: embedding rows that train with the grafts (PEFT's trainable tokens, as in LoRA).
+"""``trainable_token_indices`` and ``ensure_weight_tying``: embedding rows, or a whole embedding copy, that train
+with the grafts (PEFT's trainable tokens and weight tying, as in LoRA).
 
 A user who adds special tokens trains their rows and the grafts, and saves only those rows; the adapter reloads,
 merges and mixes batches like any other, a tied output embedding follows the input one, and indices that the model
-cannot hold are refused before anything is grafted.
+cannot hold (or tied layers given different rows under ``ensure_weight_tying``) are refused before anything is
+grafted.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def test_mixed_batches_and_disabled_adapters() -> None:
     "indices,message",
     [
         ([1000], "token 1000 of 'model.embed_tokens', which has 128 rows"),
-        ({"no_such_embedding": [1]}, "names 'no_such_embedding'"),
+        ({"no_such_embedding": [1]}, "Target modules {.no_such_embedding.} not found in the base model"),
     ],
     ids=["past-the-end", "unknown-module"],
 )
@@ -128,3 +130,33 @@ def test_token_rows_in_a_file_whose_config_has_none_are_refused(tmp_path) -> Non
     config_file.write_text(json.dumps(values | {"trainable_token_indices": None}))
     with pytest.raises(AdapterContentError, match="trainable_tokens_delta"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_ensure_weight_tying_with_conflicting_indices_is_refused_before_grafting() -> None:
+    base = tiny_llama(tie_word_embeddings=True)
+    conflicting = {"embed_tokens": [1, 2], "lm_head": [1, 3]}
+    with pytest.raises(GraftConfigError, match="different token indices.*embed_tokens: \\[1, 2\\], lm_head: \\[1, 3\\]"):
+        get_peft_model(base, config(trainable_token_indices=conflicting, ensure_weight_tying=True))
+    assert not any(isinstance(m, GraftLayer) for m in base.modules())
+
+
+def test_ensure_weight_tying_shares_one_trained_embedding_copy(tmp_path) -> None:
+    """modules_to_save=["embed_tokens"] on a tied model: lm_head uses the same trained copy, before and after a
+    save, a reload and a merge (without ensure_weight_tying PEFT would give lm_head no share of the training)."""
+    model = get_peft_model(
+        tiny_llama(tie_word_embeddings=True),
+        config(trainable_token_indices=None, modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+    )
+    assert model.peft_config["default"].modules_to_tie == {"lm_head"}
+    embedding = model.base_model.model.model.embed_tokens.modules_to_save["default"]
+    assert model.base_model.model.lm_head.modules_to_save["default"].weight is embedding.weight
+    with torch.no_grad():
+        embedding.weight.add_(torch.randn_like(embedding.weight))
+    expected = logits(model.eval())
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_tie"] == ["lm_head"]
+    reloaded = PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path)
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight

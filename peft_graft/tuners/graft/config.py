@@ -96,6 +96,12 @@ class GraftConfig(PeftConfig):
             grafts, e.g. new special tokens, without training the whole embedding (PEFT's trainable tokens, as in
             `LoraConfig`): a list of token ids for the input embedding, or ``{module name: token ids}``. Only these
             rows are saved; a tied output embedding follows the input one.
+        ensure_weight_tying (`bool`): On a model with tied input and output embeddings, keep them tied when the
+            embedding is in ``modules_to_save`` (one trained copy serves both) or in ``trainable_token_indices`` (the
+            same rows train in both), as `LoraConfig` does; trainable token indices that differ between the two then
+            raise an error instead of being trained apart.
+        modules_to_tie (`set[str]`): Filled in when the adapter is added with ``ensure_weight_tying``: the layers
+            tied to the embedding's trained copy (saved with it, so a load knows their tensors belong to the adapter).
         layers_to_transform (`Union[list[int], int]`): Only graft these layer indices.
         layers_pattern (`Union[list[str], str]`): Name of the layer list, used with ``layers_to_transform``.
     """
@@ -144,6 +150,12 @@ class GraftConfig(PeftConfig):
     trainable_token_indices: Union[list[int], dict[str, list[int]]] | None = field(
         default=None, metadata={"help": "Embedding rows trained alongside the grafts, as in LoRA."}
     )
+    ensure_weight_tying: bool = field(
+        default=False, metadata={"help": "Keep a tied lm_head tied to a trained embedding copy, as in LoRA."}
+    )
+    modules_to_tie: set[str] | None = field(
+        default=None, metadata={"help": "Set under ensure_weight_tying: layers that share the embedding's copy."}
+    )
     layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
     # The 0.1 spelling of save_projection, still found in saved adapter_config.json files; never written.
@@ -169,6 +181,8 @@ class GraftConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.modules_to_tie, list):
+            self.modules_to_tie = set(self.modules_to_tie)
         self._validate()
 
     def _validate(self) -> None:
@@ -223,12 +237,13 @@ class GraftConfig(PeftConfig):
         if self.scaling is not None:
             number("scaling", self.scaling, positive=False)
         number("init_lr", self.init_lr, positive=True)
-        for name in ("save_projection", "fan_in_fan_out"):
+        for name in ("save_projection", "fan_in_fan_out", "ensure_weight_tying"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "save_projection"):
                 fail(name, "True or False" + (" or None" if name == "save_projection" else ""), value)
         names("target_modules", self.target_modules)
         names("exclude_modules", self.exclude_modules)
+        names("modules_to_tie", self.modules_to_tie)
         tokens = self.trainable_token_indices
         if tokens is not None:
             groups = tokens.values() if isinstance(tokens, dict) else [tokens]

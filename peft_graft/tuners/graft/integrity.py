@@ -69,10 +69,11 @@ def read_config(folder: str | os.PathLike) -> GraftConfig:
 
 
 def _is_extra_key(key: str, config: GraftConfig) -> bool:
-    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies, trained biases and trainable token rows."""
+    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies (and the layers tied to them), trained biases
+    and trainable token rows."""
     path = f".{key}."
     return (
-        any(f".{name}." in path for name in config.modules_to_save or ())
+        any(f".{name}." in path for name in [*(config.modules_to_save or ()), *(config.modules_to_tie or ())])
         or (config.bias != "none" and key.endswith(".bias"))
         or (config.trainable_token_indices is not None and key.endswith(".token_adapter.trainable_tokens_delta"))
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,10 @@ from peft.tuners.tuners_utils import (
     _get_in_out_features,
     _maybe_include_all_linear_layers,
     check_target_module_exists,
+    find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import _get_module_names_tied_with_embedding
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -50,17 +53,26 @@ def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
     tokens = config.trainable_token_indices
     if tokens is None:
         return
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
     if not isinstance(tokens, dict):
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
-        tokens = {name: tokens}
+        tokens = {embedding_name: tokens}
+    tied = [embedding_name, *_get_module_names_tied_with_embedding(model)]
+    tied_targets = [t for t in tokens if any(n == t or n.endswith(f".{t}") for n in tied)]
+    if config.ensure_weight_tying and len(tied_targets) > 1 and len({tuple(tokens[t]) for t in tied_targets}) > 1:
+        raise GraftConfigError(  # PEFT's own check, which comes only after the grafts are in place
+            "Cannot ensure weight tying when different token indices are specified for tied layers: "
+            + ", ".join(f"{t}: {tokens[t]}" for t in tied_targets)
+            + ". Give the tied layers the same indices, or set ensure_weight_tying=False to train them apart."
+        )
     for target, ids in tokens.items():
         found = [m for n, m in model.named_modules() if n == target or n.endswith(f".{target}")]
         layer = next((m for f in found for m in f.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
         if layer is None:
-            raise GraftConfigError(
-                f"trainable_token_indices names {target!r}, but this model has no embedding (or linear) module of that "
-                "name. Pass a list of token ids for the input embedding, or the name of an embedding module."
+            raise GraftConfigError(  # opens with PEFT's own message for this case
+                f"Target modules {{{target!r}}} not found in the base model. trainable_token_indices names it, but "
+                "this model has no embedding (or linear) module of that name. Pass a list of token ids for the input "
+                "embedding, or the name of an embedding module."
             )
         rows = layer.num_embeddings if isinstance(layer, nn.Embedding) else layer.out_features
         if max(ids) >= rows:
@@ -186,6 +198,22 @@ class GraftModel(BaseTuner):
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
         self._projection_progress.update()
+
+    def _add_modules_to_save_to_tie(self, peft_config: GraftConfig, tied_weight_keys: list[str]) -> None:
+        """With ``ensure_weight_tying``, one trained copy of a tied embedding serves every layer tied to it.
+
+        PEFT calls this when ``modules_to_save`` holds a tied embedding; it then wraps the embedding and ties the
+        layers named in ``modules_to_tie`` to that copy. So the embedding goes into ``modules_to_save`` and the tied
+        layers (``lm_head``) come out of it, or they would get copies of their own that drift apart.
+        """
+        peft_config.modules_to_tie = set(tied_weight_keys)
+        embedding = find_parameter_name_by_module(self.model, self.model.get_input_embeddings())
+        names = list(peft_config.modules_to_save or [])
+        if not any(embedding == name or embedding.endswith(f".{name}") for name in names):
+            names.append(embedding)
+        peft_config.modules_to_save = [
+            name for name in names if not any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for key in tied_weight_keys)
+        ]
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put ``new_module`` where ``child`` was, and nothing else.
