@@ -1,4 +1,4 @@
-"""The entry points users reach grafts through: Trainer, AutoPeftModel, transformers' load_adapter."""
+"""The entry points users reach grafts through: Trainer, AutoPeftModel, transformers' load_adapter, PEFT's helpers."""
 
 import peft
 import pytest
@@ -6,6 +6,7 @@ import torch
 import transformers
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM, get_peft_model
+from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from peft_graft import GraftConfig, GraftLayer
@@ -73,3 +74,44 @@ def test_peft_requirement_is_relaxed_only_where_verified(monkeypatch, transforme
     monkeypatch.setattr(integration, "MIN_PEFT_VERSION", required)
     assert relax_transformers_peft_requirement() is relaxed
     assert integration.MIN_PEFT_VERSION == (peft.__version__ if relaxed else required)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.lin0(x))
+
+
+def test_disable_input_dtype_casting_leaves_inputs_to_weight_casting_hooks():
+    """Layerwise casting (diffusers) stores fp16 weights and casts them to the input's fp32 in a pre-forward hook;
+    with PEFT's ``disable_input_dtype_casting`` the graft keeps the fp32 input too, as LoRA does, and without it the
+    graft casts the input to its stored fp16 and the hooked fp32 Φ refuses it."""
+
+    def to_fp32(module, args):
+        for param in module.parameters(recurse=False):
+            param.data = param.data.float()
+
+    def to_fp16(module, args, output):
+        for param in module.parameters(recurse=False):
+            param.data = param.data.half()
+
+    torch.manual_seed(0)
+    model = get_peft_model(_Mlp(), GraftConfig(r=4, target_modules=["lin0"], init_weights=False)).half()
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(to_fp32)
+            module.register_forward_hook(to_fp16)
+    x = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="dtype"):
+        model(x)
+    with disable_input_dtype_casting(model):
+        out = model(x)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    graft = model.base_model.model.lin0
+    assert graft.cast_input_dtype_enabled  # restored on exit
+    with torch.no_grad():
+        without_graft = model.get_base_model().lin1(graft.base_layer(x))
+    assert not torch.allclose(out, without_graft, atol=1e-3)  # the graft took part

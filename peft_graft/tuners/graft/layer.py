@@ -94,6 +94,9 @@ class GraftLayer(BaseTunerLayer):
         self.graft_recorders: dict[str, Any] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # PEFT's switch (peft.helpers.disable_input_dtype_casting): False leaves inputs in their dtype, for hooks that
+        # cast the weights instead (diffusers' layerwise casting)
+        self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -255,7 +258,7 @@ class GraftLayer(BaseTunerLayer):
         The scaling multiplies these r numbers per token rather than the out-wide ΔW·u: the same product, but one
         pass over an [..., out] tensor fewer in the forward and in the backward (on SmolLM2 with grafts on all seven
         projections those passes cost a few percent of a training step)."""
-        dtype = self._adapter_dtype(adapter)
+        dtype = self._adapter_dtype(adapter) if self.cast_input_dtype_enabled else x.dtype
         u = self._cast_input_dtype(x, dtype) if self.graft_mode[adapter] == "additive" else self._pre_bias(current)
         h = self.graft_phi[adapter](F.linear(u.to(dtype), self.graft_proj[adapter].B.to(dtype)))
         scaling = self.graft_scaling[adapter]
