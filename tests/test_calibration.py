@@ -79,6 +79,18 @@ def test_lstsq_init_reproduces_projected_gradient_step(tiny_llama):
     torch.testing.assert_close(layer.graft_phi["default"].weight, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("phi", ["lowrank", "hadamard"])
+def test_lstsq_init_with_inner_rank_above_r_is_exact(tiny_llama, phi):
+    """phi_rank 6 on an r=4 graft (as a small rank_pattern entry gives): the rank-6 family holds every r×r Φ, so
+    the lstsq Φ₀ is the dense step exactly (fitting it once failed on the shapes)."""
+    lr = 0.5
+    grad = reference_weight_grad(tiny_llama())
+    layer = layer_of(calibrated(tiny_llama, init_weights="lstsq", init_lr=lr, phi=phi, phi_rank=6))
+    A, B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
+    expected = -lr * A.T @ grad @ B.T / layer.graft_scaling["default"]
+    torch.testing.assert_close(layer.graft_phi["default"].matrix(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_lstsq_init_lowers_the_calibration_loss(tiny_llama):
     base_loss = sum(tiny_llama()(**b).loss.item() for b in batches())
     model = get_peft_model(tiny_llama(), GraftConfig(r=8, target_modules=["q_proj", "v_proj", "o_proj"],

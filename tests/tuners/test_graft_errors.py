@@ -44,6 +44,14 @@ def test_save_projection_false_only_for_regenerable_projections():
     assert not GraftConfig(projection="orthogonal").stores_projections
 
 
+@pytest.mark.parametrize("init", ["lstsq", "gradient_diag"])
+def test_gradient_step_inits_refuse_zero_scaling(init):
+    """Φ₀ = pinv(A)·step·pinv(B)/s has no value at s = 0 (it came out as Inf, and the first forward as NaN)."""
+    with pytest.raises(GraftConfigError, match=f"init_weights='{init}'.*scaling=0"):
+        GraftConfig(init_weights=init, scaling=0.0)
+    assert GraftConfig(init_weights=init, scaling=-0.5).scaling == -0.5
+
+
 def test_rank_pattern_too_large_names_module_and_shape_and_changes_nothing(tiny_llama):
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}

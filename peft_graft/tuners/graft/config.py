@@ -260,6 +260,11 @@ class GraftConfig(PeftConfig):
             not isinstance(indices, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
         ):
             fail("layers_to_transform", "a layer index, a list of them or None", layers)
+        if self.init_weights in ("lstsq", "gradient_diag") and self.scaling == 0:
+            raise GraftConfigError(
+                f"init_weights={self.init_weights!r} sets Φ so that s·AΦB reproduces a gradient step, which no Φ does "
+                "at scaling=0. Leave scaling unset (the default rule) or give it a non-zero value."
+            )
         if self.init_weights == "gradient_diag" and self.phi not in ("dense", "diagonal", "triangular", "banded"):
             raise GraftConfigError(
                 f"init_weights='gradient_diag' sets Φ's diagonal directly; phi={self.phi!r} has no free diagonal. "

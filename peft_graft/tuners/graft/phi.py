@@ -145,11 +145,14 @@ class LowRankPhi(Phi):
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
-        k = self.P.shape[1]
+        # An inner rank k above r (phi_rank > a module's rank_pattern r) fits exactly; the extra columns stay zero.
+        k = min(self.P.shape[1], self.r)
         U, S, Vh = torch.linalg.svd(target.float())
         root = S[:k].sqrt()
-        self.P.copy_(U[:, :k] * root)
-        self.Q.copy_(Vh[:k].T * root)
+        self.P.zero_()
+        self.Q.zero_()
+        self.P[:, :k] = U[:, :k] * root
+        self.Q[:, :k] = Vh[:k].T * root
 
 
 class HadamardPhi(LowRankPhi):
