@@ -1,13 +1,20 @@
 """Loading a graft adapter computes nothing its file holds: no SVD, eigh or QR runs while PEFT's ``from_pretrained``
-/ ``load_adapter`` or transformers' ``load_adapter`` bring in an adapter with stored projections, and the loaded
-model computes exactly what the saved one did. A file that lacks the stored projections is still refused, typed,
-with the model left as it was; a layer whose projections never arrived refuses to run."""
+/ ``load_adapter``, its low-level ``inject_adapter_in_model(state_dict=...)`` or transformers' ``load_adapter``
+bring in an adapter with stored projections, and the loaded model computes exactly what the saved one did. A file
+that lacks the stored projections is still refused, typed, with the model left as it was; a layer whose projections
+never arrived refuses to run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from test_failed_loads import assert_unchanged, state
 
@@ -73,6 +80,21 @@ def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, sa
     torch.testing.assert_close(model(tokens).logits, expected, atol=0, rtol=0)
     layers = [m for m in model.modules() if isinstance(m, GraftLayer)]
     assert layers and not any(pending for m in layers for pending in m.graft_pending.values())
+
+
+@pytest.mark.parametrize("projection", ["svd", "trainable"])
+def test_low_level_injection_from_a_state_dict_runs_no_factorization(tiny_llama, tokens, projection):
+    """PEFT's low-level API (``inject_adapter_in_model(config, model, state_dict=...)`` then
+    ``set_peft_model_state_dict``), as integrations load adapters: the projections come from the state dict."""
+    config = GraftConfig(r=4, target_modules=["q_proj", "v_proj"], projection=projection, init_weights=False)
+    source = inject_adapter_in_model(config, tiny_llama())
+    weights, expected = get_peft_model_state_dict(source), source(tokens).logits
+    model = tiny_llama()
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_factorizations(patch)
+        model = inject_adapter_in_model(config, model, state_dict=weights)
+        set_peft_model_state_dict(model, weights)
+    torch.testing.assert_close(model(tokens).logits, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("saved", ["svd"], indirect=True)

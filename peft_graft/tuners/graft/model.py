@@ -6,7 +6,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from ...errors import GraftConfigError, GraftRankError, ParameterBudgetExceededE
 from . import blend
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
-from .layer import GraftLayer, Linear, is_loading_from_file
+from .layer import GraftLayer, Linear, is_loading_from_file, loading_from_file
 from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
 from .peft_type import GRAFT_PREFIX
@@ -109,8 +109,11 @@ class GraftModel(BaseTuner):
             model.add_model_tags(["peft-graft", "graft"])
 
     def inject_adapter(self, *args, **kwargs) -> None:
+        """PEFT's injection. With a ``state_dict`` (``inject_adapter_in_model(..., state_dict=...)``, followed by
+        ``set_peft_model_state_dict``) the stored projections come from it, so none is computed here first."""
         try:
-            super().inject_adapter(*args, **kwargs)
+            with loading_from_file() if kwargs.get("state_dict") is not None else nullcontext():
+                super().inject_adapter(*args, **kwargs)
         finally:
             progress = self.__dict__.pop("_projection_progress", None)  # opened by _prepare_model
             if progress is not None:
