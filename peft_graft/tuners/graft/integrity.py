@@ -188,8 +188,8 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config: GraftConfig, sour
         else:
             raise AdapterContentError(
                 f"{source}: {key!r} is not a key a graft adapter holds (expected <module>.graft_phi.<param>, "
-                "<module>.graft_proj.{A,B,signature}, <module>.graft_sparse.{values,rows,cols}, modules_to_save or trainable token rows). "
-                "The file is damaged; restore it or save the adapter again."
+                "<module>.graft_proj.{A,B,signature}, <module>.graft_sparse.{values,rows,cols}, modules_to_save or "
+                "trainable token rows). The file is damaged; restore it or save the adapter again."
             )
     if not modules:
         raise AdapterContentError(f"{source} contains no graft Φ tensors.")

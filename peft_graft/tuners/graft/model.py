@@ -53,7 +53,10 @@ def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
     tokens = config.trainable_token_indices
     if tokens is None:
         return
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without token embeddings
+        embedding = None
     embedding_name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
     if not isinstance(tokens, dict):
         tokens = {embedding_name: tokens}
