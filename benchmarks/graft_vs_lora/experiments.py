@@ -89,6 +89,9 @@ class Experiment:
 
 SOLVER_PROJECTIONS = ("svd", "activation", "gradient")
 SOLVER_FIELDS = ("projection_niter", "projection_oversample")
+# GraftConfig fields added after runs were recorded, with the defaults under which they train nothing different:
+# left out of a graft run's identity at those defaults, so the recorded runs keep theirs (LoRA had them all along).
+LATER_GRAFT_DEFAULTS = {"trainable_token_indices": None, "ensure_weight_tying": False, "modules_to_tie": None}
 
 
 def adapter_identity(config: dict) -> dict:
@@ -100,6 +103,8 @@ def adapter_identity(config: dict) -> dict:
     such a projection must name its solver: leaving it to the package default would let the default change results
     under an unchanged identity.
     """
+    if config.get("peft_type") == "GRAFT":
+        config = {k: v for k, v in config.items() if k not in LATER_GRAFT_DEFAULTS or v != LATER_GRAFT_DEFAULTS[k]}
     if config.get("projection") in SOLVER_PROJECTIONS:
         if "projection_niter" not in config:
             raise ValueError(

@@ -59,3 +59,13 @@ def test_projection_solver_fields_enter_a_run_identity_only_when_they_change_the
     assert adapter_identity(seeded) == {"projection": "orthogonal"}  # no solver involved
     with pytest.raises(ValueError, match="must set projection_niter"):
         adapter_identity({"projection": "gradient", "r": 8})  # the default could change under the same identity
+
+
+def test_later_graft_fields_enter_a_run_identity_only_away_from_their_defaults():
+    graft = {"peft_type": "GRAFT", "projection": "orthogonal", "trainable_token_indices": None,
+             "ensure_weight_tying": False, "modules_to_tie": None}
+    assert adapter_identity(graft) == {"peft_type": "GRAFT", "projection": "orthogonal"}  # as recorded before them
+    with_tokens = {**graft, "trainable_token_indices": [1, 2]}
+    assert adapter_identity(with_tokens)["trainable_token_indices"] == [1, 2]
+    lora = {"peft_type": "LORA", "trainable_token_indices": None, "ensure_weight_tying": False}
+    assert adapter_identity(lora) == lora  # LoRA runs recorded these fields all along
