@@ -98,22 +98,19 @@ def _tiny_opt() -> transformers.PreTrainedModel:
     return transformers.OPTForCausalLM(config)
 
 
+# BERT and RoBERTa take the same keys.
+ENCODER_SIZES: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * HIDDEN,
+    max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+
+
 def _tiny_bert() -> transformers.PreTrainedModel:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=2 * HIDDEN, max_position_embeddings=64, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**ENCODER_SIZES))
 
 
 def _tiny_roberta() -> transformers.PreTrainedModel:
-    config = transformers.RobertaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=2 * HIDDEN, max_position_embeddings=64, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.RobertaForSequenceClassification(config)
+    return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ENCODER_SIZES))
 
 
 def _tiny_t5() -> transformers.PreTrainedModel:
