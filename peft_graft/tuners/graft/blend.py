@@ -162,12 +162,12 @@ def _check_arguments(
             "different projections B (in- vs out-features wide) and no common graft. Blend adapters of one mode."
         )
     for field, what in (("modules_to_save", "whole modules"), ("trainable_token_indices", "embedding rows")):
-        saving = [a for a, c in zip(adapters, configs) if getattr(c, field)]
-        if saving:
-            raise BlendError(
-                f"{saving[0]!r} also trains {what} ({field}={getattr(configs[adapters.index(saving[0])], field)}), "
-                f"which are no graft and have no ΔW = s·AΦB to blend. Blend adapters without {field}."
-            )
+        for adapter, config in zip(adapters, configs):
+            if getattr(config, field):
+                raise BlendError(
+                    f"{adapter!r} also trains {what} ({field}={getattr(config, field)}), which are no graft and have "
+                    f"no ΔW = s·AΦB to blend. Blend adapters without {field}."
+                )
     return configs
 
 
