@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -218,7 +217,7 @@ class GraftModel(BaseTuner):
         if not any(embedding == name or embedding.endswith(f".{name}") for name in names):
             names.append(embedding)
         peft_config.modules_to_save = [
-            name for name in names if not any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for key in tied_weight_keys)
+            name for name in names if not any(f".{name}." in f".{key}." for key in tied_weight_keys)
         ]
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
