@@ -115,3 +115,17 @@ def test_disable_input_dtype_casting_leaves_inputs_to_weight_casting_hooks():
     with torch.no_grad():
         without_graft = model.get_base_model().lin1(graft.base_layer(x))
     assert not torch.allclose(out, without_graft, atol=1e-3)  # the graft took part
+
+
+@pytest.mark.parametrize("mode", ["additive", "output"])
+def test_torch_compile_traces_grafts_without_graph_breaks(tiny_llama, mode):
+    torch._dynamo.reset()
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules="all-linear", init_weights=False, mode=mode))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
