@@ -245,15 +245,13 @@ class GraftConfig(PeftConfig):
         names("exclude_modules", self.exclude_modules)
         names("modules_to_tie", self.modules_to_tie)
         tokens = self.trainable_token_indices
-        if tokens is not None:
-            groups = tokens.values() if isinstance(tokens, dict) else [tokens]
-            if (
-                not isinstance(tokens, (list, dict))
-                or not all(isinstance(k, str) for k in (tokens if isinstance(tokens, dict) else ()))
-                or not all(isinstance(ids, list) and ids for ids in groups)
-                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for ids in groups for i in ids)
-            ):
-                fail("trainable_token_indices", "a non-empty list of token ids, a dict of them by module or None", tokens)
+        by_module = tokens if isinstance(tokens, dict) else {"": tokens}
+        if tokens is not None and not (
+            isinstance(tokens, (list, dict))
+            and all(isinstance(name, str) and isinstance(ids, list) and ids for name, ids in by_module.items())
+            and all(type(i) is int and i >= 0 for ids in by_module.values() for i in ids)
+        ):
+            fail("trainable_token_indices", "a non-empty list of token ids, a dict of them by module or None", tokens)
         layers = self.layers_to_transform
         indices = [layers] if isinstance(layers, int) else layers
         if layers is not None and (

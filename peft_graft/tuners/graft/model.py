@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import (
     find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import _get_module_names_tied_with_embedding
+from peft.utils.other import _get_input_embeddings_name, _get_module_names_tied_with_embedding
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -52,15 +52,15 @@ def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
     tokens = config.trainable_token_indices
     if tokens is None:
         return
-    try:
-        embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # not a transformers model, or one without token embeddings
-        embedding = None
-    embedding_name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
+
+    def names(name: str, target: str) -> bool:  # PEFT's matching of trainable-token targets
+        return name == target or name.endswith(f".{target}")
+
+    embedding_name = _get_input_embeddings_name(model, "embed_tokens")  # the name PEFT wraps for a list of ids
     if not isinstance(tokens, dict):
         tokens = {embedding_name: tokens}
     tied = [embedding_name, *_get_module_names_tied_with_embedding(model)]
-    tied_targets = [t for t in tokens if any(n == t or n.endswith(f".{t}") for n in tied)]
+    tied_targets = [t for t in tokens if any(names(n, t) for n in tied)]
     if config.ensure_weight_tying and len(tied_targets) > 1 and len({tuple(tokens[t]) for t in tied_targets}) > 1:
         raise GraftConfigError(  # PEFT's own check, which comes only after the grafts are in place
             "Cannot ensure weight tying when different token indices are specified for tied layers: "
@@ -68,7 +68,7 @@ def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
             + ". Give the tied layers the same indices, or set ensure_weight_tying=False to train them apart."
         )
     for target, ids in tokens.items():
-        found = [m for n, m in model.named_modules() if n == target or n.endswith(f".{target}")]
+        found = [m for n, m in model.named_modules() if names(n, target)]
         layer = next((m for f in found for m in f.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
         if layer is None:
             raise GraftConfigError(  # opens with PEFT's own message for this case
