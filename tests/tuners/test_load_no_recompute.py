@@ -20,7 +20,7 @@ from test_failed_loads import assert_unchanged, state
 
 import peft_graft
 from peft_graft import GraftConfig, GraftLayer
-from peft_graft.errors import AdapterContentError
+from peft_graft.errors import AdapterContentError, ShapeMismatchError
 from peft_graft.manifest import MANIFEST_NAME
 from peft_graft.tuners.graft.layer import loading_from_file
 
@@ -82,19 +82,37 @@ def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, sa
     assert layers and not any(pending for m in layers for pending in m.graft_pending.values())
 
 
-@pytest.mark.parametrize("projection", ["svd", "trainable"])
-def test_low_level_injection_from_a_state_dict_runs_no_factorization(tiny_llama, tokens, projection):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("projection", ["svd", "trainable", "orthogonal"])
+def test_low_level_injection_from_a_state_dict_runs_no_factorization(tiny_llama, tokens, projection, low_cpu_mem_usage):
     """PEFT's low-level API (``inject_adapter_in_model(config, model, state_dict=...)`` then
-    ``set_peft_model_state_dict``), as integrations load adapters: the projections come from the state dict."""
+    ``set_peft_model_state_dict``), as integrations load adapters: the projections come from the state dict. With
+    ``low_cpu_mem_usage`` every tensor the state dict holds is created empty (on meta), as PEFT does for LoRA, and
+    the load assigns them."""
     config = GraftConfig(r=4, target_modules=["q_proj", "v_proj"], projection=projection, init_weights=False)
     source = inject_adapter_in_model(config, tiny_llama())
     weights, expected = get_peft_model_state_dict(source), source(tokens).logits
     model = tiny_llama()
     with pytest.MonkeyPatch.context() as patch:
-        forbid_factorizations(patch)
-        model = inject_adapter_in_model(config, model, state_dict=weights)
-        set_peft_model_state_dict(model, weights)
+        if projection != "orthogonal":  # seeded projections are regenerated, by QR
+            forbid_factorizations(patch)
+        model = inject_adapter_in_model(config, model, state_dict=weights, low_cpu_mem_usage=low_cpu_mem_usage)
+        empty = {key for key, value in get_peft_model_state_dict(model).items() if value.is_meta}
+        assert empty == (set(weights) if low_cpu_mem_usage else set())
+        set_peft_model_state_dict(model, weights, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     torch.testing.assert_close(model(tokens).logits, expected, atol=0, rtol=0)
+
+
+def test_an_empty_adapter_checks_the_base_shape_of_what_fills_it(tiny_llama, tokens):
+    """The shape check of a load runs on placeholders too: a state dict for another base is refused, typed."""
+    config = GraftConfig(r=4, target_modules=["q_proj"], projection="svd")
+    weights = get_peft_model_state_dict(inject_adapter_in_model(config, tiny_llama()))
+    signature = next(k for k in weights if k.endswith("graft_proj.signature"))
+    weights[signature] = weights[signature] + torch.tensor([1, 0, 0])
+    model = inject_adapter_in_model(config, tiny_llama(), state_dict=weights, low_cpu_mem_usage=True)
+    with pytest.raises(ShapeMismatchError, match="has weight shape"):
+        set_peft_model_state_dict(model, weights, low_cpu_mem_usage=True)
 
 
 @pytest.mark.parametrize("saved", ["svd"], indirect=True)

@@ -128,9 +128,12 @@ class GraftLayer(BaseTunerLayer):
         phi.reset(config.init_weights is not False, generator, scaling if config.scaling is None else 1.0)
 
         from_file = config.stores_projections and is_loading_from_file()
+        # PEFT creates adapters empty, on meta, to fill from a file (low_cpu_mem_usage): so are the file's tensors here.
+        empty = is_loading_from_file() and next(phi.parameters()).is_meta
         if from_file or config.projection in ("activation", "gradient"):
             # placeholders until the checkpoint or `calibrate()` fills them
-            A, B = torch.zeros(out_f, r), torch.zeros(r, d)
+            device = "meta" if empty and from_file else None
+            A, B = torch.zeros(out_f, r, device=device), torch.zeros(r, d, device=device)
         elif config.projection == "svd":  # one module at a time: a quantized base is dequantized for this one only
             A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
         else:
@@ -141,6 +144,7 @@ class GraftLayer(BaseTunerLayer):
             base_shape=(out_f, self.in_features),
             trainable=config.projection == "trainable",
             stored=config.stores_projections,
+            empty_signature=empty,
         )
         self.graft_phi[adapter_name] = phi
         if config.sparse_residual:
@@ -167,6 +171,8 @@ class GraftLayer(BaseTunerLayer):
             keys = [f"graft_phi.{adapter}.{next(iter(phi._parameters))}"]
             if self.graft_proj[adapter].stored:
                 keys += [f"graft_proj.{adapter}.A", f"graft_proj.{adapter}.B"]
+            if self.graft_proj[adapter].signature.is_meta:
+                keys.append(f"graft_proj.{adapter}.signature")
             if all(prefix + key in state_dict for key in keys):
                 self.graft_pending[adapter] = ()
 

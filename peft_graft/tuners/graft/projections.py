@@ -203,19 +203,29 @@ def _randomized_subspaces(
     products: torch.dtype,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-r singular subspaces of W (m×n, m ≤ n) from its block Krylov space; products in ``products``."""
+    """Top-r singular subspaces of W (m×n, m ≤ n) from its block Krylov space; products in ``products``.
+
+    The Rayleigh-Ritz matrix basisᵀ W Wᵀ basis comes from the blocks W Wᵀ Qᵢ the iteration computes anyway, at
+    m·k² rather than the n·k² of (Wᵀ basis)ᵀ(Wᵀ basis); V comes from one more product, Wᵀ U.
+    """
     W = W.to(products)
 
     def step(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Z = W.T @ Q.to(products)  # [n, b]; Zᵀ = Qᵀ W is this block's share of the Rayleigh-Ritz matrix
-        return (W @ Z).to(dtype), Z
+        WWtQ = _matmul(W, _matmul(W.T, Q.to(products))).to(dtype)
+        return WWtQ, WWtQ
 
-    start = (W @ _sketch(W.shape[1], block, generator, dtype, W.device).to(products)).to(dtype)
-    basis, rows = _block_krylov(start, step, niter, generator)
-    rows.append(W.T @ basis[:, -block:].to(products))
-    R = torch.cat(rows, dim=1).to(dtype)  # [n, k] = Wᵀ basis
-    _, Ut = _top_eigh(R.T @ R, r)  # basisᵀ W Wᵀ basis = Ut S² Utᵀ
-    return basis @ Ut, _right_vectors(R @ Ut)
+    start = _matmul(W, _sketch(W.shape[1], block, generator, dtype, W.device).to(products)).to(dtype)
+    basis, blocks = _block_krylov(start, step, niter, generator)
+    blocks.append(step(basis[:, -block:])[0])
+    _, Ut = _top_eigh(basis.T @ torch.cat(blocks, dim=1), r)  # basisᵀ W Wᵀ basis = Ut S² Utᵀ
+    U = basis @ Ut
+    return U, _right_vectors(_matmul(W.T, U.to(products)).to(dtype))
+
+
+def _matmul(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M @ X, as (Xᵀ Mᵀ)ᵀ when M is a transposed view: CPU bf16 kernels run a transposed left operand up to 1.6×
+    slower (SmolLM2's 1536×576 MLP weights), and the products with W are either way round."""
+    return M @ X if M.is_contiguous() else (X.T @ M.T).T
 
 
 def top_eigenvectors(
@@ -307,18 +317,36 @@ class GraftProjection(nn.Module):
         base_shape: tuple[int, int],
         trainable: bool,
         stored: bool,
+        empty_signature: bool = False,
     ) -> None:
         super().__init__()
         self.trainable = trainable
         self.stored = stored
+        self.base_shape = base_shape
+        # Seeded projections are regenerated, never loaded: what a file's fingerprint must match.
+        self.regenerated_fingerprint = None if stored else fingerprint(A, B)
         if trainable:
             self.A = nn.Parameter(A)
             self.B = nn.Parameter(B)
         else:
             self.register_buffer("A", A, persistent=stored)
             self.register_buffer("B", B, persistent=stored)
-        self.register_buffer("signature", torch.tensor([*base_shape, fingerprint(A, B)], dtype=torch.int64))
+        signature = (
+            torch.empty(3, dtype=torch.int64, device="meta")
+            if empty_signature
+            else torch.tensor([*base_shape, fingerprint(A, B)], dtype=torch.int64)
+        )
+        self.register_buffer("signature", signature)
         self._register_load_state_dict_pre_hook(self._verify_incoming, with_module=False)
+
+    def awaits_file(self) -> bool:
+        """Whether some tensor is an empty (meta) placeholder that loading an adapter file will assign."""
+        return any(t.is_meta for t in self._buffers.values())
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> GraftProjection:
+        """Moves and casts pass over an adapter created empty for a file to fill (PEFT's ``low_cpu_mem_usage``): its
+        meta placeholders hold no data to move, as PEFT skips adapter parameters on meta; once loaded, it moves."""
+        return self if self.awaits_file() else super()._apply(fn, recurse)
 
     @torch.no_grad()
     def assign(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -332,17 +360,17 @@ class GraftProjection(nn.Module):
         if incoming is None:
             return
         module = prefix.removeprefix("base_model.model.").rpartition(".graft_proj.")[0]
-        incoming, own = incoming.cpu().tolist(), self.signature.cpu().tolist()
-        if incoming[:2] != own[:2]:
+        incoming = incoming.cpu().tolist()
+        if incoming[:2] != list(self.base_shape):
             raise ShapeMismatchError(
                 f"The adapter was trained on a base whose module {module!r} has weight shape {tuple(incoming[:2])} "
-                f"(out, in), but this base has {tuple(own[:2])}. Load the adapter onto the base model it was trained "
-                "for (see base_model_name_or_path in adapter_config.json)."
+                f"(out, in), but this base has {tuple(self.base_shape)}. Load the adapter onto the base model it was "
+                "trained for (see base_model_name_or_path in adapter_config.json)."
             )
-        if not self.stored and incoming[2] != own[2]:
+        if not self.stored and incoming[2] != self.regenerated_fingerprint:
             raise ProjectionMismatchError(
                 f"The seeded projections regenerated for {module!r} differ from those the adapter was trained with "
-                f"(fingerprint {incoming[2]:#x} saved, {own[2]:#x} now). This happens when the torch build generates "
+                f"(fingerprint {incoming[2]:#x} saved, {self.regenerated_fingerprint:#x} now). This happens when the torch build generates "
                 "different random numbers or the seed/module names changed. Load it with the torch version it was "
                 "trained with, or retrain with save_projection=True."
             )
