@@ -27,6 +27,13 @@ from peft_graft.testing.hub_server import serve_local_hub
 from peft_graft.testing.hub_store import LocalRepoStore
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch() -> None:
+    """Every test starts from the same global torch seed: random Φ inits, like LoRA's, draw from it, so a test's
+    numbers do not depend on which tests ran before it in the same worker."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> Callable[..., LlamaForCausalLM]:
     """`tiny_models.tiny_llama`: a fresh seeded tiny Llama (eval mode, fixed weights) per call."""

@@ -42,6 +42,23 @@ def test_identity_at_init(tiny_llama, tokens, phi, projection, mode):
     assert torch.equal(model(tokens).logits, expected)
 
 
+def test_random_phi_follows_torch_seed_and_projections_follow_config_seed(tiny_llama):
+    """As LoRA's random init, a random Φ comes from torch's global generator (``torch.manual_seed`` /
+    ``set_seed`` vary it); seeded projections come from ``GraftConfig.seed`` alone, so a load regenerates them."""
+
+    def adapter(torch_seed: int, config_seed: int = 0) -> dict[str, torch.Tensor]:
+        base = tiny_llama()  # seeds torch itself
+        torch.manual_seed(torch_seed)
+        model = graft(base, init_weights=False, seed=config_seed, projection="orthogonal")
+        layer = graft_layers(model)[0]
+        return {"phi": layer.graft_phi["default"].weight.detach().clone(), "A": layer.graft_proj["default"].A}
+
+    first, again, other_torch, other_config = adapter(1), adapter(1), adapter(2), adapter(1, config_seed=5)
+    assert torch.equal(first["phi"], again["phi"]) and torch.equal(first["A"], again["A"])
+    assert not torch.equal(first["phi"], other_torch["phi"]) and torch.equal(first["A"], other_torch["A"])
+    assert not torch.equal(first["A"], other_config["A"])
+
+
 @pytest.mark.parametrize(
     "phi,projection,mode",
     list(itertools.product(PHI_FAMILIES, ("svd", "orthogonal", "trainable", "activation", "gradient"), MODES)),

@@ -76,8 +76,10 @@ class GraftConfig(PeftConfig):
             random non-zero Φ (for tests, as in PEFT's suites). ``"lstsq"``: the Φ that best reproduces one
             gradient step of size ``init_lr`` on calibration data. ``"gradient_diag"``: the diagonal of that Φ.
         init_lr (`float`): Step size of the emulated gradient step used by the ``lstsq`` / ``gradient_diag`` inits.
-        seed (`int`): Seed of every random choice (orthogonal projections, random inits). Projections are generated
-            on the CPU from (seed, module name), so they are identical on every machine with the same torch build.
+        seed (`int`): Seed of the projections (orthogonal ones, and the sketches of the svd/activation/gradient
+            solver). They are generated on the CPU from (seed, module name), so they are identical on every machine
+            with the same torch build and can be regenerated on load. A random Φ (``init_weights=False``) is drawn
+            from torch's global generator instead, as LoRA's random init is: ``torch.manual_seed`` decides it.
         save_projection (`Optional[bool]`): Store A and B in the artifact (PEFT VeRA's name for the same choice).
             ``None`` stores them unless they can be regenerated (``orthogonal``: then the artifact holds only Φ and a
             fingerprint checked on load); data-driven, SVD and trainable projections are always stored because they
@@ -138,7 +140,7 @@ class GraftConfig(PeftConfig):
         default=True, metadata={"help": f"True (identity), False (random), or one of {NAMED_INITS}."}
     )
     init_lr: float = field(default=1e-3, metadata={"help": "Step size emulated by the lstsq/gradient_diag inits."})
-    seed: int = field(default=0, metadata={"help": "Seed of projections and random inits."})
+    seed: int = field(default=0, metadata={"help": "Seed of the projections (a random Φ follows torch.manual_seed)."})
     save_projection: bool | None = field(
         default=None, metadata={"help": "Store A/B in the artifact (None: unless regenerable)."}
     )

@@ -117,15 +117,10 @@ class GraftLayer(BaseTunerLayer):
         self.module_name = module_name
         r, out_f = config.r_for(module_name), self.out_features
         d = self.in_features if config.mode == "additive" else out_f
-        # A random Φ (init_weights=False) differs per adapter, as LoRA's does; seeded projections below do not.
-        generator = torch.Generator(device="cpu").manual_seed(
-            derived_seed(config.seed, f"{adapter_name}/{module_name}")
-        )
-
         scaling = config.scaling_for(r, d, out_f)
         phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
         # A random Φ under the scaling rule gives the ΔW it gives at s = 1; an explicit s scales it, as it says.
-        phi.reset(config.init_weights is not False, generator, scaling if config.scaling is None else 1.0)
+        phi.reset(config.init_weights is not False, scaling if config.scaling is None else 1.0)
 
         from_file = config.stores_projections and is_loading_from_file()
         # PEFT creates adapters empty, on meta, to fill from a file (low_cpu_mem_usage): so are the file's tensors here.

@@ -30,14 +30,16 @@ class Phi(nn.Module):
         return F.linear(h, self.matrix())
 
     @torch.no_grad()
-    def reset(self, identity: bool, generator: torch.Generator, scaling: float = 1.0) -> None:
+    def reset(self, identity: bool, scaling: float = 1.0) -> None:
         """Identity graft (ΔW = 0) when ``identity``, else a random non-zero Φ.
 
-        A random Φ is divided by ``scaling``, so the random ΔW = s·AΦB is as large as at s = 1 when s =
+        A random Φ comes from torch's global generator, as LoRA's random init does, so ``torch.manual_seed`` (or
+        transformers' ``set_seed``) decides it; it is saved with the adapter, unlike seeded projections, which are
+        regenerated. It is divided by ``scaling``, so the random ΔW = s·AΦB is as large as at s = 1 when s =
         ``scaling``: it is there to make a test's graft visible, not to depend on the scaling rule.
         """
         for p in self.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * self.init_std)
+            p.copy_(torch.randn(p.shape) * self.init_std)
         if identity:
             self._zero_for_identity()
         else:
