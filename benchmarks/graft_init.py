@@ -243,10 +243,11 @@ def main() -> None:
     command = "nice -n 19 python benchmarks/graft_init.py" + (
         "" if names == list(SUBJECTS) else f" --subjects {','.join(names)}"
     )
+    load_after = os.getloadavg()[0]
+    shared = " (the machine was shared with other jobs: compare within a run)" if max(load_before, load_after) > 1.5 else ""
     meta = dict(
         machine=f"torch {torch.__version__}, torch threads: 1, {os.cpu_count()} CPUs, {platform.machine()}, "
-        f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (the machine was shared "
-        "with other jobs: compare within a run, the lead may re-run it alone)",
+        f"load average {load_before:.1f} at the start and {load_after:.1f} at the end{shared}",
         command=command,
         products=str(product_dtype(torch.empty(0))).removeprefix("torch."),
         seconds=time.perf_counter() - start,

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, PeftType, convert_to_lora, get_peft_model, save_as_lora
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file
 
@@ -80,6 +80,14 @@ def test_random_init_changes_outputs(arch, targets: str) -> None:
         torch.testing.assert_close(logits(model, batch), expected, atol=1e-6, rtol=0)
 
 
+def train_head_copies(model: torch.nn.Module) -> None:
+    """Stand-in for training the ``modules_to_save`` copies (a classification head)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
+
+
 @pytest.mark.parametrize("phi,projection,mode", GRAFT_VARIANTS)
 def test_merge_and_unload_matches_unmerged(arch, phi: str, projection: str, mode: str) -> None:
     batch = arch.batch()
@@ -87,16 +95,38 @@ def test_merge_and_unload_matches_unmerged(arch, phi: str, projection: str, mode
     model = get_peft_model(
         arch.fresh(), graft_config(arch, "explicit", init_weights=False, phi=phi, projection=projection, mode=mode)
     )
-    with torch.no_grad():  # a trained head copy: merging must keep it, not the base's head
-        for name, param in model.named_parameters():
-            if "modules_to_save" in name:
-                param.add_(0.1 * torch.randn_like(param))
+    train_head_copies(model)  # merging must keep them, not the base's head
     unmerged = logits(model, batch)
     assert (unmerged - base_logits).abs().max() > 1e-4  # the graft does something worth merging
 
     merged_model = model.merge_and_unload()
     assert not any(isinstance(m, GraftLayer) for m in merged_model.modules())
     torch.testing.assert_close(logits(merged_model, batch), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("phi,projection,mode", GRAFT_VARIANTS)
+def test_peft_save_as_lora_reproduces_the_graft(arch, phi: str, projection: str, mode: str, tmp_path) -> None:
+    """PEFT's own ``save_as_lora`` (an SVD of each layer's ``get_delta_weight``) at the grafts' rank writes a plain
+    LoRA that ``PeftModel.from_pretrained`` loads and that computes what the grafts compute: ΔW comes in the base
+    weight's layout (GPT-2's Conv1D is stored in×out), output-mode ΔW = s·AΦB·W has rank r too. An output-mode graft
+    merged into its base cannot say its ΔW any more and refuses, typed as PEFT refuses unsupported layers."""
+    if arch.name == "roberta":
+        pytest.skip("PEFT's conversion copies a modules_to_save head by parameter name alone (RoBERTa's head nests)")
+    batch = arch.batch()
+    config = graft_config(arch, "explicit", init_weights=False, phi=phi, projection=projection, mode=mode)
+    model = get_peft_model(arch.fresh(), config)
+    train_head_copies(model)
+    expected = logits(model, batch)
+
+    save_as_lora(tmp_path, model, rank=config.r)
+    lora = PeftModel.from_pretrained(arch.fresh(), tmp_path)
+    assert lora.peft_config["default"].peft_type == PeftType.LORA
+    torch.testing.assert_close(logits(lora, batch), expected, atol=1e-4, rtol=0)
+
+    model.merge_adapter()
+    if mode == "output":
+        with pytest.raises(TypeError, match="do not support LoRA conversion"):
+            convert_to_lora(model, rank=config.r)
 
 
 @pytest.mark.parametrize("targets", ["default", "explicit"])

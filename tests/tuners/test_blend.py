@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import ARCHS
-from transformers.pytorch_utils import Conv1D
 
 import peft_graft
 from peft_graft import CalibrationRequiredError, GraftConfig, GraftLayer, NonFiniteWeightsError
@@ -37,7 +36,7 @@ def graft_layers(model):
 
 
 def summed_delta(layer, adapters=SOURCES, weights=WEIGHTS):
-    """Σ wᵢ ΔWᵢ (out×in) from the sources' own layers; adapters absent from the layer contribute nothing."""
+    """Σ wᵢ ΔWᵢ (in the base weight's layout) from the sources' own layers; adapters absent from the layer contribute nothing."""
     return sum(w * layer.get_delta_weight(a) for a, w in zip(adapters, weights) if a in layer.graft_phi)
 
 
@@ -165,8 +164,7 @@ def reference_logits(arch, model, input_ids):
     with torch.no_grad():
         for name, layer in graft_layers(model).items():
             base = reference.get_submodule(name)
-            delta = summed_delta(layer)
-            base.weight += delta.T if isinstance(base, Conv1D) else delta
+            base.weight += summed_delta(layer)  # get_delta_weight is in the base weight's layout (Conv1D: in×out)
     return reference(input_ids).logits
 
 

@@ -102,7 +102,7 @@ def test_forward_never_materialises_delta_weight(tiny_llama, tokens, monkeypatch
     def forbidden(*args, **kwargs):
         raise AssertionError("forward built the out×in ΔW")
 
-    monkeypatch.setattr(GraftLayer, "get_delta_weight", forbidden)
+    monkeypatch.setattr(GraftLayer, "delta_out_in", forbidden)
     assert model(tokens).logits.isfinite().all()
     with pytest.raises(AssertionError, match="ΔW"):
         model.merge_adapter()

@@ -243,7 +243,7 @@ class GraftLayer(BaseTunerLayer):
         the recorded Σ gᵀx (out×in); the chain rule through ΔW(Φ, sparse values, trainable A/B) does the rest, for
         every Φ family and both modes."""
         with torch.enable_grad():
-            delta = self.get_delta_weight(adapter)
+            delta = self.delta_out_in(adapter)
         if delta.requires_grad:
             delta.backward(stats.grad_x.to(delta))
 
@@ -288,7 +288,18 @@ class GraftLayer(BaseTunerLayer):
         bias = self.get_base_layer().bias
         return output if bias is None else output - bias
 
-    def get_delta_weight(self, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW of ``adapter`` in the base weight's layout (in×out on a Conv1D base), fp32, as LoRA's is: what PEFT's
+        generic tools add to the weight (``convert_to_lora``, ``save_as_lora``)."""
+        return transpose(self.delta_out_in(adapter), self.fan_in_fan_out)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` / ``save_as_lora`` factorize ``get_delta_weight``: every graft is additive
+        (W + ΔW). An output-mode ΔW is computed from the current base weight, so not while adapters are merged into it.
+        (``to_lora`` exports grafts exactly, without an SVD of each ΔW.)"""
+        return not (self.merged and self.graft_mode.get(adapter_name) == "output")
+
+    def delta_out_in(self, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW (out×in, fp32) of ``adapter`` relative to ``weight`` (default: the current base weight)."""
         phi, proj = self.graft_phi[adapter], self.graft_proj[adapter]
         A, B, Phi = proj.A.float(), proj.B.float(), phi.matrix().float()
@@ -379,7 +390,7 @@ class Linear(nn.Module, GraftLayer):
             if adapter not in self.graft_phi:
                 continue
             self._check_ready(adapter)
-            merged = transpose(W + self.get_delta_weight(adapter, W), self.fan_in_fan_out).to(base.dtype).contiguous()
+            merged = transpose(W + self.delta_out_in(adapter, W), self.fan_in_fan_out).to(base.dtype).contiguous()
             steps.append((adapter, merged))
             W = transpose(merged, self.fan_in_fan_out).float()  # go on from the rounded weight that would be stored
         return steps
