@@ -43,29 +43,40 @@ def tampered_adapter(tiny_llama, tmp_path):
     return tmp_path
 
 
-def test_failed_from_pretrained_leaves_the_base_untouched(tiny_llama, tokens, tampered_adapter):
+# low_cpu_mem_usage: the adapter is created empty (on meta) and the file's tensors are assigned, not copied.
+LOW_CPU = pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+
+
+@LOW_CPU
+def test_failed_from_pretrained_leaves_the_base_untouched(tiny_llama, tokens, tampered_adapter, low_cpu_mem_usage):
     base = tiny_llama()
     before, logits = state(base), base(tokens).logits
     with pytest.raises(ProjectionMismatchError):
-        PeftModel.from_pretrained(base, tampered_adapter)
+        PeftModel.from_pretrained(base, tampered_adapter, low_cpu_mem_usage=low_cpu_mem_usage)
     assert not any(isinstance(m, GraftLayer) for m in base.modules())
     assert_unchanged(base, before, tokens, logits)
 
 
-def test_failed_load_onto_another_base_leaves_it_untouched(tiny_llama, tokens, tmp_path):
-    get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+@LOW_CPU
+@pytest.mark.parametrize("projection", ["orthogonal", "svd"])
+def test_failed_load_onto_another_base_leaves_it_untouched(tiny_llama, tokens, tmp_path, projection, low_cpu_mem_usage):
+    config = GraftConfig(r=4, target_modules=["q_proj"], projection=projection)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
     other = tiny_llama(hidden_size=96, intermediate_size=128)
     before, logits = state(other), other(tokens).logits
     with pytest.raises(ShapeMismatchError):
-        PeftModel.from_pretrained(other, tmp_path)
+        PeftModel.from_pretrained(other, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert_unchanged(other, before, tokens, logits)
 
 
-def test_failed_load_adapter_leaves_the_peft_model_as_it_was(tiny_llama, tokens, tampered_adapter, tmp_path):
+@LOW_CPU
+def test_failed_load_adapter_leaves_the_peft_model_as_it_was(
+    tiny_llama, tokens, tampered_adapter, tmp_path, low_cpu_mem_usage
+):
     model = get_peft_model(tiny_llama(), GraftConfig(r=2, target_modules=["q_proj"], init_weights=False, seed=3))
     before, logits = state(model), model(tokens).logits
     with pytest.raises(ProjectionMismatchError):
-        model.load_adapter(tampered_adapter, adapter_name="second")
+        model.load_adapter(tampered_adapter, adapter_name="second", low_cpu_mem_usage=low_cpu_mem_usage)
     assert "second" not in model.peft_config
     assert not [k for k in model.state_dict() if ".second." in k]
     assert_unchanged(model, before, tokens, logits)

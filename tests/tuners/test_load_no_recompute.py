@@ -63,7 +63,8 @@ def forbid_factorizations(patch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "loader", ["PeftModel.from_pretrained", "PeftModel.load_adapter", "transformers load_adapter"]
 )
-def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, saved, loader):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, saved, loader, low_cpu_mem_usage):
     path, expected = saved
     # the model to load into is built first: a graft created with get_peft_model computes its projections
     model = tiny_llama()
@@ -72,11 +73,12 @@ def test_loading_stored_projections_runs_no_factorization(tiny_llama, tokens, sa
     with pytest.MonkeyPatch.context() as patch:
         forbid_factorizations(patch)
         if loader == "PeftModel.from_pretrained":
-            model = PeftModel.from_pretrained(model, path)
+            model = PeftModel.from_pretrained(model, path, low_cpu_mem_usage=low_cpu_mem_usage)
         else:
-            model.load_adapter(path, adapter_name="loaded")
+            model.load_adapter(path, adapter_name="loaded", low_cpu_mem_usage=low_cpu_mem_usage)
             if loader == "PeftModel.load_adapter":
                 model.set_adapter("loaded")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     torch.testing.assert_close(model(tokens).logits, expected, atol=0, rtol=0)
     layers = [m for m in model.modules() if isinstance(m, GraftLayer)]
     assert layers and not any(pending for m in layers for pending in m.graft_pending.values())
