@@ -44,6 +44,14 @@ def test_save_projection_false_only_for_regenerable_projections():
     assert not GraftConfig(projection="orthogonal").stores_projections
 
 
+def test_target_parameters_are_refused_with_what_to_do_instead(tiny_llama):
+    """LoRA's ``target_parameters`` (fused MoE expert tensors) has no graft counterpart: naming parameters is a
+    config error; an empty list, as PEFT's tests and tools pass it, is accepted."""
+    with pytest.raises(GraftConfigError, match=r"target_parameters=\['mlp.experts.down_proj'\].*Linear modules"):
+        GraftConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
+    assert has_grafts(get_peft_model(tiny_llama(), GraftConfig(target_modules=["q_proj"], target_parameters=[])))
+
+
 @pytest.mark.parametrize("init", ["lstsq", "gradient_diag"])
 def test_gradient_step_inits_refuse_zero_scaling(init):
     """Φ₀ = pinv(A)·step·pinv(B)/s has no value at s = 0 (it came out as Inf, and the first forward as NaN)."""

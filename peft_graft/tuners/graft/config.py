@@ -104,6 +104,9 @@ class GraftConfig(PeftConfig):
             raise an error instead of being trained apart.
         modules_to_tie (`set[str]`): Filled in when the adapter is added with ``ensure_weight_tying``: the layers
             tied to the embedding's trained copy (saved with it, so a load knows their tensors belong to the adapter).
+        target_parameters (`list[str]`): LoRA's field for adapting parameters that are not inside a Linear layer
+            (the fused expert tensors of transformers' MoE models). Grafts adapt Linear layers only: it must stay
+            empty, and naming parameters raises a `GraftConfigError` that says what to do instead.
         layers_to_transform (`Union[list[int], int]`): Only graft these layer indices.
         layers_pattern (`Union[list[str], str]`): Name of the layer list, used with ``layers_to_transform``.
     """
@@ -157,6 +160,9 @@ class GraftConfig(PeftConfig):
     )
     modules_to_tie: set[str] | None = field(
         default=None, metadata={"help": "Set under ensure_weight_tying: layers that share the embedding's copy."}
+    )
+    target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "LoRA's parameter targets (fused MoE experts): not supported, must be empty."}
     )
     layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
@@ -246,6 +252,14 @@ class GraftConfig(PeftConfig):
         names("target_modules", self.target_modules)
         names("exclude_modules", self.exclude_modules)
         names("modules_to_tie", self.modules_to_tie)
+        names("target_parameters", self.target_parameters)
+        if self.target_parameters:
+            raise GraftConfigError(
+                f"target_parameters={self.target_parameters!r}: grafts adapt Linear layers (ΔW = s·AΦB on a "
+                "weight matrix) and do not wrap bare parameters such as fused MoE expert tensors. Name Linear "
+                "modules in target_modules instead (attention projections, routers, shared experts); adapting fused "
+                "experts themselves needs LoRA (LoraConfig(target_parameters=...))."
+            )
         tokens = self.trainable_token_indices
         by_module = tokens if isinstance(tokens, dict) else {"": tokens}
         if tokens is not None and not (
