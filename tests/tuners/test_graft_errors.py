@@ -182,9 +182,27 @@ def test_loading_without_the_plugin_fails_with_key_error_and_card_says_why(tiny_
     assert "import peft_graft" in (tmp_path / "README.md").read_text()
 
 
-def test_unsupported_layer_type(tiny_llama):
-    with pytest.raises(peft_graft.UnsupportedLayerError, match="Embedding"):
-        get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["embed_tokens"]))
+@pytest.mark.parametrize("targets,kind", [(["embed_tokens"], "Embedding"), (["q_proj", "norm"], "LlamaRMSNorm")])
+def test_unsupported_layer_type_is_refused_before_anything_is_grafted(tiny_llama, targets, kind):
+    """Also when supported targets come first in the model (the final norm follows every q_proj): none of them
+    may be left replaced."""
+    base = tiny_llama()
+    with pytest.raises(peft_graft.UnsupportedLayerError, match=kind):
+        get_peft_model(base, GraftConfig(r=4, target_modules=targets))
+    assert not has_grafts(base)
+
+
+def test_multihead_attention_is_refused_before_anything_is_grafted():
+    class WithAttention(torch.nn.Module):  # PEFT's custom-model tests use this shape of model for LoRA's MHA layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = torch.nn.Linear(8, 8)
+            self.mha = torch.nn.MultiheadAttention(8, 2)
+
+    model = WithAttention()
+    with pytest.raises(peft_graft.UnsupportedLayerError, match="'mha' of type MultiheadAttention"):
+        get_peft_model(model, GraftConfig(r=2, target_modules=["lin0", "mha"]))
+    assert not has_grafts(model)
 
 
 @pytest.mark.parametrize(

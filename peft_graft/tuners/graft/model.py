@@ -46,6 +46,15 @@ GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 PROGRESS_MIN_MODULES = 16
 
 
+def _check_graftable(key: str, base: nn.Module) -> None:
+    """Refuse a target no graft layer can wrap; `_prepare_model` asks before any module is replaced."""
+    if not (isinstance(base, (nn.Linear, Conv1D)) or resolve_backend(base) is not None):
+        raise UnsupportedLayerError(
+            f"Cannot graft {key!r} of type {type(base).__name__}: grafts wrap torch.nn.Linear, transformers' "
+            "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
+        )
+
+
 def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
     """Refuse ``trainable_token_indices`` that name no embedding of ``model`` or rows past its end, before anything
     is grafted (PEFT would find out only after the grafts are in place, and leave them there)."""
@@ -136,9 +145,8 @@ class GraftModel(BaseTuner):
             if not matched or isinstance(matched, _ExcludedModule):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            _check_graftable(key, base)
             in_f, out_f = _get_in_out_features(base)
-            if in_f is None:
-                continue
             d = in_f if peft_config.mode == "additive" else out_f
             limit, r = min(out_f, d), peft_config.r_for(key)
             if r > limit:
@@ -233,17 +241,10 @@ class GraftModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, Conv1D):
-            fan_in_fan_out = True
-        elif isinstance(base, nn.Linear) or resolve_backend(base) is not None:
-            if config.fan_in_fan_out:
-                warnings.warn(f"fan_in_fan_out=True but {key!r} is a Linear layer; using fan_in_fan_out=False.")
-            fan_in_fan_out = False
-        else:
-            raise UnsupportedLayerError(
-                f"Cannot graft {key!r} of type {type(base).__name__}: grafts wrap torch.nn.Linear, transformers' "
-                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
-            )
+        _check_graftable(key, base)
+        fan_in_fan_out = isinstance(base, Conv1D)
+        if config.fan_in_fan_out and not fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True but {key!r} is a Linear layer; using fan_in_fan_out=False.")
         return Linear(target, adapter_name, config=config, module_name=key, fan_in_fan_out=fan_in_fan_out)
 
     def add_weighted_adapter(
