@@ -3,6 +3,7 @@ and calibration statistics (≥ 99.9% of the exact top-r energy), deterministic 
 it cannot sketch well (rank-deficient, too small)."""
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import peft_graft
 from peft_graft import GraftConfig, GraftConfigError
 from peft_graft.testing.assets import tokenize_blocks
+from peft_graft.tuners.graft import layer as graft_layer
 from peft_graft.tuners.graft.projections import (
     captured_energy,
     product_dtype,
@@ -140,6 +142,32 @@ def smollm2(smollm2_dir):
 
 def graft_layers(model):
     return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if hasattr(m, "graft_proj")}
+
+
+def test_svd_projections_read_the_weight_only_inside_peft_gather_context(tiny_llama, monkeypatch):
+    """Under DeepSpeed ZeRO-3 a rank holds a shard of each weight outside PEFT's `gather_params_ctx` (a no-op
+    without DeepSpeed): the svd init reads the weight inside it, once per module and read-only (modifier_rank=None),
+    as PiSSA's init gathers its weight."""
+    gathered, inside = [], []
+
+    @contextmanager
+    def gather(param, modifier_rank=0, fwd_module=None):
+        gathered.append((param, modifier_rank))
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def solve(weight, *args):
+        assert inside, "the svd init read the base weight outside gather_params_ctx"
+        return svd_projections(weight, *args)
+
+    monkeypatch.setattr(graft_layer, "gather_params_ctx", gather)
+    monkeypatch.setattr(graft_layer, "svd_projections", solve)
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, projection="svd", target_modules=["q_proj", "v_proj"]))
+    weights = [layer.get_base_layer().weight for layer in graft_layers(model).values()]
+    assert [(id(p), rank) for p, rank in gathered] == [(id(w), None) for w in weights]
 
 
 @pytest.mark.slow

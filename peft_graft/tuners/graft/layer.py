@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn
 
@@ -130,7 +131,9 @@ class GraftLayer(BaseTunerLayer):
             device = "meta" if empty and from_file else None
             A, B = torch.zeros(out_f, r, device=device), torch.zeros(r, d, device=device)
         elif config.projection == "svd":  # one module at a time: a quantized base is dequantized for this one only
-            A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
+            # Under DeepSpeed ZeRO-3 a rank holds a shard of the weight: gather it for reading, as PiSSA's init does.
+            with gather_params_ctx(self.get_base_layer().weight, modifier_rank=None):
+                A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
         else:
             A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
         self.graft_proj[adapter_name] = GraftProjection(
