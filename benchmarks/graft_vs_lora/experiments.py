@@ -92,7 +92,8 @@ SOLVER_FIELDS = ("projection_niter", "projection_oversample")
 # GraftConfig fields added after runs were recorded, with the defaults under which they train nothing different:
 # left out of a graft run's identity at those defaults, so the recorded runs keep theirs (LoRA had them all along).
 LATER_GRAFT_DEFAULTS = {
-    "trainable_token_indices": None, "ensure_weight_tying": False, "modules_to_tie": None, "target_parameters": None
+    "trainable_token_indices": None, "ensure_weight_tying": False, "modules_to_tie": None, "target_parameters": None,
+    "layer_replication": None,
 }
 
 

@@ -107,6 +107,10 @@ class GraftConfig(PeftConfig):
         target_parameters (`list[str]`): LoRA's field for adapting parameters that are not inside a Linear layer
             (the fused expert tensors of transformers' MoE models). Grafts adapt Linear layers only: it must stay
             empty, and naming parameters raises a `GraftConfigError` that says what to do instead.
+        layer_replication (`list[list[int]]`): Grow the model's depth before grafting, as LoRA's field of this name
+            does: ``[[0, 4], [2, 5]]`` turns layers 0-4 into 0, 1, 2, 3, 2, 3, 4. The copies share the base weights
+            (no extra memory but activations) and each gets grafts of its own; a load replicates the base the same
+            way. Merging is refused (it would change every copy of a shared weight).
         layers_to_transform (`Union[list[int], int]`): Only graft these layer indices.
         layers_pattern (`Union[list[str], str]`): Name of the layer list, used with ``layers_to_transform``.
     """
@@ -164,6 +168,9 @@ class GraftConfig(PeftConfig):
     target_parameters: list[str] | None = field(
         default=None, metadata={"help": "LoRA's parameter targets (fused MoE experts): not supported, must be empty."}
     )
+    layer_replication: list[list[int]] | None = field(
+        default=None, metadata={"help": "[start, end) layer ranges stacked into a deeper model, as in LoRA."}
+    )
     layers_to_transform: Union[list[int], int] | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Union[list[str], str] | None = field(default=None, metadata={"help": "Layer list name."})
     # The 0.1 spelling of save_projection, still found in saved adapter_config.json files; never written.
@@ -191,6 +198,8 @@ class GraftConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.modules_to_tie, list):
             self.modules_to_tie = set(self.modules_to_tie)
+        if isinstance(self.layer_replication, (list, tuple)):  # JSON gives lists, LoRA's examples tuples
+            self.layer_replication = [list(pair) if isinstance(pair, tuple) else pair for pair in self.layer_replication]
         self._validate()
 
     def _validate(self) -> None:
@@ -253,6 +262,19 @@ class GraftConfig(PeftConfig):
         names("exclude_modules", self.exclude_modules)
         names("modules_to_tie", self.modules_to_tie)
         names("target_parameters", self.target_parameters)
+        ranges = self.layer_replication
+        if ranges is not None and not (
+            isinstance(ranges, list)
+            and ranges
+            and all(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(type(i) is int for i in pair)
+                and 0 <= pair[0] < pair[1]
+                for pair in ranges
+            )
+        ):
+            fail("layer_replication", "a non-empty list of [start, end) layer ranges with 0 <= start < end", ranges)
         if self.target_parameters:
             raise GraftConfigError(
                 f"target_parameters={self.target_parameters!r}: grafts adapt Linear layers (ΔW = s·AΦB on a "

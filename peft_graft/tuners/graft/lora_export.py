@@ -258,6 +258,7 @@ def _lora_config(
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         trainable_token_indices=config.trainable_token_indices,
         ensure_weight_tying=config.ensure_weight_tying,
+        layer_replication=config.layer_replication,
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path or getattr(tuner.model, "name_or_path", None) or None,
         revision=config.revision,

@@ -34,6 +34,7 @@ from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
+from .replication import LayerMap, apply_layer_replication
 
 
 # Grafts go where LoRA goes by default. PEFT has no entry for the DRM backbone (drm_transformer), whose attention and
@@ -119,25 +120,43 @@ class GraftModel(BaseTuner):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft-graft", "graft"])
 
+    # The layer map `layer_replication` put in place on this model (see `replication`), once any adapter asked.
+    _layer_replication: LayerMap | None = None
+
     def inject_adapter(self, *args, **kwargs) -> None:
         """PEFT's injection. With a ``state_dict`` (``inject_adapter_in_model(..., state_dict=...)``, followed by
-        ``set_peft_model_state_dict``) the stored projections come from it, so none is computed here first."""
+        ``set_peft_model_state_dict``) the stored projections come from it, so none is computed here first. A
+        failed injection puts replicated layers back as they were."""
         try:
             with loading_from_file() if kwargs.get("state_dict") is not None else nullcontext():
                 super().inject_adapter(*args, **kwargs)
+        except BaseException:
+            _, restore = self.__dict__.pop("_replication_in_progress", (None, None))
+            if restore is not None:
+                restore()
+            raise
         finally:
             progress = self.__dict__.pop("_projection_progress", None)  # opened by _prepare_model
             if progress is not None:
                 progress.close()
+        applied, _ = self.__dict__.pop("_replication_in_progress", (self._layer_replication, None))
+        self._layer_replication = applied
 
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
-        """Check every target before any module is replaced, so a bad config leaves the model untouched.
+        """Replicate layers if asked, then check every target before any module is replaced, so a bad config
+        leaves the model untouched (replicated layers are put back)."""
+        _check_trainable_tokens(peft_config, model)
+        applied, restore = apply_layer_replication(model, peft_config, self._layer_replication)
+        self._replication_in_progress = (applied, restore)
+        self._check_targets(peft_config, model)
+
+    def _check_targets(self, peft_config: GraftConfig, model: nn.Module) -> None:
+        """Check every target, and open the progress bar of the projections.
 
         A target narrower than ``r`` (an MoE router, a small head) gets the largest graft it can hold, as LoRA
         accepts such layers: the clamped r goes into ``rank_pattern`` so that saving and reloading reproduce it. An
         explicit ``rank_pattern`` entry that does not fit is an error.
         """
-        _check_trainable_tokens(peft_config, model)
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         total, clamped, targets = 0, {}, 0
         for key, module in model.named_modules():
@@ -289,6 +308,16 @@ class GraftModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
         )
 
+    def _check_merge_allowed(self) -> None:
+        """Replicated layers share their base weights: merging one copy's grafts would change every copy."""
+        super()._check_merge_allowed()
+        if self._layer_replication is not None:
+            raise GraftConfigError(
+                f"Cannot merge grafts into layers replicated with layer_replication={self._layer_replication}: "
+                "the copies share their base weights, so a merge into one would change all. Run the model unmerged "
+                "(unload() removes the grafts and keeps the replicated layers)."
+            )
+
     def _check_every_merge(self, adapter_names: list[str] | None) -> None:
         for module in self.model.modules():
             if isinstance(module, GraftLayer):
@@ -308,6 +337,7 @@ class GraftModel(BaseTuner):
         merged into those, and the remaining quantized layers are dequantized the same way. Save the result with
         ``save_pretrained`` to export it.
         """
+        self._check_merge_allowed()  # before any layer is dequantized
         for module in self.model.modules():
             if isinstance(module, GraftLayer) and module.quantization_backend is not None:
                 module.base_layer = dequantized_linear(module.get_base_layer(), module.quantization_backend, dtype)
