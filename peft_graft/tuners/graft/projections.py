@@ -323,8 +323,9 @@ class GraftProjection(nn.Module):
         self.trainable = trainable
         self.stored = stored
         self.base_shape = base_shape
+        own = None if A.is_meta else fingerprint(A, B)  # placeholders awaiting a file have none yet
         # Seeded projections are regenerated, never loaded: what a file's fingerprint must match.
-        self.regenerated_fingerprint = None if stored else fingerprint(A, B)
+        self.regenerated_fingerprint = None if stored else own
         if trainable:
             self.A = nn.Parameter(A)
             self.B = nn.Parameter(B)
@@ -334,7 +335,7 @@ class GraftProjection(nn.Module):
         signature = (
             torch.empty(3, dtype=torch.int64, device="meta")
             if empty_signature
-            else torch.tensor([*base_shape, fingerprint(A, B)], dtype=torch.int64)
+            else torch.tensor([*base_shape, own], dtype=torch.int64)
         )
         self.register_buffer("signature", signature)
         self._register_load_state_dict_pre_hook(self._verify_incoming, with_module=False)
@@ -370,7 +371,7 @@ class GraftProjection(nn.Module):
         if not self.stored and incoming[2] != self.regenerated_fingerprint:
             raise ProjectionMismatchError(
                 f"The seeded projections regenerated for {module!r} differ from those the adapter was trained with "
-                f"(fingerprint {incoming[2]:#x} saved, {self.regenerated_fingerprint:#x} now). This happens when the torch build generates "
-                "different random numbers or the seed/module names changed. Load it with the torch version it was "
+                f"(fingerprint {incoming[2]:#x} saved, {self.regenerated_fingerprint:#x} now). This happens when "
+                "the torch build generates different random numbers or the seed/module names changed. Load it with the torch version it was "
                 "trained with, or retrain with save_projection=True."
             )
