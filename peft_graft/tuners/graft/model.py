@@ -132,7 +132,7 @@ class GraftModel(BaseTuner):
                 super().inject_adapter(*args, **kwargs)
         except BaseException:
             _, restore = self.__dict__.pop("_replication_in_progress", (None, None))
-            if restore is not None:
+            if restore is not None:  # this injection replicated the layers: put them back
                 restore()
             raise
         finally:
@@ -146,8 +146,8 @@ class GraftModel(BaseTuner):
         """Replicate layers if asked, then check every target before any module is replaced, so a bad config
         leaves the model untouched (replicated layers are put back)."""
         _check_trainable_tokens(peft_config, model)
-        applied, restore = apply_layer_replication(model, peft_config, self._layer_replication)
-        self._replication_in_progress = (applied, restore)
+        restore = apply_layer_replication(model, peft_config, self._layer_replication)
+        self._replication_in_progress = (peft_config.layer_replication, restore)
         self._check_targets(peft_config, model)
 
     def _check_targets(self, peft_config: GraftConfig, model: nn.Module) -> None:

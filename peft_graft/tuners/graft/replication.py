@@ -22,10 +22,11 @@ LayerMap = list[list[int]]
 
 def apply_layer_replication(
     model: nn.Module, config: GraftConfig, applied: LayerMap | None
-) -> tuple[LayerMap | None, Callable[[], None]]:
-    """Replicate ``model``'s layers as ``config`` asks, unless ``applied`` (the map already in place) says it is done.
+) -> Callable[[], None] | None:
+    """Replicate ``model``'s layers as ``config`` asks, unless ``applied`` (the map already in place) says it is done;
+    afterwards ``config.layer_replication`` is the map in place.
 
-    Returns the map now in place and a function that restores the model as it was before this call.
+    Returns the function that restores the model as it was, when this call replicated it.
     """
     wanted = config.layer_replication
     if applied is not None:
@@ -35,9 +36,9 @@ def apply_layer_replication(
                 f"layer_replication={wanted} would replicate them again. Give every adapter the same map (or none)."
             )
         config.layer_replication = applied
-        return applied, _nothing
+        return None
     if wanted is None:
-        return None, _nothing
+        return None
     restore = _snapshot(model)
     try:
         replicate_layers(model, [tuple(pair) for pair in wanted])
@@ -47,7 +48,7 @@ def apply_layer_replication(
             f"layer_replication={wanted} cannot be applied to this model: {err}. Each [start, end) range must lie "
             "within the model's layer list (Llama-, BERT- or Falcon-style models)."
         ) from err
-    return wanted, restore
+    return restore
 
 
 def _snapshot(model: nn.Module) -> Callable[[], None]:
@@ -72,6 +73,3 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
 
     return restore
 
-
-def _nothing() -> None:
-    """Nothing was replicated by this call: nothing to restore."""
