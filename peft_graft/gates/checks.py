@@ -98,12 +98,12 @@ def preserved_base_weights(model: nn.Module) -> Iterator[None]:
     enough to put the model back bit for bit, quantized bases included.
     """
     layers = [m for m in model.modules() if isinstance(m, GraftLayer)]
-    saved = [(layer, layer.get_base_layer().weight, layer.get_base_layer().weight.data) for layer in layers]
+    saved = [(layer, layer.base_weight_param(), layer.base_weight_param().data) for layer in layers]
     try:
         yield
     finally:
         for layer, param, data in saved:
-            layer.get_base_layer().weight = param
+            setattr(layer.get_base_layer(), layer.base_weight_name, param)
             param.data = data
             layer.merged_adapters = []
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLStateError
 from ..registry.fingerprints import base_model_fingerprint
-from ..tuners.graft import GraftConfig, GraftLayer
+from ..tuners.graft import GraftConfig, GraftLayer, Linear
 from ..tuners.graft.bnb import unpack_cpu_4bit
 from .config import SEWLConfig
 from .loss import summed_nll
@@ -108,6 +108,12 @@ class SEWL:
         if self.config.last_k is not None:
             wanted = sorted(set(indices.values()))[-self.config.last_k :]
         selected = {name: layer for name, layer in grafts.items() if wanted is None or indices.get(name) in wanted}
+        other = [f"{name!r} ({type(layer).__name__})" for name, layer in selected.items() if not isinstance(layer, Linear)]
+        if other:  # the update signal comes from the inputs and output gradients of linear maps
+            raise SEWLConfigError(
+                f"SEWL evolves grafts on linear layers; the selection holds {', '.join(other)}. Select layer indices "
+                "(SEWLConfig.layers / last_k) whose grafts are all on linear layers, or graft linear layers only."
+            )
         if not selected:
             raise SEWLConfigError(
                 f"SEWLConfig selects no graft of adapter {self.adapter!r} (layers={self.config.layers}, "

@@ -97,7 +97,7 @@ def test_load_adapter_rolls_back_a_targeted_module_without_its_phi(tiny_llama, s
         (lambda t: next(v for k, v in t.items() if "graft_phi" in k).view(-1).__setitem__(0, float("nan")),
          NonFiniteWeightsError),
         (lambda t: t.update({k: v[:2] for k, v in t.items() if "graft_phi" in k}), ShapeMismatchError),
-        (lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(1)}), AdapterContentError),
+        (lambda t: t.update({"base_model.model.model.norm.weight": torch.zeros(1)}), AdapterContentError),
     ],
     ids=["int32-phi", "one-fp16-tensor", "nan", "phi-shape", "foreign-key"],
 )

@@ -182,7 +182,7 @@ def test_loading_without_the_plugin_fails_with_key_error_and_card_says_why(tiny_
     assert "import peft_graft" in (tmp_path / "README.md").read_text()
 
 
-@pytest.mark.parametrize("targets,kind", [(["embed_tokens"], "Embedding"), (["q_proj", "norm"], "LlamaRMSNorm")])
+@pytest.mark.parametrize("targets,kind", [(["act_fn"], "SiLU"), (["q_proj", "norm"], "LlamaRMSNorm")])
 def test_unsupported_layer_type_is_refused_before_anything_is_grafted(tiny_llama, targets, kind):
     """Also when supported targets come first in the model (the final norm follows every q_proj): none of them
     may be left replaced."""

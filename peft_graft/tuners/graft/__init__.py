@@ -4,9 +4,12 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from . import peft_hooks
+from .attention import MultiheadAttention
 from .compat import relax_transformers_peft_requirement
 from .config import GraftConfig
-from .layer import GraftLayer, Linear
+from .conv import ConvNd
+from .embedding import Embedding
+from .layer import GraftLayer, GraftModule, Linear
 from .model import GraftModel
 from .peft_type import GRAFT_NAME, GRAFT_PEFT_TYPE, GRAFT_PREFIX
 
@@ -21,4 +24,15 @@ def register_graft_method() -> None:
 
 register_graft_method()
 
-__all__ = ["GRAFT_PEFT_TYPE", "GraftConfig", "GraftLayer", "GraftModel", "Linear", "register_graft_method"]
+__all__ = [
+    "GRAFT_PEFT_TYPE",
+    "ConvNd",
+    "Embedding",
+    "GraftConfig",
+    "GraftLayer",
+    "GraftModel",
+    "GraftModule",
+    "Linear",
+    "MultiheadAttention",
+    "register_graft_method",
+]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from ...errors import (
     AdapterContentError,
@@ -69,14 +70,23 @@ def read_config(folder: str | os.PathLike) -> GraftConfig:
 
 
 def _is_extra_key(key: str, config: GraftConfig) -> bool:
-    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies (and the layers tied to them), trained biases
-    and trainable token rows."""
+    """Keys PEFT saves besides graft layers: ``modules_to_save`` copies (and the layers tied to them), trained biases,
+    trainable token rows and embedding tables (`_is_saved_embedding`)."""
     path = f".{key}."
     return (
         any(f".{name}." in path for name in [*(config.modules_to_save or ()), *(config.modules_to_tie or ())])
         or (config.bias != "none" and key.endswith(".bias"))
         or (config.trainable_token_indices is not None and key.endswith(".token_adapter.trainable_tokens_delta"))
+        or _is_saved_embedding(key)
     )
+
+
+def _is_saved_embedding(key: str) -> bool:
+    """The weight of an input/output embedding layer, which PEFT's ``save_embedding_layers="auto"`` adds to an
+    adapter (for any method) when an embedding is among the targets or the vocabulary was resized; loading puts it
+    back into the model, as for LoRA."""
+    parts = key.removesuffix(".weight").removesuffix(".base_layer").split(".")
+    return key.endswith(".weight") and parts[-1] in EMBEDDING_LAYER_NAMES
 
 
 def _expected_shapes(config: GraftConfig, module: str, signature: list[int]) -> dict[str, tuple[int, ...]]:

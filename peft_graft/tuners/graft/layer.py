@@ -1,6 +1,7 @@
-"""Graft layers: the per-adapter state of one wrapped linear map and the math of ΔW = s·A Φ B.
+"""Graft layers: the per-adapter state of one wrapped layer and the math of ΔW = s·A Φ B.
 
-The forward never materialises ΔW (out×in): it runs x → B → Φ → A, i.e. O(r·(in+out)) extra work per token.
+Every kind of base layer is read as an out×in matrix W (a linear map here; embeddings and convolutions in their
+own modules). The forward never materialises ΔW: it runs x → B → Φ → A, i.e. O(r·(in+out)) extra work per token.
 ΔW is only built to merge into (or unmerge from) the base weight.
 """
 
@@ -60,6 +61,17 @@ def is_loading_from_file() -> bool:
     return _LOADING_FROM_FILE.get()
 
 
+def graft_dims(base: nn.Module) -> tuple[int | None, int | None]:
+    """(in, out) of the matrix a graft sees in ``base``: W is out×in with y = W x per position.
+
+    That is PEFT's (in_features, out_features) except for convolutions, whose kernel (out, in, *k) acts as an
+    out × in·Πk matrix on each input patch.
+    """
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base.weight[0].numel(), base.out_channels
+    return _get_in_out_features(base)
+
+
 class SparseResidual(nn.Module):
     """k individually trainable entries of ΔW at fixed (row, col) positions chosen during calibration."""
 
@@ -81,6 +93,11 @@ class SparseResidual(nn.Module):
 class GraftLayer(BaseTunerLayer):
     adapter_layer_names = ("graft_phi", "graft_proj", "graft_sparse")
     other_param_names = ("graft_scaling", "graft_mode", "graft_pending", "graft_recorders")
+    # Whether the base output holds its out features on the last axis (all but convolutions: channels first).
+    features_on_last_axis = True
+    fan_in_fan_out = False
+    # The base layer's parameter that the graft adapts (nn.MultiheadAttention's is in_proj_weight).
+    base_weight_name = "weight"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -104,7 +121,7 @@ class GraftLayer(BaseTunerLayer):
         self.quantization_backend = resolve_backend(base)
         if isinstance(self.quantization_backend, CpuSafeBnb4bitBackend):
             self.quantization_backend.prepare(base)
-        in_features, out_features = _get_in_out_features(base)
+        in_features, out_features = graft_dims(base)
         if in_features is None:
             raise UnsupportedLayerError(f"Cannot graft a {type(base).__name__}: its input/output sizes are unknown.")
         self.in_features, self.out_features = in_features, out_features
@@ -132,7 +149,7 @@ class GraftLayer(BaseTunerLayer):
             A, B = torch.zeros(out_f, r, device=device), torch.zeros(r, d, device=device)
         elif config.projection == "svd":  # one module at a time: a quantized base is dequantized for this one only
             # Under DeepSpeed ZeRO-3 a rank holds a shard of the weight: gather it for reading, as PiSSA's init does.
-            with gather_params_ctx(self.get_base_layer().weight, modifier_rank=None):
+            with gather_params_ctx(self.base_weight_param(), modifier_rank=None):
                 A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
         else:
             A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
@@ -154,8 +171,20 @@ class GraftLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def base_weight_param(self) -> nn.Parameter:
+        """The base layer's parameter that this graft adapts (and merges into)."""
+        return getattr(self.get_base_layer(), self.base_weight_name)
+
     def _base_weight_out_in(self) -> torch.Tensor:
-        return transpose(self.get_base_weight(), self.fan_in_fan_out)
+        return self._out_in(self.get_base_weight())
+
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base weight's layout) as the out×in matrix the graft math uses."""
+        return transpose(weight, self.fan_in_fan_out)
+
+    def _base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """An out×in matrix in the base weight's layout (the inverse of `_out_in`)."""
+        return transpose(matrix, self.fan_in_fan_out)
 
     def _solver(self, config: GraftConfig) -> tuple[int | None, int, torch.Generator]:
         """Settings of the top-r solver for this module, with its sketch generator seeded from (seed, module name)."""
@@ -257,29 +286,47 @@ class GraftLayer(BaseTunerLayer):
         return next(self.graft_phi[adapter].parameters()).dtype
 
     def _graft_hidden(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """s·Φ B u ([..., r]), with u = x (additive) or the current pre-bias output (output mode).
+        """s·Φ B u ([..., r], features last), with u = x (additive) or the current pre-bias output (output mode).
 
         The scaling multiplies these r numbers per token rather than the out-wide ΔW·u: the same product, but one
         pass over an [..., out] tensor fewer in the forward and in the backward (on SmolLM2 with grafts on all seven
         projections those passes cost a few percent of a training step)."""
-        dtype = self._adapter_dtype(adapter) if self.cast_input_dtype_enabled else x.dtype
-        u = self._cast_input_dtype(x, dtype) if self.graft_mode[adapter] == "additive" else self._pre_bias(current)
-        h = self.graft_phi[adapter](F.linear(u.to(dtype), self.graft_proj[adapter].B.to(dtype)))
+        keep = not self.cast_input_dtype_enabled and x.is_floating_point()  # token ids are never the compute dtype
+        dtype = x.dtype if keep else self._adapter_dtype(adapter)
+        B = self.graft_proj[adapter].B.to(dtype)
+        if self.graft_mode[adapter] == "additive":
+            h = self._project_input(x, B, dtype)
+        else:
+            h = F.linear(self._pre_bias(current).to(dtype), B)
+        h = self.graft_phi[adapter](h)
         scaling = self.graft_scaling[adapter]
         return h if scaling == 1 else h * scaling
 
+    def _project_input(self, x: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """B x per position, features last ([..., r]): what the base layer's input becomes in graft space."""
+        return F.linear(self._cast_input_dtype(x, dtype).to(dtype), B)
+
+    def _features_last(self, output: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with its out features on the last axis (a view; identity but for convolutions)."""
+        return output
+
+    def _features_back(self, delta: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_features_last`: an [..., out] tensor in the base layer's output layout."""
+        return delta
+
     def _graft_delta(self, adapter: str, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """s·A Φ B u (+ sparse) of ``adapter`` for the input ``x`` and the base output ``current``."""
+        """s·A Φ B u (+ sparse) of ``adapter`` for the input ``x`` and the base output ``current``, in the base
+        output's layout."""
         h = self._graft_hidden(adapter, x, current)
         delta = F.linear(h, self.graft_proj[adapter].A.to(h.dtype))  # [..., out]
         if adapter in self.graft_sparse:
             delta = delta + self.graft_sparse[adapter](self._cast_input_dtype(x, h.dtype), self.out_features)
-        return delta
+        return self._features_back(delta)
 
     def _add_graft(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` + ΔW u; where dtypes allow, the addition is fused into the last product (one addmm), which
-        saves a pass over the [..., out] output."""
-        if adapter in self.graft_sparse or result.dim() < 2:
+        """``result`` + ΔW u; where dtypes and layout allow, the addition is fused into the last product (one addmm),
+        which saves a pass over the [..., out] output."""
+        if adapter in self.graft_sparse or result.dim() < 2 or not self.features_on_last_axis:
             return result + self._graft_delta(adapter, x, result).to(result.dtype)
         h = self._graft_hidden(adapter, x, result)
         A = self.graft_proj[adapter].A.to(h.dtype)
@@ -288,13 +335,15 @@ class GraftLayer(BaseTunerLayer):
         return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), A.T).view(result.shape)
 
     def _pre_bias(self, output: torch.Tensor) -> torch.Tensor:
-        bias = self.get_base_layer().bias
+        """The base output without the base layer's bias, features last: what an output-mode graft transforms."""
+        output = self._features_last(output)
+        bias = getattr(self.get_base_layer(), "bias", None)
         return output if bias is None else output - bias
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of ``adapter`` in the base weight's layout (in×out on a Conv1D base), fp32, as LoRA's is: what PEFT's
         generic tools add to the weight (``convert_to_lora``, ``save_as_lora``)."""
-        return transpose(self.delta_out_in(adapter), self.fan_in_fan_out)
+        return self._base_layout(self.delta_out_in(adapter))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """PEFT's ``convert_to_lora`` / ``save_as_lora`` factorize ``get_delta_weight``: every graft is additive
@@ -337,8 +386,24 @@ class GraftLayer(BaseTunerLayer):
         return (merged.double() - A @ solved).to(merged.dtype)
 
 
-class Linear(nn.Module, GraftLayer):
-    """A graft on `nn.Linear`, transformers' `Conv1D` or a bitsandbytes `Linear4bit` / `Linear8bitLt`."""
+class GraftModule(nn.Module, GraftLayer):
+    """A graft layer as a module: merge, unmerge and the forward, for every kind of base layer.
+
+    The kinds differ only in how the base weight reads as an out×in matrix and how an input reaches graft space
+    (`GraftLayer._out_in`, `_project_input`, `_features_last`): `Linear` here, `embedding.Embedding`, `conv.ConvNd`.
+    """
+
+    # Settings of the base layer that model code reads from the module it calls (Whisper reads ``conv1.stride``);
+    # they are answered by the base layer.
+    forwarded_attributes: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in type(self).forwarded_attributes:
+                raise
+            return getattr(self.get_base_layer(), name)
 
     def __init__(
         self,
@@ -387,15 +452,15 @@ class Linear(nn.Module, GraftLayer):
         """The base weight (layout and dtype of the stored one) after each adapter is merged in turn; nothing is
         written. Output-mode grafts act on the weight merged so far, so the order is the merge order."""
         base = self.get_base_weight()
-        W = transpose(base, self.fan_in_fan_out).float()
+        W = self._out_in(base).float()
         steps = []
         for adapter in adapter_names:
             if adapter not in self.graft_phi:
                 continue
             self._check_ready(adapter)
-            merged = transpose(W + self.delta_out_in(adapter, W), self.fan_in_fan_out).to(base.dtype).contiguous()
+            merged = self._base_layout(W + self.delta_out_in(adapter, W)).to(base.dtype).contiguous()
             steps.append((adapter, merged))
-            W = transpose(merged, self.fan_in_fan_out).float()  # go on from the rounded weight that would be stored
+            W = self._out_in(merged).float()  # go on from the rounded weight that would be stored
         return steps
 
     def _check_finite(self, steps: list[tuple[str, torch.Tensor]]) -> None:
@@ -423,8 +488,8 @@ class Linear(nn.Module, GraftLayer):
             if adapter not in self.graft_phi:
                 continue
             base = self.get_base_weight()
-            W = self._remove_delta(adapter, transpose(base, self.fan_in_fan_out).float())
-            self.set_base_weight(transpose(W, self.fan_in_fan_out).to(base.dtype).contiguous())
+            W = self._remove_delta(adapter, self._out_in(base).float())
+            self.set_base_weight(self._base_layout(W).to(base.dtype).contiguous())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)  # a mixed batch (`mixed_batch`): one adapter per row
@@ -495,3 +560,7 @@ class Linear(nn.Module, GraftLayer):
 
     def __repr__(self) -> str:
         return "graft." + super().__repr__()
+
+
+class Linear(GraftModule):
+    """A graft on `nn.Linear`, transformers' `Conv1D` or a bitsandbytes `Linear4bit` / `Linear8bitLt`."""

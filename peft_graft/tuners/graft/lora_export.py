@@ -13,7 +13,7 @@ vLLM and TGI load it without peft_graft.
 
 What is not exactly a LoRA is refused with `ExportError` before anything is written: sparse residuals (k single
 entries of ΔW are not low-rank), models with merged adapters (the base weights are no longer the base's), layers
-other than graft linears. The model is only read.
+other than graft linears, embeddings and convolutions. The model is only read.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from ...atomic import atomic_write_text
 from ...errors import ExportError, NonFiniteWeightsError
 from ...manifest import MANIFEST_NAME, check_manifest
 from .config import GraftConfig
+from .conv import ConvNd
+from .embedding import Embedding
 from .integrity import read_config
 from .layer import GraftLayer, Linear
 from .peft_type import GRAFT_PEFT_TYPE
@@ -84,9 +86,7 @@ def export_lora(
     with torch.no_grad():  # validate and compute everything, then write
         tensors = {}
         for name, layer in layers.items():
-            lora_A, lora_B = _lora_weights(layer, adapter_name)
-            tensors[f"{_KEY_PREFIX}model.{name}.lora_A.weight"] = lora_A
-            tensors[f"{_KEY_PREFIX}model.{name}.lora_B.weight"] = lora_B
+            tensors.update(_lora_tensors(layer, f"{_KEY_PREFIX}model.{name}", *_lora_weights(layer, adapter_name)))
         tensors.update(_other_saved_tensors(tuner, adapter_name, layers))
     lora_config = _lora_config(tuner, config, layers, adapter_name)
     graft_id = None if graft_dir is None else _saved_graft_id(Path(graft_dir), config, layers, adapter_name)
@@ -140,13 +140,14 @@ def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, Linear]
         if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(module, "graft_phi", {}):
             continue
         base = module.get_base_layer()
-        known = isinstance(module, Linear) and (
-            isinstance(base, (nn.Linear, Conv1D)) or module.quantization_backend is not None
+        known = isinstance(module, (Embedding, ConvNd)) or (
+            isinstance(module, Linear)
+            and (isinstance(base, (nn.Linear, Conv1D)) or module.quantization_backend is not None)
         )
         if not known:
             raise ExportError(
-                f"{name!r} is a {type(module).__name__} on a {type(base).__name__}: LoRA export knows graft linears "
-                "on torch.nn.Linear, transformers' Conv1D and quantized linears only."
+                f"{name!r} is a {type(module).__name__} on a {type(base).__name__}: LoRA export knows grafts on "
+                "torch.nn.Linear, transformers' Conv1D, quantized linears, embeddings and convolutions only."
             )
         if adapter_name in module.graft_sparse:
             raise ExportError(f"{name!r} carries a sparse residual of {adapter_name!r}, which no LoRA reproduces.")
@@ -191,6 +192,19 @@ def _lora_weights(layer: Linear, adapter_name: str) -> tuple[torch.Tensor, torch
             "or scaling hold NaN/Inf (or overflow float32). Retrain or reload the adapter."
         )
     return lora_A, lora_B
+
+
+def _lora_tensors(layer: GraftLayer, prefix: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two matrices under PEFT LoRA's key names and shapes for the layer's kind: an embedding's A is looked up
+    by token (``lora_embedding_A`` r×vocab, ``lora_embedding_B`` dim×r); a convolution's A is an r-channel kernel
+    like the base's and its B a 1×…×1 convolution."""
+    if isinstance(layer, Embedding):
+        return {f"{prefix}.lora_embedding_A": lora_A, f"{prefix}.lora_embedding_B": lora_B}
+    if isinstance(layer, ConvNd):
+        kernel = layer.get_base_layer().weight.shape
+        lora_A = lora_A.reshape(lora_A.shape[0], *kernel[1:])
+        lora_B = lora_B.reshape(*lora_B.shape, *(1,) * (len(kernel) - 2))
+    return {f"{prefix}.lora_A.weight": lora_A.contiguous(), f"{prefix}.lora_B.weight": lora_B.contiguous()}
 
 
 def _plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

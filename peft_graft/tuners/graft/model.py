@@ -14,7 +14,6 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
-    _get_in_out_features,
     _maybe_include_all_linear_layers,
     check_target_module_exists,
     find_parameter_name_by_module,
@@ -27,9 +26,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ...errors import GraftConfigError, GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
 from . import blend
+from .attention import MultiheadAttention
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
-from .layer import GraftLayer, Linear, is_loading_from_file, loading_from_file
+from .conv import CONVOLUTIONS, ConvNd
+from .embedding import Embedding
+from .layer import GraftLayer, GraftModule, Linear, graft_dims, is_loading_from_file, loading_from_file
 from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
 from .peft_type import GRAFT_PREFIX
@@ -47,12 +49,33 @@ GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 PROGRESS_MIN_MODULES = 16
 
 
-def _check_graftable(key: str, base: nn.Module) -> None:
+# Layer kinds other than linear maps that grafts wrap (each in its own module: embedding, conv, attention).
+NOT_LINEAR = (nn.Embedding, *CONVOLUTIONS, nn.MultiheadAttention)
+
+
+def _check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
     """Refuse a target no graft layer can wrap; `_prepare_model` asks before any module is replaced."""
-    if not (isinstance(base, (nn.Linear, Conv1D)) or resolve_backend(base) is not None):
+    if not (isinstance(base, (nn.Linear, Conv1D, *NOT_LINEAR)) or resolve_backend(base) is not None):
         raise UnsupportedLayerError(
             f"Cannot graft {key!r} of type {type(base).__name__}: grafts wrap torch.nn.Linear, transformers' "
-            "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
+            "Conv1D, bitsandbytes Linear4bit/Linear8bitLt, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and "
+            "torch.nn.MultiheadAttention. Remove it from target_modules."
+        )
+    if isinstance(base, nn.MultiheadAttention) and not base._qkv_same_embed_dim:
+        raise UnsupportedLayerError(
+            f"Cannot graft {key!r}: its query, key and value have different sizes (kdim/vdim), so its projections "
+            "are not one packed matrix. Grafts (like LoRA) wrap MultiheadAttention with kdim = vdim = embed_dim."
+        )
+    if isinstance(base, CONVOLUTIONS) and base.groups != 1:
+        raise UnsupportedLayerError(
+            f"Cannot graft {key!r}: a {type(base).__name__} with groups={base.groups} is not one out×in matrix. "
+            "Grafts wrap convolutions with groups=1; remove it from target_modules."
+        )
+    if isinstance(base, NOT_LINEAR) and config.calibration_needs:
+        raise UnsupportedLayerError(
+            f"Cannot graft {key!r} ({type(base).__name__}) with {', '.join(config.calibration_needs)}: calibration "
+            "records the inputs of linear layers only. Use projection='svd', 'orthogonal' or 'trainable' without "
+            "sparse_residual and data-driven inits on embeddings and convolutions, or target linear layers only."
         )
 
 
@@ -164,8 +187,8 @@ class GraftModel(BaseTuner):
             if not matched or isinstance(matched, _ExcludedModule):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            _check_graftable(key, base)
-            in_f, out_f = _get_in_out_features(base)
+            _check_graftable(key, base, peft_config)
+            in_f, out_f = graft_dims(base)
             d = in_f if peft_config.mode == "additive" else out_f
             limit, r = min(out_f, d), peft_config.r_for(key)
             if r > limit:
@@ -176,6 +199,10 @@ class GraftModel(BaseTuner):
                     )
                 clamped[key] = r = limit
             total += self._module_trainable_params(peft_config, r, out_f, d)
+            if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own, as wide
+                total += self._module_trainable_params(peft_config, r, in_f, in_f)
+                if key in clamped:
+                    clamped[f"{key}.out_proj"] = r
             targets += 1
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
@@ -258,9 +285,15 @@ class GraftModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     @staticmethod
-    def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> Linear:
+    def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> GraftModule:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        _check_graftable(key, base)
+        _check_graftable(key, base, config)
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, config=config, module_name=key)
+        if isinstance(base, nn.MultiheadAttention):
+            return MultiheadAttention(target, adapter_name, config=config, module_name=key)
+        if isinstance(base, CONVOLUTIONS):
+            return ConvNd(target, adapter_name, config=config, module_name=key)
         fan_in_fan_out = isinstance(base, Conv1D)
         if config.fan_in_fan_out and not fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key!r} is a Linear layer; using fan_in_fan_out=False.")
@@ -309,7 +342,7 @@ class GraftModel(BaseTuner):
         )
 
     def _check_merge_allowed(self) -> None:
-        """Replicated layers share their base weights: merging one copy's grafts would change every copy."""
+        """Replicated layers and tied weights are shared: merging one user's grafts would change the others."""
         super()._check_merge_allowed()
         if self._layer_replication is not None:
             raise GraftConfigError(
@@ -317,6 +350,29 @@ class GraftModel(BaseTuner):
                 "the copies share their base weights, so a merge into one would change all. Run the model unmerged "
                 "(unload() removes the grafts and keeps the replicated layers)."
             )
+        self._check_no_tied_targets()
+
+    def _check_no_tied_targets(self) -> None:
+        """A graft on a weight that another module also uses (a token embedding tied to lm_head) acts on its own
+        layer only while unmerged; merged, it would change the other module too, so the merged model would differ
+        from the grafted one. (LoRA merges anyway, after a warning at creation.)"""
+        users: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            for param in module._parameters.values():
+                if param is not None:
+                    users.setdefault(id(param), []).append(name)
+        for module in self.model.modules():
+            if not isinstance(module, GraftLayer) or not module.graft_phi:
+                continue
+            sharing = users.get(id(module.base_weight_param()), [])
+            if len(sharing) > 1:
+                raise GraftConfigError(
+                    f"Cannot merge the grafts of {module.module_name!r}: its base weight is shared with "
+                    f"{', '.join(repr(n) for n in sharing if n != module.module_name + '.base_layer')} (tied "
+                    "weights, such as a token embedding and lm_head), so a merge would change that module too and the merged model would not compute what "
+                    "the grafted one does. Run the model unmerged, or untie the weights first (give the other module "
+                    "its own copy and set config.tie_word_embeddings=False)."
+                )
 
     def _check_every_merge(self, adapter_names: list[str] | None) -> None:
         for module in self.model.modules():

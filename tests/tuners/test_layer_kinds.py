@@ -1,0 +1,283 @@
+"""Grafts on embeddings, convolutions and nn.MultiheadAttention (LoRA's other layer kinds), on real transformers
+models from small configs: a Llama's token embedding, GPT-2's tied token embedding, ViT's Conv2d patch embedding,
+Whisper's Conv1d front end, VideoMAE's Conv3d tubelet embedding and SigLIP's attention-pooling head. Each is checked the way a LoRA on it would be: a no-op at init, merge =
+unmerged forward, unmerge restores the base, get_delta_weight in the base weight's layout, a bit-exact save/load,
+gradients to Φ only, mixed adapter batches, and an exact export to PEFT LoRA."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel, get_peft_model
+from tiny_models import tiny_llama
+
+from peft_graft import GraftConfig
+from peft_graft.errors import ExportError, GraftConfigError, SEWLConfigError, UnsupportedLayerError
+from peft_graft.sewl import SEWL, SEWLConfig
+from peft_graft.tuners.graft import ConvNd, Embedding, GraftLayer, MultiheadAttention
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], torch.nn.Module]
+    targets: list[str]
+    inputs: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    kind: type
+    output: Callable[[object], torch.Tensor] = lambda out: out.logits
+    tied: bool = False  # the grafted weight is also lm_head's
+
+
+def _vit() -> torch.nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=16,
+        patch_size=4, num_labels=3,
+    )
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def _whisper() -> torch.nn.Module:
+    config = transformers.WhisperConfig(
+        vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=16,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    return transformers.WhisperModel(config).eval()
+
+
+def _videomae() -> torch.nn.Module:
+    config = transformers.VideoMAEConfig(
+        image_size=8, patch_size=4, num_channels=3, num_frames=2, tubelet_size=2, hidden_size=16,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+    )
+    return transformers.VideoMAEModel(config).eval()
+
+
+def _siglip() -> torch.nn.Module:
+    config = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    return transformers.SiglipVisionModel(config).eval()
+
+
+def _gpt2() -> torch.nn.Module:
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _ids(vocab: int) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
+    return lambda g: {"input_ids": torch.randint(0, vocab, (3, 7), generator=g)}
+
+
+CASES = {
+    "llama-embedding": Case(lambda: tiny_llama(), ["embed_tokens", "q_proj"], _ids(128), Embedding),
+    "gpt2-tied-embedding": Case(_gpt2, ["wte"], _ids(96), Embedding, tied=True),
+    "vit-conv2d": Case(
+        _vit, ["projection", "query"], lambda g: {"pixel_values": torch.randn(3, 3, 16, 16, generator=g)}, ConvNd
+    ),
+    "whisper-conv1d": Case(
+        _whisper,
+        ["conv1", "conv2"],
+        lambda g: {
+            "input_features": torch.randn(3, 8, 32, generator=g),
+            "decoder_input_ids": torch.randint(0, 64, (3, 4), generator=g),
+        },
+        ConvNd,
+        lambda out: out.encoder_last_hidden_state,
+    ),
+    "videomae-conv3d": Case(
+        _videomae,
+        ["projection"],
+        lambda g: {"pixel_values": torch.randn(3, 2, 3, 8, 8, generator=g)},
+        ConvNd,
+        lambda out: out.last_hidden_state,
+    ),
+    "siglip-attention": Case(
+        _siglip,
+        ["head.attention"],
+        lambda g: {"pixel_values": torch.randn(3, 3, 8, 8, generator=g)},
+        MultiheadAttention,
+        lambda out: out.pooler_output,
+    ),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> Case:
+    return CASES[request.param]
+
+
+def _run(case: Case, model: torch.nn.Module, seed: int = 0, **extra: object) -> torch.Tensor:
+    with torch.no_grad():
+        return case.output(model(**case.inputs(torch.Generator().manual_seed(seed)), **extra))
+
+
+def _grafted(case: Case, **config: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = case.build()
+    model = get_peft_model(copy.deepcopy(base), GraftConfig(r=4, target_modules=case.targets, **config))
+    return base, model.eval()
+
+
+def _layers(model: torch.nn.Module, kind: type) -> list[GraftLayer]:
+    layers = [m for m in model.modules() if isinstance(m, kind)]
+    assert layers, f"no {kind.__name__} graft layer was created"
+    return layers
+
+
+@pytest.mark.parametrize("projection", ["svd", "orthogonal"])
+@pytest.mark.parametrize("mode", ["additive", "output"])
+def test_identity_init_is_a_no_op_and_a_random_graft_merges_exactly(case, projection, mode):
+    base, model = _grafted(case, projection=projection, mode=mode)
+    _layers(model, case.kind)
+    assert torch.equal(_run(case, model), _run(case, base))
+
+    base, model = _grafted(case, projection=projection, mode=mode, init_weights=False)
+    unmerged, plain = _run(case, model), _run(case, base)
+    assert (unmerged - plain).abs().max() > 3e-4  # visible next to the merge tolerance below
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    if case.tied:  # a merge would change lm_head too: refused, nothing written
+        for merge in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(GraftConfigError, match="tied weights"):
+                merge()
+        assert torch.equal(_run(case, model), unmerged)
+        return
+    model.merge_adapter()
+    torch.testing.assert_close(_run(case, model), unmerged, atol=1e-4, rtol=1e-4)
+    model.unmerge_adapter()
+    for name, p in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(p, weights[name], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_run(case, copy.deepcopy(model).merge_and_unload()), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_delta_weight_is_in_the_base_weights_layout(case):
+    _, model = _grafted(case, init_weights=False)
+    for layer in _layers(model, case.kind):
+        before = layer.base_weight_param().detach().clone()
+        delta = layer.get_delta_weight("default")
+        assert delta.shape == before.shape
+        layer.merge()
+        torch.testing.assert_close(layer.base_weight_param().detach() - before, delta, atol=1e-6, rtol=1e-5)
+        layer.unmerge()
+
+
+def test_save_and_load_reproduce_the_outputs_bit_for_bit(case, tmp_path):
+    base, model = _grafted(case, projection="svd", init_weights=False)
+    expected = _run(case, model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    _layers(loaded, case.kind)
+    assert torch.equal(_run(case, loaded), expected)
+
+
+def test_training_reaches_phi_only(case):
+    _, model = _grafted(case, init_weights=False)
+    model.train()
+    out = case.output(model(**case.inputs(torch.Generator().manual_seed(0))))
+    out.float().pow(2).mean().backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".graft_phi." in n for n in trained)
+    for layer in _layers(model, case.kind):
+        grad = next(layer.graft_phi["default"].parameters()).grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_mixed_adapter_batches_give_each_row_its_adapter(case):
+    if case.kind is MultiheadAttention:
+        pytest.skip("refused on attention layers, as by LoRA: test_attention_refuses_mixed_batches_and_export")
+    _, model = _grafted(case, init_weights=False)
+    model.add_adapter("other", GraftConfig(r=2, target_modules=case.targets, init_weights=False))
+    names = ["default", "__base__", "other"]
+    mixed = _run(case, model, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = _run(case, model)
+        else:
+            model.set_adapter(name)
+            alone = _run(case, model)
+        torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_convolution_is_refused_before_anything_is_grafted():
+    class Grouped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.conv = torch.nn.Conv2d(4, 4, 3, groups=2)
+
+    model = Grouped()
+    with pytest.raises(UnsupportedLayerError, match="groups=2"):
+        get_peft_model(model, GraftConfig(r=2, target_modules=["lin", "conv"]))
+    assert not any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("setting", [{"projection": "gradient"}, {"sparse_residual": 4}, {"init_weights": "lstsq"}])
+def test_calibration_settings_are_refused_on_embeddings_and_convolutions(setting):
+    model = tiny_llama()
+    with pytest.raises(UnsupportedLayerError, match="embed_tokens"):
+        get_peft_model(model, GraftConfig(r=2, target_modules=["q_proj", "embed_tokens"], **setting))
+    assert not any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["additive", "output"])
+def test_lora_export_reproduces_the_graft_in_peft_lora(case, mode, tmp_path):
+    if case is CASES["whisper-conv1d"]:
+        pytest.skip("PEFT's LoRA conv layer hides the base's stride, which Whisper's encoder reads (LoRA itself fails)")
+    if case.kind is MultiheadAttention:
+        pytest.skip("refused on attention layers: test_attention_refuses_mixed_batches_and_export")
+    base, model = _grafted(case, projection="svd", mode=mode, init_weights=False)
+    expected = _run(case, model)
+    model.to_lora(tmp_path / "lora")
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    assert lora.peft_config["default"].peft_type.value == "LORA"
+    torch.testing.assert_close(_run(case, lora), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sewl_refuses_grafts_on_embeddings():
+    model = get_peft_model(tiny_llama(), GraftConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(SEWLConfigError, match="embed_tokens"):
+        SEWL(model, SEWLConfig())
+
+
+def test_attention_grafts_its_output_projection_too_and_unloads_to_plain_layers():
+    case = CASES["siglip-attention"]
+    _, model = _grafted(case, init_weights=False)
+    attention = _layers(model, MultiheadAttention)[0]
+    assert set(attention.out_graft.graft_phi) == {"default"}
+    expected = _run(case, model)
+    model.add_adapter("other", GraftConfig(r=2, target_modules=case.targets))
+    assert set(attention.out_graft.graft_phi) == {"default", "other"}
+    model.delete_adapter("other")
+    assert set(attention.out_graft.graft_phi) == {"default"}
+    merged = model.merge_and_unload()
+    head = merged.head.attention
+    assert type(head) is torch.nn.MultiheadAttention and type(head.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(head.in_proj_weight, torch.nn.Parameter) and isinstance(head.out_proj.weight, torch.nn.Parameter)
+    torch.testing.assert_close(_run(case, merged), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_refuses_mixed_batches_and_export(tmp_path):
+    case = CASES["siglip-attention"]
+    _, model = _grafted(case, init_weights=False)
+    with pytest.raises(TypeError, match="mixed adapter batches"):
+        _run(case, model, adapter_names=["default"] * 3)
+    with pytest.raises(ExportError, match="MultiheadAttention"):
+        model.to_lora(tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_attention_with_separate_key_value_sizes_is_refused():
+    class CrossAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+
+    model = CrossAttention()
+    with pytest.raises(UnsupportedLayerError, match="kdim"):
+        get_peft_model(model, GraftConfig(r=2, target_modules=["mha"]))
+    assert not any(isinstance(m, GraftLayer) for m in model.modules())
