@@ -281,3 +281,15 @@ def test_attention_with_separate_key_value_sizes_is_refused():
     with pytest.raises(UnsupportedLayerError, match="kdim"):
         get_peft_model(model, GraftConfig(r=2, target_modules=["mha"]))
     assert not any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+def test_attention_puts_its_parameters_back_when_the_forward_fails():
+    case = CASES["siglip-attention"]
+    _, model = _grafted(case, init_weights=False)
+    graft = _layers(model, MultiheadAttention)[0]
+    attention = graft.get_base_layer()
+    in_param, out_param = attention.in_proj_weight, attention.out_proj.weight
+    with pytest.raises(AssertionError):  # a query whose width is not embed_dim fails inside torch's attention
+        graft(torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    assert attention.in_proj_weight is in_param and attention._parameters["in_proj_weight"] is in_param
+    assert attention.out_proj.weight is out_param

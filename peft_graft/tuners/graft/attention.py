@@ -53,9 +53,9 @@ class MultiheadAttention(GraftModule):
         super().update_layer(adapter_name, config, module_name)
         base = self.get_base_layer()
         if isinstance(base.out_proj, OutProjection):
-            base.out_proj.update_layer(adapter_name, config, f"{module_name}.out_proj")
+            base.out_proj.update_layer(adapter_name, config, f"{module_name}.base_layer.out_proj")
         else:
-            base.out_proj = OutProjection(base.out_proj, adapter_name, config, f"{module_name}.out_proj")
+            base.out_proj = OutProjection(base.out_proj, adapter_name, config, f"{module_name}.base_layer.out_proj")
 
     def get_base_weight(self) -> torch.Tensor:
         return self.base_weight_param().data
@@ -106,8 +106,8 @@ class MultiheadAttention(GraftModule):
 
     @contextmanager
     def _effective_weights(self, adapters: list[str]) -> Iterator[None]:
-        """Within the block the attention computes with W + ΔW of ``adapters`` (input and output projections); its
-        parameters, the same objects, are back in place on exit."""
+        """Within the block the attention computes with W + ΔW of ``adapters`` (input and output projections); the
+        original tensors, the same objects, are back where they were on exit."""
         base, out = self.get_base_layer(), self.out_graft.get_base_layer()
         in_param, out_param = base.in_proj_weight, out.weight
         in_weight, out_weight = self._out_in(in_param), self.out_graft._out_in(out_param)
@@ -115,11 +115,22 @@ class MultiheadAttention(GraftModule):
             in_weight = in_weight + self.delta_out_in(adapter, in_weight.float()).to(in_param.dtype)
             if adapter in self.out_graft.graft_phi:
                 out_weight = out_weight + self.out_graft.delta_out_in(adapter, out_weight.float()).to(out_param.dtype)
-        del base.in_proj_weight, out.weight
-        base.in_proj_weight, out.weight = self._base_layout(in_weight), self.out_graft._base_layout(out_weight)
-        try:
+        in_weight, out_weight = self._base_layout(in_weight), self.out_graft._base_layout(out_weight)
+        with _replaced(base, "in_proj_weight", in_weight), _replaced(out, "weight", out_weight):
             yield
-        finally:
-            del base.in_proj_weight, out.weight
-            base.register_parameter("in_proj_weight", in_param)
-            out.register_parameter("weight", out_param)
+
+
+@contextmanager
+def _replaced(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
+    """``module.<name>`` reads ``value`` within the block; the original goes back into the same slot after.
+
+    The original is usually a registered Parameter, but FSDP (``use_orig_params``) puts plain tensor views there
+    during its forward, so it is moved by slot rather than re-registered."""
+    slots = module._parameters if name in module._parameters else module.__dict__
+    original = slots.pop(name)
+    module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        module.__dict__.pop(name, None)
+        slots[name] = original

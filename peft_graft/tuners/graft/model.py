@@ -202,7 +202,7 @@ class GraftModel(BaseTuner):
             if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own, as wide
                 total += self._module_trainable_params(peft_config, r, in_f, in_f)
                 if key in clamped:
-                    clamped[f"{key}.out_proj"] = r
+                    clamped[f"{key}.base_layer.out_proj"] = r
             targets += 1
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
