@@ -188,7 +188,7 @@ def test_training_reaches_phi_only(case):
 
 def test_mixed_adapter_batches_give_each_row_its_adapter(case):
     if case.kind is MultiheadAttention:
-        pytest.skip("refused on attention layers, as by LoRA: test_attention_refuses_mixed_batches_and_export")
+        pytest.skip("refused on attention layers, as by LoRA: test_attention_refuses_mixed_batches_as_lora_does")
     _, model = _grafted(case, init_weights=False)
     model.add_adapter("other", GraftConfig(r=2, target_modules=case.targets, init_weights=False))
     names = ["default", "__base__", "other"]
@@ -229,7 +229,7 @@ def test_lora_export_reproduces_the_graft_in_peft_lora(case, mode, tmp_path):
     if case is CASES["whisper-conv1d"]:
         pytest.skip("PEFT's LoRA conv layer hides the base's stride, which Whisper's encoder reads (LoRA itself fails)")
     if case.kind is MultiheadAttention:
-        pytest.skip("refused on attention layers: test_attention_refuses_mixed_batches_and_export")
+        pytest.skip("refused: test_attention_grafts_are_not_exported_to_lora")
     base, model = _grafted(case, projection="svd", mode=mode, init_weights=False)
     expected = _run(case, model)
     model.to_lora(tmp_path / "lora")
@@ -261,11 +261,18 @@ def test_attention_grafts_its_output_projection_too_and_unloads_to_plain_layers(
     torch.testing.assert_close(_run(case, merged), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_refuses_mixed_batches_and_export(tmp_path):
+def test_attention_refuses_mixed_batches_as_lora_does():
     case = CASES["siglip-attention"]
     _, model = _grafted(case, init_weights=False)
     with pytest.raises(TypeError, match="mixed adapter batches"):
         _run(case, model, adapter_names=["default"] * 3)
+
+
+def test_attention_grafts_are_not_exported_to_lora(tmp_path):
+    """PEFT 0.21's LoRA on nn.MultiheadAttention adds the out_proj update twice (huggingface/peft pull request 3774),
+    so no LoRA file reproduces an attention graft there: the export refuses and writes nothing."""
+    case = CASES["siglip-attention"]
+    _, model = _grafted(case, init_weights=False)
     with pytest.raises(ExportError, match="MultiheadAttention"):
         model.to_lora(tmp_path / "lora")
     assert not (tmp_path / "lora").exists()

@@ -39,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 from ...atomic import atomic_write_text
 from ...errors import ExportError, NonFiniteWeightsError
 from ...manifest import MANIFEST_NAME, check_manifest
+from .attention import MultiheadAttention
 from .config import GraftConfig
 from .conv import ConvNd
 from .embedding import Embedding
@@ -139,6 +140,12 @@ def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, Linear]
             )
         if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(module, "graft_phi", {}):
             continue
+        if isinstance(module, MultiheadAttention):
+            raise ExportError(
+                f"{name!r} is a graft on nn.MultiheadAttention. PEFT's LoRA on that layer applies the out_proj "
+                "update twice (in its forward and its merge; huggingface/peft pull request 3774), so no LoRA file "
+                "reproduces the graft there. Merge instead (merge_and_unload) and ship the merged model."
+            )
         base = module.get_base_layer()
         known = isinstance(module, (Embedding, ConvNd)) or (
             isinstance(module, Linear)
