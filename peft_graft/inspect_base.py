@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import transformers
 from peft import get_peft_model, get_peft_model_state_dict
-from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import PeftGraftError
 from .tuners.graft import GraftConfig, GraftLayer
 from .tuners.graft.bnb import resolve_backend
-from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING
+from .tuners.graft.layer import graft_dims
+from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING, NOT_LINEAR
 
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -37,7 +37,7 @@ class TargetModule:
     """One module a graft can wrap, and what the inspected `GraftConfig` puts there."""
 
     name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
-    type: str  # Linear, Conv1D, Linear4bit or Linear8bitLt
+    type: str  # Linear, Conv1D, Linear4bit, Linear8bitLt, Embedding, Conv1d/2d/3d or MultiheadAttention
     in_features: int
     out_features: int
     params: int  # base parameters (weight and bias; quantized weights counted unpacked)
@@ -171,7 +171,7 @@ def inspect_config(
         TargetModule(
             name,
             type(module).__name__,
-            *_get_in_out_features(module),
+            *graft_dims(module),
             sum(p.numel() for p in module.parameters()),
             default_target=defaults is not None and name.rpartition(".")[2] in defaults,
             output_head=module is output_head,
@@ -304,7 +304,7 @@ def _plain(values: Any) -> Any:
 
 
 def _targetable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D)) or resolve_backend(module) is not None
+    return isinstance(module, (nn.Linear, Conv1D, *NOT_LINEAR)) or resolve_backend(module) is not None
 
 
 # ------------------------------------------------------------------ text report

@@ -96,16 +96,20 @@ def test_module_table_of_a_tiny_llama(tmp_path):
     assert report.architecture == "LlamaForCausalLM" and report.dtype == "float32" and report.quantization is None
     assert report.default_targets == ["q_proj", "v_proj"]
     kinds = {g["name"]: g for g in report.by_kind()}
-    assert list(kinds) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    assert list(kinds) == [
+        "embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"
+    ]
+    # an embedding reads as the hidden × vocabulary matrix of a one-hot token, as grafts (and LoRA) see it
+    assert (kinds["embed_tokens"]["type"], kinds["embed_tokens"]["in_features"]) == ("Embedding", 100)
     assert (kinds["k_proj"]["in_features"], kinds["k_proj"]["out_features"], kinds["k_proj"]["count"]) == (32, 16, 2)
     assert (kinds["down_proj"]["in_features"], kinds["down_proj"]["out_features"]) == (64, 32)
     assert kinds["down_proj"]["graft_params"] == 2 * 16 and kinds["k_proj"]["graft_r"] is None
     assert kinds["v_proj"]["default_target"] and not kinds["k_proj"]["default_target"]
     assert kinds["lm_head"]["output_head"] and not kinds["q_proj"]["output_head"]
     layers = report.by_layer()
-    assert [g["layer"] for g in layers] == ["model.layers.0", "model.layers.1", None]
-    assert layers[0]["modules"][0] == "self_attn.q_proj" and layers[2]["modules"] == ["lm_head"]
-    assert layers[0]["graft_params"] == 2 * 16
+    assert [g["layer"] for g in layers] == [None, "model.layers.0", "model.layers.1"]  # in order of first module
+    assert layers[1]["modules"][0] == "self_attn.q_proj" and layers[0]["modules"] == ["model.embed_tokens", "lm_head"]
+    assert layers[1]["graft_params"] == 2 * 16
 
 
 def test_gpt2_conv1d_shapes_are_in_by_out(tmp_path):
@@ -158,7 +162,7 @@ def test_quantized_config_reports_bitsandbytes_layers(bits, tiny_llama, tmp_path
     assert report.quantization["quant_method"] == "bitsandbytes"
     assert report.quantization[f"load_in_{bits}"] is True
     layer = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
-    assert {m.type for m in report.modules if not m.output_head} == {layer}
+    assert {m.type for m in report.modules if not m.output_head} == {layer, "Embedding"}  # embeddings stay unquantized
     assert report.base_params == quantized.num_parameters()
     peft_model = materialise(quantized, config, tmp_path / "adapter")
     check_against(report, peft_model, tmp_path / "adapter")
