@@ -178,7 +178,8 @@ class GraftModel(BaseTuner):
 
         A target narrower than ``r`` (an MoE router, a small head) gets the largest graft it can hold, as LoRA
         accepts such layers: the clamped r goes into ``rank_pattern`` so that saving and reloading reproduce it. An
-        explicit ``rank_pattern`` entry that does not fit is an error.
+        explicit ``rank_pattern`` entry that does not fit is an error. (An output-mode graft's space is out-wide,
+        but svd and gradient projections are singular vectors of an out×in matrix: at most min(out, in) of them.)
         """
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         total, clamped, targets = 0, {}, 0
@@ -189,20 +190,23 @@ class GraftModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             _check_graftable(key, base, peft_config)
             in_f, out_f = graft_dims(base)
-            d = in_f if peft_config.mode == "additive" else out_f
-            limit, r = min(out_f, d), peft_config.r_for(key)
-            if r > limit:
-                if peft_config.rank_pattern_key(key) is not None:
-                    raise GraftRankError(
-                        f"rank_pattern asks for r={r} on {key!r} (weight {out_f}×{in_f}, mode={peft_config.mode!r}), "
-                        f"but its graft space cannot exceed {limit}. Lower that rank_pattern entry."
-                    )
-                clamped[key] = r = limit
-            total += self._module_trainable_params(peft_config, r, out_f, d)
-            if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own, as wide
-                total += self._module_trainable_params(peft_config, r, in_f, in_f)
-                if key in clamped:
-                    clamped[f"{key}.base_layer.out_proj"] = r
+            sites = [(key, in_f, out_f)]
+            if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own
+                sites.append((f"{key}.base_layer.out_proj", in_f, in_f))
+            for site, in_f, out_f in sites:
+                d = in_f if peft_config.mode == "additive" else out_f
+                limit, r = min(out_f, d), peft_config.r_for(site)
+                if peft_config.projection in ("svd", "gradient"):  # singular vectors of an out×in matrix
+                    limit = min(limit, in_f)
+                if r > limit:
+                    if peft_config.rank_pattern_key(site) is not None:
+                        raise GraftRankError(
+                            f"rank_pattern asks for r={r} on {site!r} (weight {out_f}×{in_f}, "
+                            f"mode={peft_config.mode!r}), but its graft space cannot exceed {limit}. Lower that "
+                            "rank_pattern entry."
+                        )
+                    clamped[site] = r = limit
+                total += self._module_trainable_params(peft_config, r, out_f, d)
             targets += 1
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
