@@ -300,3 +300,31 @@ def test_attention_puts_its_parameters_back_when_the_forward_fails():
         graft(torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 5))
     assert attention.in_proj_weight is in_param and attention._parameters["in_proj_weight"] is in_param
     assert attention.out_proj.weight is out_param
+
+
+def test_low_cpu_mem_usage_loads_reproduce_the_outputs(case, tmp_path):
+    base, model = _grafted(case, projection="svd", init_weights=False)
+    expected = _run(case, model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+    assert torch.equal(_run(case, loaded), expected)
+
+
+def test_half_precision_bases_keep_fp32_grafts_and_merge(case):
+    base = case.build().to(torch.bfloat16)
+    model = get_peft_model(base, GraftConfig(r=4, target_modules=case.targets, init_weights=False)).eval()
+    for layer in _layers(model, case.kind):
+        assert next(layer.graft_phi["default"].parameters()).dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in case.inputs(torch.Generator()).items()}
+    with torch.no_grad():
+        unmerged = case.output(model(**inputs))
+        with model.disable_adapter():
+            plain = case.output(model(**inputs))
+        if case.tied:
+            return
+        model.merge_adapter()
+        merged = case.output(model(**inputs))
+    assert unmerged.dtype == torch.bfloat16 and torch.isfinite(unmerged).all()
+    effect, error = (unmerged - plain).abs().max(), (merged - unmerged).abs().max()
+    assert error < 0.5 * effect  # the merge lands much nearer the graft than the base (bf16 rounds W + ΔW)
