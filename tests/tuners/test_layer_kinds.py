@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 from tiny_models import tiny_llama
 
 from peft_graft import GraftConfig
-from peft_graft.errors import ExportError, GraftConfigError, SEWLConfigError, UnsupportedLayerError
+from peft_graft.errors import ExportError, SEWLConfigError, UnsupportedLayerError
 from peft_graft.sewl import SEWL, SEWLConfig
 from peft_graft.tuners.graft import ConvNd, Embedding, GraftLayer, MultiheadAttention
 
@@ -139,11 +139,18 @@ def test_identity_init_is_a_no_op_and_a_random_graft_merges_exactly(case, projec
     unmerged, plain = _run(case, model), _run(case, base)
     assert (unmerged - plain).abs().max() > 3e-4  # visible next to the merge tolerance below
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
-    if case.tied:  # a merge would change lm_head too: refused, nothing written
-        for merge in (model.merge_adapter, model.merge_and_unload):
-            with pytest.raises(GraftConfigError, match="tied weights"):
-                merge()
-        assert torch.equal(_run(case, model), unmerged)
+    if case.tied:  # the embedding gets its own copy first: lm_head keeps the base weight, as it has unmerged
+        head = model.base_model.model.lm_head.weight
+        with pytest.warns(UserWarning, match="Setting `tie_word_embeddings=False`"):
+            merged = copy.deepcopy(model).merge_and_unload()
+        assert not merged.config.tie_word_embeddings
+        assert merged.lm_head.weight is not merged.transformer.wte.weight
+        assert torch.equal(merged.lm_head.weight, head)
+        torch.testing.assert_close(_run(case, merged), unmerged, atol=1e-4, rtol=1e-4)
+        model.merge_adapter()  # in place too, and unmerging keeps the outputs
+        torch.testing.assert_close(_run(case, model), unmerged, atol=1e-4, rtol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(_run(case, model), unmerged, atol=1e-5, rtol=1e-5)
         return
     model.merge_adapter()
     torch.testing.assert_close(_run(case, model), unmerged, atol=1e-4, rtol=1e-4)
@@ -321,8 +328,6 @@ def test_half_precision_bases_keep_fp32_grafts_and_merge(case):
         unmerged = case.output(model(**inputs))
         with model.disable_adapter():
             plain = case.output(model(**inputs))
-        if case.tied:
-            return
         model.merge_adapter()
         merged = case.output(model(**inputs))
     assert unmerged.dtype == torch.bfloat16 and torch.isfinite(unmerged).all()

@@ -328,8 +328,7 @@ class GraftModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """PEFT's merge; with ``safe_merge``, every layer is checked before any is written (all or nothing)."""
-        if safe_merge:
-            self._check_every_merge(adapter_names)  # every layer checked: the layers need not check again
+        self._prepare_merge(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
 
     def _unload_and_optionally_merge(
@@ -339,14 +338,21 @@ class GraftModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        if merge and safe_merge:
-            self._check_every_merge(adapter_names)  # every layer checked: the layers need not check again
+        if merge:
+            self._prepare_merge(adapter_names, safe_merge)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
         )
 
+    def _prepare_merge(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Everything that can refuse a merge, then the one change a merge needs first (`_untie_grafted_weights`)."""
+        self._check_merge_allowed()
+        if safe_merge:
+            self._check_every_merge(adapter_names)  # every layer checked: the layers need not check again
+        self._untie_grafted_weights()
+
     def _check_merge_allowed(self) -> None:
-        """Replicated layers and tied weights are shared: merging one user's grafts would change the others."""
+        """Replicated layers share their base weights: merging one copy's grafts would change every copy."""
         super()._check_merge_allowed()
         if self._layer_replication is not None:
             raise GraftConfigError(
@@ -354,29 +360,48 @@ class GraftModel(BaseTuner):
                 "the copies share their base weights, so a merge into one would change all. Run the model unmerged "
                 "(unload() removes the grafts and keeps the replicated layers)."
             )
-        self._check_no_tied_targets()
 
-    def _check_no_tied_targets(self) -> None:
-        """A graft on a weight that another module also uses (a token embedding tied to lm_head) acts on its own
-        layer only while unmerged; merged, it would change the other module too, so the merged model would differ
-        from the grafted one. (LoRA merges anyway, after a warning at creation.)"""
+    def _untie_grafted_weights(self) -> None:
+        """Give a grafted layer whose weight another module also uses (a token embedding tied to lm_head) a copy of
+        its own before a merge.
+
+        Unmerged, the graft acts on its own layer only; merged into the shared tensor it would change the other
+        module too (LoRA does that, and its merged model then differs from the unmerged one). With a copy the merged
+        model computes what the grafted one does, and the config records that the embeddings are no longer tied.
+        """
         users: dict[int, list[str]] = {}
         for name, module in self.model.named_modules(remove_duplicate=False):
             for param in module._parameters.values():
                 if param is not None:
                     users.setdefault(id(param), []).append(name)
+        untied = []
         for module in self.model.modules():
             if not isinstance(module, GraftLayer) or not module.graft_phi:
                 continue
-            sharing = users.get(id(module.base_weight_param()), [])
-            if len(sharing) > 1:
+            shared = module.base_weight_param()
+            if len(users.get(id(shared), [])) < 2:
+                continue
+            if module.quantization_backend is not None:
                 raise GraftConfigError(
-                    f"Cannot merge the grafts of {module.module_name!r}: its base weight is shared with "
-                    f"{', '.join(repr(n) for n in sharing if n != module.module_name + '.base_layer')} (tied "
-                    "weights, such as a token embedding and lm_head), so a merge would change that module too and the merged model would not compute what "
-                    "the grafted one does. Run the model unmerged, or untie the weights first (give the other module "
-                    "its own copy and set config.tie_word_embeddings=False)."
+                    f"Cannot merge the grafts of {module.module_name!r}: its quantized base weight is shared with "
+                    "another module, and a merge would change both. Run the model unmerged."
                 )
+            own = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            setattr(module.get_base_layer(), module.base_weight_name, own)
+            untied.append(module.module_name)
+        if not untied:
+            return
+        config = getattr(self.model, "config", None)
+        for part in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+            if getattr(part, "tie_word_embeddings", False):
+                part.tie_word_embeddings = False
+        warnings.warn(
+            f"{', '.join(untied)} shared its weight with another module (tied embeddings); it gets a copy of its own "
+            "before the merge, so the merged model computes what the grafted one does. Setting "
+            "`tie_word_embeddings=False` in the model config.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _check_every_merge(self, adapter_names: list[str] | None) -> None:
         for module in self.model.modules():
