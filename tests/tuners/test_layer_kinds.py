@@ -333,3 +333,24 @@ def test_half_precision_bases_keep_fp32_grafts_and_merge(case):
     assert unmerged.dtype == torch.bfloat16 and torch.isfinite(unmerged).all()
     effect, error = (unmerged - plain).abs().max(), (merged - unmerged).abs().max()
     assert error < 0.5 * effect  # the merge lands much nearer the graft than the base (bf16 rounds W + ΔW)
+
+
+def test_a_scaled_embedding_scales_the_graft_too():
+    """Gemma3's embedding multiplies its output by embed_scale; the graft's contribution must be scaled with it, or
+    merging (which scales W + ΔW) would change the model."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, tie_word_embeddings=False,
+    )
+    model = get_peft_model(
+        transformers.Gemma3ForCausalLM(config), GraftConfig(r=4, target_modules=["embed_tokens"], init_weights=False)
+    ).eval()
+    embedding = model.get_input_embeddings()
+    ids = torch.arange(10)
+    with torch.no_grad():
+        unmerged = embedding(ids)
+        model.merge_adapter()
+        torch.testing.assert_close(embedding(ids), unmerged, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        embedding.get_base_layer().embed_scale.fill_(0)
+        assert (embedding(ids) == 0).all()
