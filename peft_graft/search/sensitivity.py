@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import calibrate
 from ..errors import EmptySearchDataError, NonFiniteLossError, NoTargetModulesError, SearchConfigError
-from ..tuners.graft import GraftConfig, GraftLayer
+from ..tuners.graft import GraftConfig, GraftLayer, Linear
 
 
 logger = logging.getLogger(__name__)
@@ -242,9 +242,9 @@ def sensitivity_map(
     except ValueError as err:  # PEFT: "Target modules ... not found in the base model"
         if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
             raise NoTargetModulesError(
-                f"No module of {type(model).__name__} matches target_modules={config.target_modules!r}; graftable "
-                "modules are linear maps (nn.Linear, Conv1D) other than the output head. Check the names with "
-                "`peft-graft inspect-base`."
+                f"No module of {type(model).__name__} matches target_modules={config.target_modules!r}; the "
+                "modules a sensitivity map measures are linear maps (nn.Linear, Conv1D) other than the output head. "
+                "Check the names with `peft-graft inspect-base`."
             ) from err
         raise
     finally:
@@ -260,6 +260,12 @@ def _measure(
     }
     if not layers:
         raise NoTargetModulesError(f"{type(base).__name__} has no module a graft can wrap; nothing to measure.")
+    other = [f"{name} ({type(m.get_base_layer()).__name__})" for name, m in layers.items() if not isinstance(m, Linear)]
+    if other:  # the statistics are those of y = W x with features last
+        raise SearchConfigError(
+            f"Sensitivity maps measure linear layers; target_modules also selects {', '.join(other)}. Name linear "
+            "modules only (`peft-graft inspect-base` lists them by type)."
+        )
     if config.needs_calibration:
         calibrate(
             peft_model,

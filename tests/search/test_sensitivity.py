@@ -120,6 +120,8 @@ def test_bad_input_is_refused_and_model_untouched(tiny_llama):
         sensitivity_map(model, BLOCKS[:, :1], progress=False)
     with pytest.raises(NoTargetModulesError, match="inspect-base"):
         sensitivity_map(model, BLOCKS, target_modules=["no_such_module"], progress=False)
+    with pytest.raises(SearchConfigError, match=r"model.embed_tokens \(Embedding\)"):  # grafts wrap it; maps do not
+        sensitivity_map(model, BLOCKS, target_modules=["embed_tokens", "q_proj"], progress=False)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError):
