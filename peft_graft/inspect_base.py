@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import PeftGraftError
 from .tuners.graft import GraftConfig, GraftLayer
 from .tuners.graft.bnb import resolve_backend
-from .tuners.graft.layer import graft_dims
+from .tuners.graft.layer import graft_dims, loading_from_file
 from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING, NOT_LINEAR
 
 
@@ -238,22 +238,23 @@ def meta_model(config: transformers.PretrainedConfig) -> nn.Module:
 
 
 def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> BaseReport:
-    # Injected with zero placeholders for A (out×r) and B (r×d), whatever the projection: no SVD of weights that are
-    # not there, and no orthogonal matrices to generate (up to a second per module on a large model). What the real
-    # projection does with A and B is applied after, as `GraftProjection` does it: trainable ones are parameters
-    # (kept in Φ's dtype), frozen ones buffers, saved when the config stores projections.
+    # Injected as if loading a file that stores A (out×r) and B (r×d): zero placeholders whatever the projection, so
+    # no SVD of weights that are not there and no orthogonal matrices to generate (up to a second per module on a
+    # large model), while every check and rank clamp is the real config's. What the real projection does with A and
+    # B is applied after, as `GraftProjection` does it: trainable ones are parameters (kept in Φ's dtype), frozen
+    # ones buffers, saved when the config stores projections.
     counted = copy.deepcopy(graft_config)
-    counted.projection, counted.save_projection = "activation", None
+    counted.save_projection = True
     requested = dict(counted.rank_pattern)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), loading_from_file():
         warnings.simplefilter("ignore")  # the clamped ranks are reported below
         peft_model = get_peft_model(model, counted, adapter_name=ADAPTER)
     resolved = peft_model.peft_config[ADAPTER]
     resolved.projection, resolved.save_projection = graft_config.projection, graft_config.save_projection
 
     prefix = "base_model.model."
-    # As save_pretrained collects it; embedding layers are never grafted, so none are added to the file.
-    saved = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER, save_embedding_layers=False)
+    # As save_pretrained collects it: with an embedding among the targets PEFT adds the embedding tables.
+    saved = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER, save_embedding_layers="auto")
     module_bytes: dict[str, int] = {}  # module name -> bytes of its tensors but A and B ("": not a graft's)
     for key, tensor in saved.items():
         if not key.endswith((".graft_proj.A", ".graft_proj.B")):
@@ -264,26 +265,24 @@ def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> Ba
         for name, module in peft_model.named_modules()
         if isinstance(module, GraftLayer)
     }
-    stored, trainable_projection = graft_config.stores_projections, graft_config.projection == "trainable"
-    modules, projection_params, projection_bytes = [], 0, 0
+    stored = graft_config.stores_projections
+    modules, projection_bytes = [], 0
     for m in report.modules:
         layer = layers.get(m.name)
         if layer is None:
             modules.append(m)
             continue
         phi, proj = layer.graft_phi[ADAPTER], layer.graft_proj[ADAPTER]
-        numbers = proj.A.numel() + proj.B.numel()
-        nbytes = numbers * (next(phi.parameters()) if trainable_projection else proj.A).element_size() if stored else 0
-        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad) + trainable_projection * numbers
-        projection_params += trainable_projection * numbers
+        nbytes = (proj.A.numel() * proj.A.element_size() + proj.B.numel() * proj.B.element_size()) if stored else 0
+        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)  # A and B too if trainable
         projection_bytes += nbytes
         modules.append(replace(m, graft_r=phi.r, graft_params=trainable, graft_bytes=module_bytes[m.name] + nbytes))
-    trainable = peft_model.get_nb_trainable_parameters()[0] + projection_params
+    trainable = peft_model.get_nb_trainable_parameters()[0]
     plan = GraftPlan(
         config=_plain(resolved.to_dict()),
         trainable_params=trainable,
         # PEFT counts a real 4-bit weight as twice its packed bytes; on the meta device it has its unpacked shape.
-        all_params=sum(p.numel() for p in peft_model.parameters()) + projection_params,
+        all_params=sum(p.numel() for p in peft_model.parameters()),
         adapter_bytes=sum(module_bytes.values()) + projection_bytes,
         adapter_tensors=len(saved) - (0 if stored else 2 * len(layers)),
         clamped={k: v for k, v in resolved.rank_pattern.items() if requested.get(k) != v},

@@ -90,6 +90,17 @@ def test_counts_and_bytes_match_the_materialised_model(arch, variant, tmp_path):
         assert report.graft.other_trainable_params == sum(p.numel() for p in arch.fresh().classifier.parameters())
 
 
+def test_counts_and_bytes_of_embedding_grafts_match_the_materialised_model(tmp_path):
+    """An output-mode svd graft on the token embedding (clamped to the hidden size) beside q_proj; PEFT saves the
+    embedding table with such an adapter, and the planned bytes include it."""
+    arch = ARCHS["llama"]
+    config = GraftConfig(r=40, target_modules=["embed_tokens", "q_proj"], mode="output", projection="svd")
+    report = inspect_base(config_only(arch.fresh(), tmp_path / "base"), config)
+    peft_model = materialise(arch.fresh(), config, tmp_path / "adapter")
+    check_against(report, peft_model, tmp_path / "adapter")
+    assert "model.embed_tokens" in report.graft.clamped and set(report.graft.clamped.values()) == {32}
+
+
 def test_module_table_of_a_tiny_llama(tmp_path):
     base = config_only(ARCHS["llama"].fresh(), tmp_path)
     report = inspect_base(base / "config.json", GraftConfig(r=4, target_modules=["q_proj", "down_proj"]))
