@@ -117,6 +117,13 @@ def test_indices_the_model_cannot_hold_are_refused_before_grafting(indices, mess
     assert base.state_dict().keys() == before.keys()
 
 
+def test_a_grafted_embedding_cannot_also_train_token_rows() -> None:
+    base = tiny_llama()
+    with pytest.raises(GraftConfigError, match="both name 'model.embed_tokens'"):
+        get_peft_model(base, GraftConfig(r=4, target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[1]))
+    assert not any(isinstance(m, GraftLayer) for m in base.modules())
+
+
 @pytest.mark.parametrize("indices", [[-1], [], "3", [True], {"embed_tokens": 3}, {1: [2]}])
 def test_malformed_indices_are_config_errors(indices) -> None:
     with pytest.raises(GraftConfigError, match="trainable_token_indices must be"):

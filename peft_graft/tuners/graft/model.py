@@ -101,6 +101,13 @@ def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
             + ". Give the tied layers the same indices, or set ensure_weight_tying=False to train them apart."
         )
     for target, ids in tokens.items():
+        grafted = [n for n, _ in model.named_modules() if names(n, target) and check_target_module_exists(config, n)]
+        if grafted:
+            raise GraftConfigError(  # PEFT refuses it too, with a TypeError, once the grafts are in place
+                f"trainable_token_indices and target_modules both name {grafted[0]!r}: a layer takes either a graft "
+                "or trainable token rows. Remove it from target_modules (the graft already adapts every row) or "
+                "from trainable_token_indices."
+            )
         found = [m for n, m in model.named_modules() if names(n, target)]
         layer = next((m for f in found for m in f.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
         if layer is None:
