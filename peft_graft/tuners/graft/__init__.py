@@ -9,7 +9,8 @@ from .compat import relax_transformers_peft_requirement
 from .config import GraftConfig
 from .conv import ConvNd
 from .embedding import Embedding
-from .layer import GraftLayer, GraftModule, Linear
+from .layer import GraftLayer
+from .linear import GraftModule, Linear
 from .model import GraftModel
 from .peft_type import GRAFT_NAME, GRAFT_PEFT_TYPE, GRAFT_PREFIX
 

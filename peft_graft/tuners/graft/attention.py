@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import GraftConfig
-from .layer import GraftModule, Linear
+from .linear import GraftModule, Linear
 
 
 class OutProjection(Linear):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GraftConfig
-from .layer import GraftModule
+from .linear import GraftModule
 
 
 class Embedding(GraftModule):

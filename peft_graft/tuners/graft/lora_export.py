@@ -44,7 +44,8 @@ from .config import GraftConfig
 from .conv import ConvNd
 from .embedding import Embedding
 from .integrity import read_config
-from .layer import GraftLayer, Linear
+from .layer import GraftLayer
+from .linear import Linear
 from .peft_type import GRAFT_PEFT_TYPE
 
 

@@ -31,7 +31,8 @@ from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
 from .conv import CONVOLUTIONS, ConvNd
 from .embedding import Embedding
-from .layer import GraftLayer, GraftModule, Linear, graft_dims, is_loading_from_file, loading_from_file
+from .layer import GraftLayer, graft_dims, is_loading_from_file, loading_from_file
+from .linear import GraftModule, Linear
 from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
 from .peft_type import GRAFT_PREFIX
