@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import GraftConfig
-from .linear import GraftModule, Linear
+from .linear import ForwardsBaseSettings, GraftModule, Linear
 
 
 class OutProjection(Linear):
@@ -31,7 +31,7 @@ class OutProjection(Linear):
         """Unmerged by its attention (`MultiheadAttention.unmerge`)."""
 
 
-class MultiheadAttention(GraftModule):
+class MultiheadAttention(ForwardsBaseSettings, GraftModule):
     """A graft on the packed query/key/value projection of `nn.MultiheadAttention` (E → 3E), plus one on its
     ``out_proj``. Query, key and value must share the embedding size (PEFT's condition for LoRA too); mixed adapter
     batches are refused, as LoRA refuses them on this layer."""

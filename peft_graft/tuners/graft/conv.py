@@ -4,15 +4,11 @@ every input patch."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .linear import GraftModule
-
-
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .linear import ForwardsBaseSettings, GraftModule
 
 
-class ConvNd(GraftModule):
+class ConvNd(ForwardsBaseSettings, GraftModule):
     """A graft on `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d` with ``groups=1``.
 
     B x is a convolution of the input with B as an r-channel kernel, with the base's stride, padding, padding mode

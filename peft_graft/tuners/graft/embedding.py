@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GraftConfig
-from .linear import GraftModule
+from .linear import ForwardsBaseSettings, GraftModule
 
 
-class Embedding(GraftModule):
+class Embedding(ForwardsBaseSettings, GraftModule):
     """A graft on `nn.Embedding` (and subclasses that scale their output, such as Gemma's).
 
     B x of a one-hot x is a column of B, so the forward looks up B's columns by token id; the table's in×out storage

@@ -60,13 +60,16 @@ def is_loading_from_file() -> bool:
     return _LOADING_FROM_FILE.get()
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def graft_dims(base: nn.Module) -> tuple[int | None, int | None]:
     """(in, out) of the matrix a graft sees in ``base``: W is out×in with y = W x per position.
 
     That is PEFT's (in_features, out_features) except for convolutions, whose kernel (out, in, *k) acts as an
     out × in·Πk matrix on each input patch.
     """
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(base, CONVOLUTIONS):
         return base.weight[0].numel(), base.out_channels
     return _get_in_out_features(base)
 

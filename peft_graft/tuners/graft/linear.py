@@ -18,16 +18,11 @@ from .config import GraftConfig
 from .layer import GraftLayer
 
 
-class GraftModule(nn.Module, GraftLayer):
-    """A graft layer as a module: merge, unmerge and the forward, for every kind of base layer.
+class ForwardsBaseSettings:
+    """Mixed into the kinds whose callers read settings off the module they call (Whisper reads ``conv1.stride``):
+    the names in ``forwarded_attributes`` are answered by the base layer. Linear grafts need none, so their hot path
+    keeps nn.Module's own attribute lookup."""
 
-    The kinds differ only in how the base weight reads as an out×in matrix and how an input reaches graft space
-    (`GraftLayer._out_in`, `_project_input`, `_features_last`): `Linear` here, `embedding.Embedding`, `conv.ConvNd`;
-    `attention.MultiheadAttention` also replaces the forward, since its base never calls a linear map's.
-    """
-
-    # Settings of the base layer that model code reads from the module it calls (Whisper reads ``conv1.stride``);
-    # they are answered by the base layer.
     forwarded_attributes: frozenset[str] = frozenset()
 
     def __getattr__(self, name: str) -> Any:
@@ -37,6 +32,15 @@ class GraftModule(nn.Module, GraftLayer):
             if name not in type(self).forwarded_attributes:
                 raise
             return getattr(self.get_base_layer(), name)
+
+
+class GraftModule(nn.Module, GraftLayer):
+    """A graft layer as a module: merge, unmerge and the forward, for every kind of base layer.
+
+    The kinds differ only in how the base weight reads as an out×in matrix and how an input reaches graft space
+    (`GraftLayer._out_in`, `_project_input`, `_features_last`): `Linear` here, `embedding.Embedding`, `conv.ConvNd`;
+    `attention.MultiheadAttention` also replaces the forward, since its base never calls a linear map's.
+    """
 
     def __init__(
         self,

@@ -29,9 +29,9 @@ from . import blend
 from .attention import MultiheadAttention
 from .bnb import dequantized_linear, resolve_backend
 from .config import GraftConfig
-from .conv import CONVOLUTIONS, ConvNd
+from .conv import ConvNd
 from .embedding import Embedding
-from .layer import GraftLayer, graft_dims, is_loading_from_file, loading_from_file
+from .layer import CONVOLUTIONS, GraftLayer, graft_dims, is_loading_from_file, loading_from_file
 from .linear import GraftModule, Linear
 from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
