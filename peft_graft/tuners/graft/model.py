@@ -76,7 +76,8 @@ def _check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
         raise UnsupportedLayerError(
             f"Cannot graft {key!r} ({type(base).__name__}) with {', '.join(config.calibration_needs)}: calibration "
             "records the inputs of linear layers only. Use projection='svd', 'orthogonal' or 'trainable' without "
-            "sparse_residual and data-driven inits on embeddings and convolutions, or target linear layers only."
+            "sparse_residual and data-driven inits on embeddings, convolutions and attention, or target linear layers "
+            "only."
         )
 
 
