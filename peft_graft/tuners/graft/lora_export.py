@@ -45,7 +45,7 @@ from .conv import ConvNd
 from .embedding import Embedding
 from .integrity import read_config
 from .layer import GraftLayer
-from .linear import Linear
+from .linear import GraftModule, Linear
 from .peft_type import GRAFT_PEFT_TYPE
 
 
@@ -130,7 +130,7 @@ def _graft_config(tuner: nn.Module, adapter_name: str) -> GraftConfig:
     return config
 
 
-def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, Linear]:
+def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, GraftModule]:
     """The graft layers of ``adapter_name`` by module name, once every condition of an exact export is checked."""
     layers = {}
     for name, module in tuner.model.named_modules():
@@ -185,7 +185,7 @@ def _destination(out_dir: str | os.PathLike, graft_dir: str | os.PathLike | None
 # ------------------------------------------------------------------ tensors
 
 
-def _lora_weights(layer: Linear, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_weights(layer: GraftModule, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A r×in, lora_B out×r) of one module: products in float64, stored in float32."""
     proj, phi = layer.graft_proj[adapter_name], layer.graft_phi[adapter_name]
     A, B, Phi = proj.A.double(), proj.B.double(), phi.matrix().double()  # Φ materialised for every family
@@ -227,7 +227,7 @@ def _plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _other_saved_tensors(tuner: nn.Module, adapter_name: str, layers: Mapping[str, Linear]) -> dict[str, torch.Tensor]:
+def _other_saved_tensors(tuner: nn.Module, adapter_name: str, layers: Mapping[str, GraftModule]) -> dict[str, torch.Tensor]:
     """What PEFT saves with the adapter besides graft tensors (modules_to_save, trained biases, resized embeddings),
     under the keys a LoRA with this adapter's targets has. PEFT picks these the same way for LoRA and grafts."""
     saved = get_peft_model_state_dict(tuner, state_dict=_plain_state_dict(tuner), adapter_name=adapter_name)
@@ -263,7 +263,7 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, safe_serializa
 
 
 def _lora_config(
-    tuner: nn.Module, config: GraftConfig, layers: Mapping[str, Linear], adapter_name: str
+    tuner: nn.Module, config: GraftConfig, layers: Mapping[str, GraftModule], adapter_name: str
 ) -> LoraConfig:
     """The `LoraConfig` that makes PEFT wrap exactly ``layers``, each at its rank with α = r.
 
@@ -349,7 +349,7 @@ def _auto_mapping(tuner: nn.Module, config: GraftConfig) -> dict[str, str] | Non
 
 
 def _saved_graft_id(
-    graft_dir: Path, config: GraftConfig, layers: Mapping[str, Linear], adapter_name: str
+    graft_dir: Path, config: GraftConfig, layers: Mapping[str, GraftModule], adapter_name: str
 ) -> str | None:
     """The graft_id of ``graft_dir`` (None without a manifest), once its files are checked against the manifest
     and shown to hold exactly this adapter: the same ΔW-deciding config fields and the same graft tensors."""
@@ -382,7 +382,7 @@ def _model_card(
     config: GraftConfig,
     lora: LoraConfig,
     adapter_name: str,
-    layers: Mapping[str, Linear],
+    layers: Mapping[str, GraftModule],
     graft_id: str | None,
 ) -> ModelCard:
     base = lora.base_model_name_or_path
