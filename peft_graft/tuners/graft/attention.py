@@ -57,12 +57,6 @@ class MultiheadAttention(ForwardsBaseSettings, GraftModule):
         else:
             base.out_proj = OutProjection(base.out_proj, adapter_name, config, f"{module_name}.base_layer.out_proj")
 
-    def get_base_weight(self) -> torch.Tensor:
-        return self.base_weight_param().data
-
-    def set_base_weight(self, weight: torch.Tensor) -> None:
-        self.base_weight_param().data = weight
-
     # ------------------------------------------------------------------ merge / unmerge / unload
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -177,6 +177,18 @@ class GraftLayer(BaseTunerLayer):
         """The base layer's parameter that this graft adapts (and merges into)."""
         return getattr(self.get_base_layer(), self.base_weight_name)
 
+    def get_base_weight(self) -> torch.Tensor:
+        """PEFT's, for the parameter `base_weight_name` names (PEFT reads ``weight``)."""
+        if self.quantization_backend is not None:
+            return super().get_base_weight()
+        return self.base_weight_param().data
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        if self.quantization_backend is not None:
+            super().set_base_weight(weight)
+        else:
+            self.base_weight_param().data = weight
+
     def _base_weight_out_in(self) -> torch.Tensor:
         return self._out_in(self.get_base_weight())
 

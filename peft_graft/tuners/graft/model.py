@@ -202,20 +202,20 @@ class GraftModel(BaseTuner):
             sites = [(key, in_f, out_f)]
             if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own
                 sites.append((f"{key}.base_layer.out_proj", in_f, in_f))
-            for site, in_f, out_f in sites:
-                d = in_f if peft_config.mode == "additive" else out_f
-                limit, r = min(out_f, d), peft_config.r_for(site)
+            for site, site_in, site_out in sites:
+                d = site_in if peft_config.mode == "additive" else site_out
+                limit, r = min(site_out, d), peft_config.r_for(site)
                 if peft_config.projection in ("svd", "gradient"):  # singular vectors of an out×in matrix
-                    limit = min(limit, in_f)
+                    limit = min(limit, site_in)
                 if r > limit:
                     if peft_config.rank_pattern_key(site) is not None:
                         raise GraftRankError(
-                            f"rank_pattern asks for r={r} on {site!r} (weight {out_f}×{in_f}, "
+                            f"rank_pattern asks for r={r} on {site!r} (weight {site_out}×{site_in}, "
                             f"mode={peft_config.mode!r}), but its graft space cannot exceed {limit}. Lower that "
                             "rank_pattern entry."
                         )
                     clamped[site] = r = limit
-                total += self._module_trainable_params(peft_config, r, out_f, d)
+                total += self._module_trainable_params(peft_config, r, site_out, d)
             targets += 1
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
