@@ -22,10 +22,11 @@ class CalibrateOnFirstSteps(TrainerCallback):
     ``Trainer(..., callbacks=[CalibrateOnFirstSteps(steps=4)])``. Does nothing when the adapter has nothing left to
     calibrate when training starts (already calibrated, or resumed from a checkpoint). Trainer clips gradients
     before this callback sets the adapter's, so they are clipped here to ``args.max_grad_norm``.
+    ``refine_each_step=False`` moves the projections on the first and last of the steps only.
     """
 
-    def __init__(self, steps: int = 1, adapter_name: str | None = None) -> None:
-        self.steps, self.adapter_name = steps, adapter_name
+    def __init__(self, steps: int = 1, adapter_name: str | None = None, refine_each_step: bool = True) -> None:
+        self.steps, self.adapter_name, self.refine_each_step = steps, adapter_name, refine_each_step
         self._calibration: CalibratingSteps | None = None
         self._step: CalibratingStep | None = None
 
@@ -35,7 +36,7 @@ class CalibrateOnFirstSteps(TrainerCallback):
         self._calibration = None
         if state.global_step == 0 and needs_calibration(model, self.adapter_name):
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
-            self._calibration = CalibratingSteps(model, self.steps, self.adapter_name, clip)
+            self._calibration = CalibratingSteps(model, self.steps, self.adapter_name, clip, self.refine_each_step)
             logger.info("Calibrating the graft on the first %d training step(s).", self.steps)
 
     def on_step_begin(

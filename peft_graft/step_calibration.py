@@ -8,7 +8,9 @@ acting; each adds its recorded gradient to the sum, the projections move to that
 over to the new basis (the part of ΔW the new subspaces hold), gets the step's gradient in that basis, and the
 optimizer forgets its state for Φ (its moments were in the old basis). k steps thus sum the gradients of k batches,
 as `calibrate()` on k batches does (each taken at its step's weights rather than at the base's), without the k extra
-forward and backward passes.
+forward and backward passes. With ``refine_each_step=False`` steps 2..k-1 only add their gradients to the sum
+(the graft trains in step 1's basis meanwhile) and step k moves the projections once: the same k-batch subspace for
+the cost of recording, without a solve and a change of basis on every step.
 """
 
 from __future__ import annotations
@@ -44,14 +46,23 @@ class CalibratingSteps:
             optimizer.zero_grad()
 
     ``max_grad_norm`` clips the gradients it sets (the adapter's parameters, jointly; set after any clipping your
-    loop did). Needs ``init_weights=True``, one process (under torch.distributed use `calibrate` on every rank) and,
-    for ``steps > 1``, a dense Φ with activation or gradient projections.
+    loop did). ``refine_each_step=False`` solves for projections on the first and the last step only; the steps
+    between add their gradients to the sum, so what they cost beyond an ordinary step is the weight-gradient
+    product, not the solver and the change of basis. Needs ``init_weights=True``, one process (under
+    torch.distributed use `calibrate` on every rank) and, for ``steps > 1``, a dense Φ with activation or gradient
+    projections.
     """
 
     def __init__(
-        self, model: nn.Module, steps: int = 1, adapter_name: str | None = None, max_grad_norm: float | None = None
+        self,
+        model: nn.Module,
+        steps: int = 1,
+        adapter_name: str | None = None,
+        max_grad_norm: float | None = None,
+        refine_each_step: bool = True,
     ) -> None:
         self.model, self.steps, self.max_grad_norm = model, steps, max_grad_norm
+        self.refine_each_step = refine_each_step
         self.adapter = adapter_or_active(model, adapter_name)
         self.done = 0
         self._totals: dict[GraftLayer, object] = {}
@@ -60,6 +71,8 @@ class CalibratingSteps:
     def _check(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise GraftConfigError(f"steps must be a positive integer, got {self.steps!r}.")
+        if not isinstance(self.refine_each_step, bool):
+            raise GraftConfigError(f"refine_each_step must be True or False, got {self.refine_each_step!r}.")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise GraftConfigError(
                 "Calibrating on training steps runs in one process; under torch.distributed calibrate with "
@@ -117,11 +130,13 @@ class CalibratingSteps:
                 self._totals = dict(pairs)
         else:
             check_finite(self.adapter, layers)
+            refine = self.refine_each_step or self.done + 1 == self.steps
             for layer, rec in pairs:
                 self._totals[layer].absorb(rec)
-                layer.refine_projections(self.adapter, config, self._totals[layer], rec)
-                if optimizer is not None:
-                    optimizer.state.pop(layer.graft_phi[self.adapter].weight, None)
+                if refine:
+                    layer.refine_projections(self.adapter, config, self._totals[layer], rec)
+                    if optimizer is not None:
+                        optimizer.state.pop(layer.graft_phi[self.adapter].weight, None)
         self.done += 1
         if self.finished:
             self._totals = {}

@@ -271,11 +271,57 @@ def test_refining_steps_follow_the_summed_gradient(tiny_llama):
         assert not any(layer.graft_recorders for layer in targets)
 
 
+def test_refining_once_at_the_end_sums_every_step_and_solves_once(tiny_llama):
+    """CalibratingSteps(steps=3, refine_each_step=False): step 2 leaves the projections, Φ's autograd gradient and
+    Adam's state alone; step 3 moves the projections to the top-r subspaces of G₁ + G₂ + G₃ (from autograd on the
+    base weights), carries Φ over and gives it G₃ in the new basis."""
+    model = graft(tiny_llama, projection="gradient")
+    targets = {layer: layer.get_base_layer().weight for layer in layers(model)}
+    for weight in targets.values():
+        weight.requires_grad_(True)
+    phis = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 4]
+    optimizer = torch.optim.Adam(phis, lr=0.05)
+    calibration = CalibratingSteps(model, steps=3, refine_each_step=False)
+    sums = {}
+    for seed in (3, 4, 5):
+        before = {layer: (layer.graft_proj["default"].A.clone(), layer.graft_proj["default"].B.clone(),
+                          layer.graft_phi["default"].weight.detach().clone()) for layer in targets}
+        with calibration.step(optimizer):
+            model(**batch(seed)).loss.backward()
+        for layer, w in targets.items():
+            sums[layer] = w.grad.clone() if layer not in sums else sums[layer] + w.grad
+        if seed == 4:  # the middle step: an ordinary step in step 1's basis
+            for layer, (A, B, _) in before.items():
+                weight = layer.graft_phi["default"].weight
+                assert torch.equal(layer.graft_proj["default"].A, A) and torch.equal(layer.graft_proj["default"].B, B)
+                assert_close(weight.grad, layer.graft_scaling["default"] * A.T @ targets[layer].grad @ B.T,
+                             layer.module_name)
+                assert weight in optimizer.state
+        if seed != 5:
+            optimizer.step()
+            optimizer.zero_grad()
+            for w in targets.values():
+                w.grad = None
+    assert calibration.finished and not any(layer.graft_recorders for layer in targets)
+    for layer, w in targets.items():
+        A, B, phi = before[layer]
+        U, _, Vh = torch.linalg.svd(sums[layer].double())
+        new_A, new_B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
+        assert subspace_gap(new_A, U[:, :4].float()) < 1e-3 and subspace_gap(new_B.T, Vh[:4].T.float()) < 1e-3
+        assert subspace_gap(new_A, A) > 1e-2  # it moved
+        weight = layer.graft_phi["default"].weight
+        assert_close(weight.detach(), new_A.T @ (A @ phi @ B) @ new_B.T, layer.module_name)
+        assert_close(weight.grad, layer.graft_scaling["default"] * new_A.T @ w.grad @ new_B.T, layer.module_name)
+        assert weight not in optimizer.state
+
+
 def test_refining_needs_a_dense_phi_and_the_optimizer(tiny_llama):
     with pytest.raises(GraftConfigError, match="phi='dense'"):
         CalibratingSteps(graft(tiny_llama, projection="gradient", phi="diagonal"), steps=2)
     with pytest.raises(GraftConfigError, match="positive integer"):
         CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=0)
+    with pytest.raises(GraftConfigError, match="True or False"):
+        CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=3, refine_each_step="last")
     calibration = CalibratingSteps(graft(tiny_llama, projection="gradient"), steps=2)
     with calibration.step():
         calibration.model(**batch()).loss.backward()
@@ -300,33 +346,39 @@ def test_a_non_finite_refining_step_changes_nothing(tiny_llama):
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
 
-def test_trainer_callback_refines_like_the_manual_loop(tiny_llama, tmp_path):
+@pytest.mark.parametrize("steps, refine_each_step", [(2, True), (3, False)], ids=["each-step", "at-the-end"])
+def test_trainer_callback_refines_like_the_manual_loop(tiny_llama, tmp_path, steps, refine_each_step):
     ids = batch(rows=1)["input_ids"].repeat(4, 1)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0,
+        output_dir=str(tmp_path), max_steps=steps + 1, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0,
         lr_scheduler_type="constant",
         max_grad_norm=0.01, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
     )
     trained = graft(tiny_llama, projection="gradient")
-    Trainer(model=trained, args=args, train_dataset=data, callbacks=[CalibrateOnFirstSteps(steps=2)]).train()
+    callback = CalibrateOnFirstSteps(steps=steps, refine_each_step=refine_each_step)
+    Trainer(model=trained, args=args, train_dataset=data, callbacks=[callback]).train()
 
     model = graft(tiny_llama, projection="gradient")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1.0)
-    calibration = CalibratingSteps(model, steps=2)
-    for _ in range(3):
+    calibration = CalibratingSteps(model, steps=steps, refine_each_step=refine_each_step)
+    for _ in range(steps + 1):
         with calibration.step(optimizer):
             model(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.01)
         optimizer.step()
         optimizer.zero_grad()
     mine, ref = dict(trained.named_parameters()), dict(model.named_parameters())
+    # Steps that keep autograd's gradients (those between the first and last calibrating step when refining at the
+    # end) differ from the manual loop's by Trainer's loss rounding, ~1e-4 of the largest entry after them.
+    tolerance, projection_tolerance = (1e-5, 1e-5) if refine_each_step else (3e-4, 1e-4)
     for name in (n for n, p in ref.items() if p.requires_grad):
-        assert_close(mine[name], ref[name], name)
+        peak = ref[name].abs().max().item()
+        torch.testing.assert_close(mine[name], ref[name], atol=tolerance * peak, rtol=1e-4, msg=name)
     for a, b in zip(layers(trained), layers(model), strict=True):
-        torch.testing.assert_close(a.graft_proj["default"].A, b.graft_proj["default"].A, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.graft_proj["default"].A, b.graft_proj["default"].A, atol=projection_tolerance, rtol=0)
 
 
 def three_calibrating_steps(tiny_llama, checkpointing):

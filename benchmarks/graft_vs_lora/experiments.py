@@ -4,7 +4,8 @@
                                                 reads it once peft_graft is imported), for SmolLM2-135M
     experiments/<method>/training_params.json   label, base ("fp32" or "nf4"), lr_grid, and where needed
                                                 calibration_batches or "calibration": "first_step" / "first_steps"
-                                                (with calibration_steps), and quick_overrides (config fields replaced on the
+                                                (with calibration_steps and, to solve only on the first and last
+                                                of them, "calibration_refine_each_step": false), and quick_overrides (config fields replaced on the
                                                 quick mode's tiny model, e.g. an r fitted to a parameter budget)
 
 Pure JSON: nothing here imports torch or peft, so the report reads the methods without loading a framework.
@@ -67,6 +68,11 @@ class Experiment:
         calibration_steps; 0 for the rest."""
         kind = self.training.get("calibration")
         return {"first_step": 1, "first_steps": self.training.get("calibration_steps", 0)}.get(kind, 0)
+
+    @property
+    def calibration_refine_each_step(self) -> bool:
+        """Whether every calibrating step after the first moves the projections (else only the last one does)."""
+        return self.training.get("calibration_refine_each_step", True)
 
     @property
     def quick_overrides(self) -> dict:

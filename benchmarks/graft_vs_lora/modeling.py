@@ -157,7 +157,9 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def calibration(model: torch.nn.Module, exp: Experiment) -> CalibratingSteps | None:
     """What calibrates the adapter during its first training steps, for the methods that are calibrated so."""
-    return CalibratingSteps(model, exp.calibration_steps) if exp.calibration_steps else None
+    if not exp.calibration_steps:
+        return None
+    return CalibratingSteps(model, exp.calibration_steps, refine_each_step=exp.calibration_refine_each_step)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
