@@ -5,8 +5,9 @@
     experiments/<method>/training_params.json   label, base ("fp32" or "nf4"), lr_grid, and where needed
                                                 calibration_batches or "calibration": "first_step" / "first_steps"
                                                 (with calibration_steps and, to solve only on the first and last
-                                                of them, "calibration_refine_each_step": false), and quick_overrides (config fields replaced on the
-                                                quick mode's tiny model, e.g. an r fitted to a parameter budget)
+                                                of them, "calibration_refine_each_step": false), and
+                                                quick_overrides (config fields replaced on the quick mode's tiny
+                                                model, e.g. an r fitted to a parameter budget)
 
 Pure JSON: nothing here imports torch or peft, so the report reads the methods without loading a framework.
 """
