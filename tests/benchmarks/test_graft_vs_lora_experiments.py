@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from peft import PeftConfig
+from peft import PeftConfig, get_peft_model
 
 import peft_graft  # noqa: F401  (registers GRAFT, so PeftConfig.from_pretrained reads graft configs)
 from benchmarks.graft_vs_lora.experiments import Experiment, adapter_identity, experiment_names
-from benchmarks.graft_vs_lora.modeling import needs_data
+from benchmarks.graft_vs_lora.modeling import calibration, needs_data
 from benchmarks.graft_vs_lora.protocol import Protocol
 from benchmarks.graft_vs_lora.targets import KINDS, load_targets
+from peft_graft import GraftConfig
 
 
 PROTOCOL = Protocol.load()
@@ -34,6 +35,17 @@ def test_adapter_config_loads_with_peft(name):
     # first training steps (one of the two); no other config asks for any
     assert (exp.calibration_batches is not None) + bool(exp.calibration_steps) == int(needs_data(config))
     assert set(exp.quick_overrides) <= set(exp.adapter_config)
+
+
+def test_calibrating_steps_follow_the_training_params(tiny_llama):
+    """The run's CalibratingSteps solves on every step unless training_params says otherwise."""
+    each, at_end = Experiment.load("graft_gradsteps4_qvup"), Experiment.load("graft_gradsteps8_vupdown")
+    assert (each.calibration_steps, each.calibration_refine_each_step) == (4, True)
+    assert (at_end.calibration_steps, at_end.calibration_refine_each_step) == (8, False)
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, projection="gradient", target_modules=["v_proj"]))
+    steps = calibration(model, at_end)
+    assert (steps.steps, steps.refine_each_step) == (8, False)
+    assert calibration(model, Experiment.load("lora_r8")) is None
 
 
 def test_protocol_and_targets_refer_to_existing_methods():
