@@ -133,7 +133,12 @@ def _layers(model: torch.nn.Module, kind: type) -> list[GraftLayer]:
 def test_identity_init_is_a_no_op_and_a_random_graft_merges_exactly(case, projection, mode):
     base, model = _grafted(case, projection=projection, mode=mode)
     _layers(model, case.kind)
-    assert torch.equal(_run(case, model), _run(case, base))
+    if case.kind is MultiheadAttention:
+        # The attention with its out_proj wrapped computes from the same weights but not bit for bit as the plain
+        # one on every CPU: 1.5e-7 apart on an AMD EPYC even with no adapter active, 0 on an Intel Xeon.
+        torch.testing.assert_close(_run(case, model), _run(case, base), atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(_run(case, model), _run(case, base))
 
     base, model = _grafted(case, projection=projection, mode=mode, init_weights=False)
     unmerged, plain = _run(case, model), _run(case, base)
