@@ -235,23 +235,47 @@ def subspace_gap(X, Y):
     return torch.linalg.matrix_norm(X @ X.T - Y @ Y.T, ord=2).item()
 
 
+def graft_with_weight_gradients(tiny_llama):
+    """A gradient-projection graft whose base weights record their own gradients (W.grad = dL/dW, the gradient at
+    the effective weight W + ΔW: the references the calibrating steps must match), and Adam over the Φs."""
+    model = graft(tiny_llama, projection="gradient")
+    targets = {layer: layer.get_base_layer().weight for layer in layers(model)}
+    for weight in targets.values():
+        weight.requires_grad_(True)
+    phis = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 4]
+    return model, targets, torch.optim.Adam(phis, lr=0.05)
+
+
+def snapshot(targets):
+    """(A, B, Φ) of each graft layer, copied."""
+    return {layer: (layer.graft_proj["default"].A.clone(), layer.graft_proj["default"].B.clone(),
+                    layer.graft_phi["default"].weight.detach().clone()) for layer in targets}
+
+
+def assert_moved_to(layer, summed, step_grad, before, optimizer):
+    """The projections span the top-r subspaces of ``summed``, Φ is the old ΔW in the new basis, its gradient is
+    ``step_grad`` in that basis, and Adam's state for Φ is dropped."""
+    A, B, phi = before
+    U, _, Vh = torch.linalg.svd(summed.double())
+    new_A, new_B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
+    assert subspace_gap(new_A, U[:, :4].float()) < 1e-3 and subspace_gap(new_B.T, Vh[:4].T.float()) < 1e-3
+    assert subspace_gap(new_A, A) > 1e-2  # it moved
+    weight = layer.graft_phi["default"].weight
+    assert_close(weight.detach(), new_A.T @ (A @ phi @ B) @ new_B.T, layer.module_name)
+    assert_close(weight.grad, layer.graft_scaling["default"] * new_A.T @ step_grad @ new_B.T, layer.module_name)
+    assert weight not in optimizer.state
+
+
 def test_refining_steps_follow_the_summed_gradient(tiny_llama):
     """Step 2 of CalibratingSteps(steps=2), against references from autograd on the base weights themselves: the
     projections span the top-r subspaces of G₁ + G₂, Φ is the old ΔW in the new basis, its gradient is G₂ in that
     basis, and Adam's state for Φ is dropped."""
-    model = graft(tiny_llama, projection="gradient")
-    targets = {layer: layer.get_base_layer().weight for layer in layers(model)}
-    for weight in targets.values():
-        weight.requires_grad_(True)  # W.grad = dL/dW = the gradient at the effective weight W + ΔW
-    phis = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 4]
-    optimizer = torch.optim.Adam(phis, lr=0.05)
+    model, targets, optimizer = graft_with_weight_gradients(tiny_llama)
     calibration = CalibratingSteps(model, steps=2)
     with calibration.step(optimizer):
         model(**batch(3)).loss.backward()
     optimizer.step()
-    first = {layer: w.grad.clone() for layer, w in targets.items()}
-    before = {layer: (layer.graft_proj["default"].A.clone(), layer.graft_proj["default"].B.clone(),
-                      layer.graft_phi["default"].weight.detach().clone()) for layer in targets}
+    first, before = {layer: w.grad.clone() for layer, w in targets.items()}, snapshot(targets)
     for w in targets.values():
         w.grad = None
     optimizer.zero_grad()
@@ -259,14 +283,7 @@ def test_refining_steps_follow_the_summed_gradient(tiny_llama):
         model(**batch(4)).loss.backward()
     assert calibration.finished and not any(layer.graft_recorders for layer in targets)
     for layer, w in targets.items():
-        second, (A, B, phi) = w.grad, before[layer]
-        U, _, Vh = torch.linalg.svd((first[layer] + second).double())
-        new_A, new_B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
-        assert subspace_gap(new_A, U[:, :4].float()) < 1e-3 and subspace_gap(new_B.T, Vh[:4].T.float()) < 1e-3
-        weight = layer.graft_phi["default"].weight
-        assert_close(weight.detach(), new_A.T @ (A @ phi @ B) @ new_B.T, layer.module_name)
-        assert_close(weight.grad, layer.graft_scaling["default"] * new_A.T @ second @ new_B.T, layer.module_name)
-        assert weight not in optimizer.state
+        assert_moved_to(layer, first[layer] + w.grad, w.grad, before[layer], optimizer)
     with calibration.step(optimizer):  # finished: an ordinary step, nothing recorded
         assert not any(layer.graft_recorders for layer in targets)
 
@@ -275,17 +292,11 @@ def test_refining_once_at_the_end_sums_every_step_and_solves_once(tiny_llama):
     """CalibratingSteps(steps=3, refine_each_step=False): step 2 leaves the projections, Φ's autograd gradient and
     Adam's state alone; step 3 moves the projections to the top-r subspaces of G₁ + G₂ + G₃ (from autograd on the
     base weights), carries Φ over and gives it G₃ in the new basis."""
-    model = graft(tiny_llama, projection="gradient")
-    targets = {layer: layer.get_base_layer().weight for layer in layers(model)}
-    for weight in targets.values():
-        weight.requires_grad_(True)
-    phis = [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 4]
-    optimizer = torch.optim.Adam(phis, lr=0.05)
+    model, targets, optimizer = graft_with_weight_gradients(tiny_llama)
     calibration = CalibratingSteps(model, steps=3, refine_each_step=False)
     sums = {}
     for seed in (3, 4, 5):
-        before = {layer: (layer.graft_proj["default"].A.clone(), layer.graft_proj["default"].B.clone(),
-                          layer.graft_phi["default"].weight.detach().clone()) for layer in targets}
+        before = snapshot(targets)
         with calibration.step(optimizer):
             model(**batch(seed)).loss.backward()
         for layer, w in targets.items():
@@ -304,15 +315,7 @@ def test_refining_once_at_the_end_sums_every_step_and_solves_once(tiny_llama):
                 w.grad = None
     assert calibration.finished and not any(layer.graft_recorders for layer in targets)
     for layer, w in targets.items():
-        A, B, phi = before[layer]
-        U, _, Vh = torch.linalg.svd(sums[layer].double())
-        new_A, new_B = layer.graft_proj["default"].A, layer.graft_proj["default"].B
-        assert subspace_gap(new_A, U[:, :4].float()) < 1e-3 and subspace_gap(new_B.T, Vh[:4].T.float()) < 1e-3
-        assert subspace_gap(new_A, A) > 1e-2  # it moved
-        weight = layer.graft_phi["default"].weight
-        assert_close(weight.detach(), new_A.T @ (A @ phi @ B) @ new_B.T, layer.module_name)
-        assert_close(weight.grad, layer.graft_scaling["default"] * new_A.T @ w.grad @ new_B.T, layer.module_name)
-        assert weight not in optimizer.state
+        assert_moved_to(layer, sums[layer], w.grad, before[layer], optimizer)
 
 
 def test_refining_needs_a_dense_phi_and_the_optimizer(tiny_llama):
@@ -372,7 +375,7 @@ def test_trainer_callback_refines_like_the_manual_loop(tiny_llama, tmp_path, ste
         optimizer.zero_grad()
     mine, ref = dict(trained.named_parameters()), dict(model.named_parameters())
     # Steps that keep autograd's gradients (those between the first and last calibrating step when refining at the
-    # end) differ from the manual loop's by Trainer's loss rounding, ~1e-4 of the largest entry after them.
+    # end) differ from the manual loop's by Trainer's loss rounding: 6e-5 of the largest entry after them, measured.
     tolerance, projection_tolerance = (1e-5, 1e-5) if refine_each_step else (3e-4, 1e-4)
     for name in (n for n, p in ref.items() if p.requires_grad):
         peak = ref[name].abs().max().item()
