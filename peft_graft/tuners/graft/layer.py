@@ -320,6 +320,10 @@ class GraftLayer(BaseTunerLayer):
         """B x per position, features last ([..., r]): what the base layer's input becomes in graft space."""
         return F.linear(self._cast_input_dtype(x, dtype).to(dtype), B)
 
+    def _graft_out(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """A h: the graft's hidden state (from `_graft_hidden`) mapped to the out features, [..., out]."""
+        return F.linear(h, A)
+
     def _features_last(self, output: torch.Tensor) -> torch.Tensor:
         """The base layer's output with its out features on the last axis (a view; identity but for convolutions)."""
         return output
@@ -332,7 +336,7 @@ class GraftLayer(BaseTunerLayer):
         """s·A Φ B u (+ sparse) of ``adapter`` for the input ``x`` and the base output ``current``, in the base
         output's layout."""
         h = self._graft_hidden(adapter, x, current)
-        delta = F.linear(h, self.graft_proj[adapter].A.to(h.dtype))  # [..., out]
+        delta = self._graft_out(h, self.graft_proj[adapter].A.to(h.dtype))  # [..., out]
         if adapter in self.graft_sparse:
             delta = delta + self.graft_sparse[adapter](self._cast_input_dtype(x, h.dtype), self.out_features)
         return self._features_back(delta)

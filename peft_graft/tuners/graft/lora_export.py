@@ -159,6 +159,12 @@ def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, GraftMo
             )
         if adapter_name in module.graft_sparse:
             raise ExportError(f"{name!r} carries a sparse residual of {adapter_name!r}, which no LoRA reproduces.")
+        if isinstance(module, ConvNd) and base.groups > 1:
+            raise ExportError(
+                f"{name!r} is a graft on a convolution with groups={base.groups}. PEFT's LoRA on a grouped convolution "
+                "reads every input channel in lora_A and cannot be merged, so no LoRA file of this rank reproduces the "
+                "graft there. Merge instead (merge_and_unload) and ship the merged model."
+            )
         module._check_ready(adapter_name)  # CalibrationRequiredError: A, B or Φ are placeholders
         layers[name] = module
     if not layers:

@@ -67,10 +67,11 @@ def _check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
             f"Cannot graft {key!r}: its query, key and value have different sizes (kdim/vdim), so its projections "
             "are not one packed matrix. Grafts (like LoRA) wrap MultiheadAttention with kdim = vdim = embed_dim."
         )
-    if isinstance(base, CONVOLUTIONS) and base.groups != 1:
+    if isinstance(base, CONVOLUTIONS) and base.groups != 1 and config.mode == "output":
         raise UnsupportedLayerError(
-            f"Cannot graft {key!r}: a {type(base).__name__} with groups={base.groups} is not one out×in matrix. "
-            "Grafts wrap convolutions with groups=1; remove it from target_modules."
+            f"Cannot graft {key!r} in output mode: a {type(base).__name__} with groups={base.groups} maps each group "
+            "of channels on its own, and an output-mode ΔW = AΦB·W mixes the groups, so it could not be merged into "
+            "the grouped kernel. Use mode='additive' for it (grouped convolutions are grafted per group's kernel)."
         )
     if isinstance(base, NOT_LINEAR) and config.calibration_needs:
         raise UnsupportedLayerError(
