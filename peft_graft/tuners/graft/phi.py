@@ -76,6 +76,10 @@ class DensePhi(Phi):
 class DiagonalPhi(Phi):
     """Scales each graft direction independently (SVFT "plain" with SVD projections)."""
 
+    # One entry per direction, where a dense Φ has r: a larger random init keeps a test's random graft as visible
+    # (PEFT's decoder tests check that generation changes).
+    init_std = 0.5
+
     def __init__(self, r: int) -> None:
         super().__init__(r)
         self.weight = nn.Parameter(torch.zeros(r))
