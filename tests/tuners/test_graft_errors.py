@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_graft
@@ -50,6 +50,23 @@ def test_target_parameters_are_refused_with_what_to_do_instead(tiny_llama):
     with pytest.raises(GraftConfigError, match=r"target_parameters=\['mlp.experts.down_proj'\].*Linear modules"):
         GraftConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
     assert has_grafts(get_peft_model(tiny_llama(), GraftConfig(target_modules=["q_proj"], target_parameters=[])))
+
+
+@pytest.mark.parametrize(
+    "layers", [{"layers_to_transform": [0]}, {"layers_to_transform": 1, "layers_pattern": "layers"}]
+)
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q|v)_proj"])
+def test_a_str_target_with_a_layer_filter_is_refused(tiny_llama, targets, layers):
+    """PEFT matches a str target against whole module names and never applies the layer filter, so it would graft
+    every layer (found with PEFT's layer-indexing test on an all-linear graft); LoRA's config refuses this too."""
+    with pytest.raises(GraftConfigError, match="cannot be used when target_modules is a str"):
+        GraftConfig(target_modules=targets, **layers)
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=targets, **layers)
+    model = get_peft_model(tiny_llama(), GraftConfig(r=2, target_modules=["q_proj"], **layers))  # a list: filtered
+    index = layers["layers_to_transform"]
+    grafted = {n for n, m in model.base_model.model.named_modules() if isinstance(m, GraftLayer)}
+    assert grafted == {f"model.layers.{index[0] if isinstance(index, list) else index}.self_attn.q_proj"}
 
 
 @pytest.mark.parametrize("init", ["lstsq", "gradient_diag"])

@@ -314,6 +314,14 @@ class GraftConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise GraftConfigError("layers_pattern only has an effect together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # PEFT matches a str target against whole module names and ignores the layer filter; LoRA refuses this too
+            raise GraftConfigError(
+                f"layers_to_transform/layers_pattern cannot be used when target_modules is a str "
+                f"({self.target_modules!r}): PEFT matches it against whole module names and would graft every layer. "
+                "Give target_modules as a list of names (e.g. ['q_proj', 'v_proj']), or write the layer indices into "
+                "the regex."
+            )
 
     def to_dict(self) -> dict:
         """PEFT's dict, with set-valued fields (PEFT turns ``target_modules`` into a set) as sorted lists.

@@ -308,7 +308,7 @@ def _lora_config(
         for pattern in (own, exact):
             try:
                 lora = LoraConfig(**common, **target, rank_pattern=dict(pattern), alpha_pattern=dict(pattern))
-            except ValueError:  # e.g. a regex target with layers_to_transform, which LoRA refuses
+            except ValueError:  # a combination of patterns LoraConfig refuses: try the next form
                 continue
             if _peft_would_wrap(lora, names) == ranks:
                 return lora
