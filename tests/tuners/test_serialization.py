@@ -6,12 +6,14 @@ import os
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
-from tiny_models import tiny_llama
+from safetensors.torch import load_file, save_file
+from tiny_models import ARCHS, tiny_llama
 
 from peft_graft import GraftConfig
-from peft_graft.errors import AdapterFileError, UnsafeSerializationError
+from peft_graft.errors import AdapterContentError, AdapterFileError, UnsafeSerializationError
+from peft_graft.manifest import MANIFEST_NAME
 
 
 def svd_graft(dtype: torch.dtype = torch.float32, autocast: bool = True) -> PeftModel:
@@ -54,3 +56,42 @@ def test_a_half_precision_base_saves_and_reloads_its_stored_projections(tmp_path
     loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=autocast).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, logits)
+
+
+def test_a_t5_in_fp16_keeps_its_fp32_module_and_reloads(tmp_path):
+    """transformers keeps T5's `wo` in fp32 when the model loads in fp16 (`_keep_in_fp32_modules`); without adapter
+    autocast each graft follows its own base layer, so one file holds fp16 and fp32 grafts. It saves and reloads to
+    the same outputs (found with PEFT's own `test_add_adapter_no_autocast_adapter_dtype` on graft configs)."""
+    torch.manual_seed(0)
+    ARCHS["t5"].build().save_pretrained(tmp_path / "base")
+    base = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16)
+    assert {p.dtype for n, p in base.named_parameters() if n.endswith("wo.weight")} == {torch.float32}
+    config = GraftConfig(r=2, target_modules=["q", "v", "wi", "wo"], init_weights=False)
+    model = get_peft_model(base, config, autocast_adapter_dtype=False).eval()
+    ids = torch.arange(1, 9).reshape(1, 8)
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    model.save_pretrained(tmp_path / "graft")
+    saved = load_file(tmp_path / "graft" / "adapter_model.safetensors")
+    assert {t.dtype for k, t in saved.items() if "graft_phi" in k} == {torch.float16, torch.float32}
+    fresh = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "graft", autocast_adapter_dtype=False).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits, logits)
+
+
+def test_fp16_beside_bf16_in_one_file_is_refused(tmp_path):
+    """fp16 and bf16 are the dtypes whose tags can be swapped without changing a tensor's length; no model holds both,
+    so a file that does (its manifest gone, which alone is allowed) is refused before anything is loaded."""
+    svd_graft(torch.float16, autocast=False).save_pretrained(tmp_path)
+    os.remove(tmp_path / MANIFEST_NAME)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if "graft_phi" in k)
+    tensors[key] = tensors[key].view(torch.bfloat16)  # the same bytes under the other tag
+    save_file(tensors, path)
+    base = tiny_llama().to(torch.float16)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterContentError, match="at most one half-precision dtype"):
+        PeftModel.from_pretrained(base, tmp_path, autocast_adapter_dtype=False)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

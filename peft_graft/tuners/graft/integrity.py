@@ -152,10 +152,14 @@ def _check_module(source: str, config: GraftConfig, module: str, tensors: Mappin
 
 
 def _check_values(source: str, tensors: Iterable[tuple[str, torch.Tensor]], graft: bool) -> None:
-    """Finite values; for graft tensors int64 indices, and floating dtypes out of those a graft layer can hold: one
-    for the trained tensors (Φ, sparse values) and one for stored A and B. PEFT's adapter autocast upcasts parameters
-    only, so on a half-precision base Φ is saved in fp32 beside the base dtype's frozen A and B."""
-    dtypes: dict[str, set[torch.dtype]] = {"projections": set(), "weights": set()}
+    """Finite values; for graft tensors int64 indices, and floating dtypes out of those a graft layer can hold.
+
+    Within a module one dtype for the trained tensors (Φ, sparse values) and one for stored A and B: PEFT's adapter
+    autocast upcasts parameters only, so on a half-precision base Φ is saved in fp32 beside the base dtype's frozen A
+    and B. Across modules fp32 may sit beside one half-precision dtype (T5 keeps `wo` in fp32 in an fp16 model, and
+    without autocast each graft follows its own base layer), but never fp16 beside bf16: no model holds both, and
+    they are the two dtypes whose tags can be swapped without changing a tensor's byte length."""
+    dtypes: dict[tuple[str, str], set[torch.dtype]] = {}
     for key, tensor in tensors:
         if graft and key.endswith((".signature", ".rows", ".cols")):
             if tensor.dtype != torch.int64:
@@ -170,15 +174,22 @@ def _check_values(source: str, tensors: Iterable[tuple[str, torch.Tensor]], graf
                     "precision base). Its dtype tag was changed; restore the file or save the adapter again."
                 )
             frozen = ".graft_proj." in key and key.endswith((".A", ".B"))
-            dtypes["projections" if frozen else "weights"].add(tensor.dtype)
+            group = (key.partition(".graft_")[0], "projections" if frozen else "weights")
+            dtypes.setdefault(group, set()).add(tensor.dtype)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise NonFiniteWeightsError(f"{source}: {key} holds NaN/Inf. Restore the file or retrain the adapter.")
-    for group, found in dtypes.items():
+    for (module, group), found in dtypes.items():
         if len(found) > 1:
             raise AdapterContentError(
-                f"{source}: graft {group} come in {sorted(map(str, found))}, but a save writes each of Φ and A/B in "
-                "one dtype. A dtype tag was changed; restore the file or save the adapter again."
+                f"{source}: the graft {group} of {module} come in {sorted(map(str, found))}, but a save writes each of "
+                "a module's Φ and A/B in one dtype. A dtype tag was changed; restore the file or save the adapter again."
             )
+    halves = {dtype for found in dtypes.values() for dtype in found} - {torch.float32}
+    if len(halves) > 1:
+        raise AdapterContentError(
+            f"{source}: graft tensors come in {sorted(map(str, halves))}, but a model is in at most one half-precision "
+            "dtype. A dtype tag was changed; restore the file or save the adapter again."
+        )
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], config: GraftConfig, source: str) -> list[str]:
