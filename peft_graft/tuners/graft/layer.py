@@ -349,7 +349,7 @@ class GraftLayer(BaseTunerLayer):
         h = self._graft_hidden(adapter, x, result)
         A = self.graft_proj[adapter].A.to(h.dtype)
         if h.dtype != result.dtype:  # an fp32 graft on a half-precision base
-            return result + F.linear(h, A).to(result.dtype)
+            return result + self._graft_out(h, A).to(result.dtype)
         return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), A.T).view(result.shape)
 
     def _pre_bias(self, output: torch.Tensor) -> torch.Tensor:
