@@ -1,7 +1,8 @@
-"""Grafts on embeddings, convolutions and nn.MultiheadAttention (LoRA's other layer kinds), on real transformers
-models from small configs: a Llama's token embedding, GPT-2's tied token embedding, ViT's Conv2d patch embedding,
-Whisper's Conv1d front end, VideoMAE's Conv3d tubelet embedding, ConvNeXt's depthwise (grouped) Conv2d and SigLIP's
-attention-pooling head. Each is checked the way a LoRA on it would be: a no-op at init, merge =
+"""Grafts on embeddings, convolutions, nn.MultiheadAttention and bare parameters (LoRA's other layer kinds), on real
+transformers models from small configs: a Llama's token embedding, GPT-2's tied token embedding, ViT's Conv2d patch
+embedding, Whisper's Conv1d front end, VideoMAE's Conv3d tubelet embedding, ConvNeXt's depthwise (grouped) Conv2d,
+SigLIP's attention-pooling head, and through ``target_parameters`` the fused expert stacks and router weight of
+Mixtral and Qwen3-MoE. Each is checked the way a LoRA on it would be: a no-op at init, merge =
 unmerged forward, unmerge restores the base, get_delta_weight in the base weight's layout, a bit-exact save/load,
 gradients to Φ only, mixed adapter batches, and an exact export to PEFT LoRA."""
 
@@ -18,9 +19,9 @@ from peft import PeftModel, get_peft_model
 from tiny_models import tiny_llama
 
 from peft_graft import GraftConfig
-from peft_graft.errors import ExportError, SEWLConfigError, UnsupportedLayerError
+from peft_graft.errors import ExportError, GraftConfigError, SEWLConfigError, UnsupportedLayerError
 from peft_graft.sewl import SEWL, SEWLConfig
-from peft_graft.tuners.graft import ConvNd, Embedding, GraftLayer, MultiheadAttention
+from peft_graft.tuners.graft import ConvNd, Embedding, GraftLayer, MultiheadAttention, ParamWrapper
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class Case:
     output: Callable[[object], torch.Tensor] = lambda out: out.logits
     tied: bool = False  # the grafted weight is also lm_head's
     grouped: bool = False  # a convolution with groups > 1: additive grafts only, no LoRA export
+    parameters: tuple[str, ...] = ()  # target_parameters: additive grafts only, no mixed batches, no LoRA export
+
+    @property
+    def additive_only(self) -> bool:
+        return self.grouped or bool(self.parameters)
 
 
 def _vit() -> torch.nn.Module:
@@ -71,6 +77,22 @@ def _siglip() -> torch.nn.Module:
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
     )
     return transformers.SiglipVisionModel(config).eval()
+
+
+def _mixtral() -> torch.nn.Module:
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def _qwen3_moe() -> torch.nn.Module:
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+    )  # expert rows of 16 bf16 numbers: torch's CPU grouped_mm wants rows that are multiples of 16 bytes
+    return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
 def _gpt2() -> torch.nn.Module:
@@ -119,6 +141,15 @@ CASES = {
         MultiheadAttention,
         lambda out: out.pooler_output,
     ),
+    # (experts, out, in) stacks: gate_up_proj and down_proj nest on one module; the router is a 2-D weight
+    "mixtral-experts": Case(
+        _mixtral,
+        ["q_proj"],
+        _ids(64),
+        ParamWrapper,
+        parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+    ),
+    "qwen3-moe-experts": Case(_qwen3_moe, [], _ids(64), ParamWrapper, parameters=("mlp.experts.down_proj",)),
 }
 
 
@@ -132,10 +163,13 @@ def _run(case: Case, model: torch.nn.Module, seed: int = 0, **extra: object) -> 
         return case.output(model(**case.inputs(torch.Generator().manual_seed(seed)), **extra))
 
 
+def _config(case: Case, r: int = 4, **config: object) -> GraftConfig:
+    return GraftConfig(r=r, target_modules=case.targets, target_parameters=list(case.parameters) or None, **config)
+
+
 def _grafted(case: Case, **config: object) -> tuple[torch.nn.Module, torch.nn.Module]:
     base = case.build()
-    model = get_peft_model(copy.deepcopy(base), GraftConfig(r=4, target_modules=case.targets, **config))
-    return base, model.eval()
+    return base, get_peft_model(copy.deepcopy(base), _config(case, **config)).eval()
 
 
 def _layers(model: torch.nn.Module, kind: type) -> list[GraftLayer]:
@@ -153,6 +187,10 @@ def test_identity_init_is_a_no_op_and_a_random_graft_merges_exactly(case, projec
             get_peft_model(model, GraftConfig(r=4, target_modules=case.targets, projection=projection, mode=mode))
         assert not any(isinstance(m, GraftLayer) for m in model.modules())
         return
+    if case.parameters and mode == "output":  # which side of a bare parameter is its input is unknown
+        with pytest.raises(GraftConfigError, match="target_parameters.*mode='output'"):
+            GraftConfig(r=4, target_parameters=list(case.parameters), projection=projection, mode=mode)
+        return
     base, model = _grafted(case, projection=projection, mode=mode)
     _layers(model, case.kind)
     if case.kind is MultiheadAttention:
@@ -165,7 +203,8 @@ def test_identity_init_is_a_no_op_and_a_random_graft_merges_exactly(case, projec
     base, model = _grafted(case, projection=projection, mode=mode, init_weights=False)
     unmerged, plain = _run(case, model), _run(case, base)
     assert (unmerged - plain).abs().max() > 3e-4  # visible next to the merge tolerance below
-    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer." in n and "graft_" not in n}
+    assert weights
     if case.tied:  # the embedding gets its own copy first: lm_head keeps the base weight, as it has unmerged
         head = model.base_model.model.lm_head.weight
         with pytest.warns(UserWarning, match="Setting `tie_word_embeddings=False`"):
@@ -221,8 +260,8 @@ def test_training_reaches_phi_only(case):
 
 
 def test_mixed_adapter_batches_give_each_row_its_adapter(case):
-    if case.kind is MultiheadAttention:
-        pytest.skip("refused on attention layers, as by LoRA: test_attention_refuses_mixed_batches_as_lora_does")
+    if case.kind in (MultiheadAttention, ParamWrapper):
+        pytest.skip("refused on attention and parameter grafts, as by LoRA: test_*_refuse*_mixed_batches")
     _, model = _grafted(case, init_weights=False)
     model.add_adapter("other", GraftConfig(r=2, target_modules=case.targets, init_weights=False))
     names = ["default", "__base__", "other"]
@@ -291,6 +330,8 @@ def test_lora_export_reproduces_the_graft_in_peft_lora(case, mode, tmp_path):
         pytest.skip("PEFT's LoRA conv layer hides the base's stride, which Whisper's encoder reads (LoRA itself fails)")
     if case.kind is MultiheadAttention:
         pytest.skip("refused: test_attention_grafts_are_not_exported_to_lora")
+    if case.parameters:
+        pytest.skip("refused: test_parameter_grafts_refuse_mixed_batches_and_lora_export")
     base, model = _grafted(case, projection="svd", mode=mode, init_weights=False)
     expected = _run(case, model)
     model.to_lora(tmp_path / "lora")
@@ -374,7 +415,7 @@ def test_low_cpu_mem_usage_loads_reproduce_the_outputs(case, tmp_path):
 
 def test_half_precision_bases_keep_fp32_grafts_and_merge(case):
     base = case.build().to(torch.bfloat16)
-    model = get_peft_model(base, GraftConfig(r=4, target_modules=case.targets, init_weights=False)).eval()
+    model = get_peft_model(base, _config(case, init_weights=False)).eval()
     for layer in _layers(model, case.kind):
         assert next(layer.graft_phi["default"].parameters()).dtype == torch.float32  # PEFT's autocast_adapter_dtype
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in case.inputs(torch.Generator()).items()}
@@ -408,3 +449,93 @@ def test_a_scaled_embedding_scales_the_graft_too():
         model.unmerge_adapter()
         embedding.get_base_layer().embed_scale.fill_(0)
         assert (embedding(ids) == 0).all()
+
+
+# ------------------------------------------------------------------ grafts on bare parameters (target_parameters)
+
+
+def test_an_expert_stack_gets_one_graft_per_expert_from_its_own_matrix():
+    """Each expert e of a (E, out, in) stack: ΔW_e = s·A_e Φ_e B_e with A_e, B_e the top-r singular subspaces of that
+    expert's matrix; the model computes with W_e + ΔW_e (reference: the base with those weights written in)."""
+    case = CASES["mixtral-experts"]
+    base, model = _grafted(case, projection="svd", init_weights=False, projection_niter=None)
+    (layer,) = [m for m in _layers(model, ParamWrapper) if m.parameter_name == "gate_up_proj"]
+    stack = layer.base_weight_param().detach()
+    proj, phi, s = layer.graft_proj["default"], layer.graft_phi["default"], layer.graft_scaling["default"]
+    assert proj.A.shape == (4, 48, 4) and proj.B.shape == (4, 4, 16) and phi.weight.shape == (4, 4, 4)
+    for e in range(4):
+        U, _, Vh = torch.linalg.svd(stack[e].double())
+        for mine, exact in ((proj.A[e].double(), U[:, :4]), (proj.B[e].double().T, Vh[:4].T)):
+            torch.testing.assert_close((mine.T @ exact).abs(), torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+    reference = copy.deepcopy(base)  # every graft's ΔW written into the weights (q_proj's through its own method)
+    for graft in _layers(model, GraftLayer):
+        is_parameter = isinstance(graft, ParamWrapper)
+        owner, _, name = graft.module_name.rpartition(".") if is_parameter else (graft.module_name, "", "weight")
+        delta = (
+            torch.stack([s * proj.A[e] @ phi.matrix()[e] @ proj.B[e] for e in range(4)])
+            if graft is layer
+            else graft.get_delta_weight("default")
+        )
+        with torch.no_grad():
+            getattr(reference.get_submodule(owner), name).add_(delta)
+    torch.testing.assert_close(_run(case, model), _run(case, reference), atol=1e-5, rtol=1e-5)
+    # E·r² trainable numbers per stack, r² for the router, r² for each q_proj
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 4 * 16 + 16 + 16
+
+
+def test_two_adapters_on_expert_stacks_blend_exactly():
+    case = CASES["mixtral-experts"]  # r = 2 + 2 fits the router (4 experts × 16): 'cat' needs Σ r
+    _, model = _grafted(case, r=2, projection="orthogonal", init_weights=False)
+    model.add_adapter("other", _config(case, r=2, projection="orthogonal", init_weights=False))
+    for combination in ("linear", "cat", "svd"):
+        name = f"blend_{combination}"
+        model.add_weighted_adapter(["default", "other"], [0.7, 0.3], name, combination_type=combination)
+        for layer in _layers(model, ParamWrapper):
+            expected = 0.7 * layer.delta_out_in("default") + 0.3 * layer.delta_out_in("other")
+            torch.testing.assert_close(layer.delta_out_in(name), expected, atol=1e-6, rtol=1e-5)
+    assert model.peft_config["blend_linear"].target_parameters
+
+
+def test_parameter_grafts_refuse_mixed_batches_and_lora_export(tmp_path):
+    case = CASES["mixtral-experts"]
+    _, model = _grafted(case, init_weights=False)
+    with pytest.raises(TypeError, match="ParamWrapper does not support mixed adapter batches"):
+        _run(case, model, adapter_names=["default"] * 3)
+    with pytest.raises(ExportError, match="ParamWrapper"):
+        model.to_lora(tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    with pytest.raises(SEWLConfigError, match="experts"):
+        SEWL(model, SEWLConfig())
+
+
+@pytest.mark.parametrize(
+    "setting", [{"mode": "output"}, {"projection": "gradient"}, {"sparse_residual": 4}, {"init_weights": "lstsq"}]
+)
+def test_parameter_grafts_refuse_what_needs_a_known_input_side(setting):
+    with pytest.raises(GraftConfigError, match="target_parameters"):
+        GraftConfig(r=2, target_modules=[], target_parameters=["mlp.experts.down_proj"], **setting)
+
+
+def test_a_parameter_that_is_no_matrix_is_refused_before_anything_is_grafted():
+    model = _mixtral()
+    config = GraftConfig(r=2, target_modules=["q_proj"], target_parameters=["input_layernorm.weight"])
+    with pytest.raises(UnsupportedLayerError, match="input_layernorm.weight.*2-D weight or a 3-D stack"):
+        get_peft_model(model, config)
+    assert not any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+def test_an_expert_graft_refuses_a_base_with_other_expert_shapes(tmp_path):
+    from peft_graft.errors import ShapeMismatchError
+
+    case = CASES["qwen3-moe-experts"]
+    _, model = _grafted(case, init_weights=False)
+    model.save_pretrained(tmp_path)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=6, num_experts_per_tok=2,
+    )
+    other = transformers.Qwen3MoeForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ShapeMismatchError, match="experts"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())

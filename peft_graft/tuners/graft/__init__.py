@@ -12,6 +12,7 @@ from .embedding import Embedding
 from .layer import GraftLayer
 from .linear import GraftModule, Linear
 from .model import GraftModel
+from .parameter import ParamWrapper
 from .peft_type import GRAFT_NAME, GRAFT_PEFT_TYPE, GRAFT_PREFIX
 
 
@@ -35,5 +36,6 @@ __all__ = [
     "GraftModule",
     "Linear",
     "MultiheadAttention",
+    "ParamWrapper",
     "register_graft_method",
 ]

@@ -1,23 +1,21 @@
 """Grafts on `torch.nn.MultiheadAttention`, which LoRA also wraps.
 
 Its forward multiplies by ``in_proj_weight`` (3E×E, query/key/value stacked) and by ``out_proj.weight`` directly,
-never calling a Linear's forward, so there is nothing to add a graft's output to. The graft instead computes the
-effective weights W + ΔW (differentiable in Φ) and runs the attention's own forward with them in place of the
-parameters, which are put back afterwards whatever happens. ``out_proj`` gets a graft of its own (a graft `Linear`
-nested in the attention, as LoRA nests one); both are created, merged, saved and deleted together.
+never calling a Linear's forward, so the graft swaps the effective weights W + ΔW in (`swap`). ``out_proj`` gets a
+graft of its own (a graft `Linear` nested in the attention, as LoRA nests one); both are created, merged, saved and
+deleted together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-import torch
 from torch import nn
 
 from .config import GraftConfig
-from .linear import ForwardsBaseSettings, GraftModule, Linear
+from .linear import ForwardsBaseSettings, Linear
+from .swap import SwapsEffectiveWeights, replaced
 
 
 class OutProjection(Linear):
@@ -31,7 +29,7 @@ class OutProjection(Linear):
         """Unmerged by its attention (`MultiheadAttention.unmerge`)."""
 
 
-class MultiheadAttention(ForwardsBaseSettings, GraftModule):
+class MultiheadAttention(ForwardsBaseSettings, SwapsEffectiveWeights):
     """A graft on the packed query/key/value projection of `nn.MultiheadAttention` (E → 3E), plus one on its
     ``out_proj``. Query, key and value must share the embedding size (PEFT's condition for LoRA too); mixed adapter
     batches are refused, as LoRA refuses them on this layer."""
@@ -81,23 +79,6 @@ class MultiheadAttention(ForwardsBaseSettings, GraftModule):
         base.out_proj = self.out_graft.get_base_layer()
         return base
 
-    # ------------------------------------------------------------------ forward
-
-    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise TypeError("graft.MultiheadAttention does not support mixed adapter batches (nor does LoRA's).")
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(query, *args, **kwargs)
-        active = [adapter for adapter in self.active_adapters if adapter in self.graft_phi]
-        if self.merged or not active:
-            return self.base_layer(query, *args, **kwargs)
-        for adapter in active:
-            self._check_ready(adapter)
-        with self._effective_weights(active):
-            return self.base_layer(query, *args, **kwargs)
-
     @contextmanager
     def _effective_weights(self, adapters: list[str]) -> Iterator[None]:
         """Within the block the attention computes with W + ΔW of ``adapters`` (input and output projections); the
@@ -110,21 +91,6 @@ class MultiheadAttention(ForwardsBaseSettings, GraftModule):
             if adapter in self.out_graft.graft_phi:
                 out_weight = out_weight + self.out_graft.delta_out_in(adapter, out_weight.float()).to(out_param.dtype)
         in_weight, out_weight = self._base_layout(in_weight), self.out_graft._base_layout(out_weight)
-        with _replaced(base, "in_proj_weight", in_weight), _replaced(out, "weight", out_weight):
+        with replaced(base, "in_proj_weight", in_weight), replaced(out, "weight", out_weight):
             yield
 
-
-@contextmanager
-def _replaced(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
-    """``module.<name>`` reads ``value`` within the block; the original goes back into the same slot after.
-
-    The original is usually a registered Parameter, but FSDP (``use_orig_params``) puts plain tensor views there
-    during its forward, so it is moved by slot rather than re-registered."""
-    slots = module._parameters if name in module._parameters else module.__dict__
-    original = slots.pop(name)
-    module.__dict__[name] = value
-    try:
-        yield
-    finally:
-        module.__dict__.pop(name, None)
-        slots[name] = original

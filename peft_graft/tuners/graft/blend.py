@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from ...errors import BlendError, NonFiniteWeightsError
 from .config import GraftConfig
 from .layer import GraftLayer
+from .parameter import ParamWrapper
 from .rollback import ModelSnapshot
 
 
@@ -61,7 +62,7 @@ class Source:
     adapter: str
     weight: float
     scaling: float
-    A: torch.Tensor  # out×r, float64
+    A: torch.Tensor  # out×r, float64 (with a leading experts axis on an expert stack, as phi and B)
     phi: torch.Tensor  # r×r
     B: torch.Tensor  # r×d
     sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # values, rows, cols
@@ -84,7 +85,7 @@ class ModulePlan:
 
     @property
     def r(self) -> int:
-        return self.core.shape[0]
+        return self.core.shape[-1]
 
 
 def add_weighted_adapter(
@@ -107,7 +108,9 @@ def add_weighted_adapter(
                 for a, w in zip(adapters, weights)
                 if a in layer.graft_phi
             ]
-            plans[module_name] = _plan_module(layer, module_name, sources, combination_type, svd_rank)
+            # a parameter graft by its parameter's name, which target_parameters takes
+            name = layer.module_name if isinstance(layer, ParamWrapper) else module_name
+            plans[name] = _plan_module(layer, name, sources, combination_type, svd_rank)
     config = _blend_config(configs, plans, combination_type)
     _create(tuner, adapter_name, config, plans)
 
@@ -210,15 +213,15 @@ def _plan_module(
                 )
         return ModulePlan(layer, first.A, sum(s.core_phi for s in sources), first.B, sparse)
 
-    # [A₁ … Aₙ] · blockdiag(wᵢ sᵢ Φᵢ) · [B₁; …; Bₙ] = Σ wᵢ sᵢ AᵢΦᵢBᵢ
-    A = torch.cat([s.A for s in sources], dim=1)  # out×R
-    core = torch.block_diag(*(s.core_phi for s in sources))  # R×R
-    B = torch.cat([s.B for s in sources], dim=0)  # R×d
-    limit = min(A.shape[0], B.shape[1])
+    # [A₁ … Aₙ] · blockdiag(wᵢ sᵢ Φᵢ) · [B₁; …; Bₙ] = Σ wᵢ sᵢ AᵢΦᵢBᵢ (per expert on an expert stack)
+    A = torch.cat([s.A for s in sources], dim=-1)  # out×R
+    core = _block_diagonal([s.core_phi for s in sources])  # R×R
+    B = torch.cat([s.B for s in sources], dim=-2)  # R×d
+    limit = min(A.shape[-2], B.shape[-1])
     if combination_type == "cat":
-        if core.shape[0] > limit:
+        if core.shape[-1] > limit:
             raise BlendError(
-                f"combination_type='cat' needs r = {core.shape[0]} on {module_name!r}, but its graft space holds at "
+                f"combination_type='cat' needs r = {core.shape[-1]} on {module_name!r}, but its graft space holds at "
                 f"most {limit}. Use combination_type='svd' (exact with svd_rank >= the rank of the sum, at most "
                 f"{limit} here)."
             )
@@ -226,10 +229,22 @@ def _plan_module(
 
     # svd: only the R×R middle needs an SVD. A = Qa Ra, Bᵀ = Qb Rb  ⇒  A·core·B = Qa (Ra core Rbᵀ) Qbᵀ.
     Qa, Ra = torch.linalg.qr(A)
-    Qb, Rb = torch.linalg.qr(B.T)
-    U, S, Vh = torch.linalg.svd(Ra @ core @ Rb.T)
-    k = min(svd_rank or max(s.phi.shape[0] for s in sources), S.numel())
-    return ModulePlan(layer, Qa @ U[:, :k], torch.diag(S[:k]), Vh[:k] @ Qb.T, sparse)
+    Qb, Rb = torch.linalg.qr(B.mT)
+    U, S, Vh = torch.linalg.svd(Ra @ core @ Rb.mT)
+    k = min(svd_rank or max(s.phi.shape[-1] for s in sources), S.shape[-1])
+    return ModulePlan(layer, Qa @ U[..., :k], torch.diag_embed(S[..., :k]), Vh[..., :k, :] @ Qb.mT, sparse)
+
+
+def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.block_diag`` of the last two axes, batched over any leading ones (one block diagonal per expert)."""
+    size = sum(block.shape[-1] for block in blocks)
+    out = blocks[0].new_zeros(*blocks[0].shape[:-2], size, size)
+    start = 0
+    for block in blocks:
+        end = start + block.shape[-1]
+        out[..., start:end, start:end] = block
+        start = end
+    return out
 
 
 # ------------------------------------------------------------------ the new adapter
@@ -256,7 +271,8 @@ def _blend_config(configs: list[GraftConfig], plans: dict[str, ModulePlan], comb
         first,
         r=r,
         rank_pattern={name: rank for name, rank in sorted(ranks.items()) if rank != r},
-        target_modules=set(plans),
+        target_modules={name for name, plan in plans.items() if not isinstance(plan.layer, ParamWrapper)},
+        target_parameters=[name for name, plan in plans.items() if isinstance(plan.layer, ParamWrapper)] or None,
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,

@@ -104,9 +104,11 @@ class GraftConfig(PeftConfig):
             raise an error instead of being trained apart.
         modules_to_tie (`set[str]`): Filled in when the adapter is added with ``ensure_weight_tying``: the layers
             tied to the embedding's trained copy (saved with it, so a load knows their tensors belong to the adapter).
-        target_parameters (`list[str]`): LoRA's field for adapting parameters that are not inside a Linear layer
-            (the fused expert tensors of transformers' MoE models). Grafts adapt Linear layers only: it must stay
-            empty, and naming parameters raises a `GraftConfigError` that says what to do instead.
+        target_parameters (`list[str]`): Parameters to graft directly, as LoRA's field of this name: a 2-D weight that
+            a module uses in its own forward, or the stacked expert matrices of transformers' MoE layers (e.g.
+            ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`` on Mixtral, names matched by suffix). A stack
+            of E experts gets one graft per expert (E Φs); additive mode and projections without calibration only.
+            Set ``target_modules=[]`` to graft parameters alone.
         layer_replication (`list[list[int]]`): Grow the model's depth before grafting, as LoRA's field of this name
             does: ``[[0, 4], [2, 5]]`` turns layers 0-4 into 0, 1, 2, 3, 2, 3, 4. The copies share the base weights
             (no extra memory but activations) and each gets grafts of its own; a load replicates the base the same
@@ -166,7 +168,7 @@ class GraftConfig(PeftConfig):
         default=None, metadata={"help": "Set under ensure_weight_tying: layers that share the embedding's copy."}
     )
     target_parameters: list[str] | None = field(
-        default=None, metadata={"help": "LoRA's parameter targets (fused MoE experts): not supported, must be empty."}
+        default=None, metadata={"help": "Parameters grafted directly (2-D weights, fused MoE expert stacks), as in LoRA."}
     )
     layer_replication: list[list[int]] | None = field(
         default=None, metadata={"help": "[start, end) layer ranges stacked into a deeper model, as in LoRA."}
@@ -276,12 +278,18 @@ class GraftConfig(PeftConfig):
         ):
             fail("layer_replication", "a non-empty list of [start, end) layer ranges with 0 <= start < end", ranges)
         if self.target_parameters:
-            raise GraftConfigError(
-                f"target_parameters={self.target_parameters!r}: grafts adapt Linear layers (ΔW = s·AΦB on a "
-                "weight matrix) and do not wrap bare parameters such as fused MoE expert tensors. Name Linear "
-                "modules in target_modules instead (attention projections, routers, shared experts); adapting fused "
-                "experts themselves needs LoRA (LoraConfig(target_parameters=...))."
-            )
+            if isinstance(self.target_parameters, str):
+                fail("target_parameters", "a list of parameter names (as LoRA takes them)", self.target_parameters)
+            unsupported = [f"mode={self.mode!r}"] if self.mode != "additive" else []
+            unsupported += list(self.calibration_needs)
+            if unsupported:
+                raise GraftConfigError(
+                    f"target_parameters={list(self.target_parameters)!r} with {', '.join(unsupported)}: a graft on a "
+                    "bare parameter is additive and needs no calibration (calibration records the inputs of linear "
+                    "layers, and an output-mode graft must know which side of the parameter is its input). Use "
+                    "mode='additive' with projection='svd', 'orthogonal' or 'trainable', or put those parameters in "
+                    "a separate adapter."
+                )
         tokens = self.trainable_token_indices
         by_module = tokens if isinstance(tokens, dict) else {"": tokens}
         if tokens is not None and not (

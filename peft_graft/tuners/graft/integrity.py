@@ -90,15 +90,17 @@ def _is_saved_embedding(key: str) -> bool:
 
 
 def _expected_shapes(config: GraftConfig, module: str, signature: list[int]) -> dict[str, tuple[int, ...]]:
-    """Every tensor a graft module must have in the file, by ``<part>.<name>``, with its shape."""
+    """Every tensor a graft module must have in the file, by ``<part>.<name>``, with its shape (a signature of four
+    numbers is a graft on a stack of expert matrices: one Φ, A and B per expert)."""
     r = config.r_for(module)
-    out_features, in_features = signature[:2]
+    *lead, out_features, in_features = signature[:-1]
+    experts = lead[0] if lead else None
     d = in_features if config.mode == "additive" else out_features
-    phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
+    phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth, experts)
     shapes = {f"graft_phi.{name}": tuple(p.shape) for name, p in phi.named_parameters()}
-    shapes["graft_proj.signature"] = (3,)
+    shapes["graft_proj.signature"] = (len(signature),)
     if config.stores_projections:
-        shapes["graft_proj.A"], shapes["graft_proj.B"] = (out_features, r), (r, d)
+        shapes["graft_proj.A"], shapes["graft_proj.B"] = (*lead, out_features, r), (*lead, r, d)
     if config.sparse_residual:
         k = config.sparse_residual
         shapes.update({"graft_sparse.values": (k,), "graft_sparse.rows": (k,), "graft_sparse.cols": (k,)})
@@ -106,15 +108,15 @@ def _expected_shapes(config: GraftConfig, module: str, signature: list[int]) -> 
 
 
 def _check_signature(source: str, module: str, signature: torch.Tensor | None) -> list[int]:
-    if signature is None or tuple(signature.shape) != (3,):
+    if signature is None or signature.dim() != 1 or len(signature) not in (3, 4):
         found = "missing" if signature is None else f"{signature.dtype} of shape {tuple(signature.shape)}"
         raise AdapterContentError(
-            f"{source}: {module}.graft_proj.signature must be int64 of shape (3,), found {found}. The file is "
-            "damaged; restore it or save the adapter again."
+            f"{source}: {module}.graft_proj.signature must be int64 of shape (3,) (or (4,) on expert stacks), found "
+            f"{found}. The file is damaged; restore it or save the adapter again."
         )
     values = signature.tolist()
-    if min(values[:2]) <= 0:
-        raise AdapterContentError(f"{source}: {module}.graft_proj.signature holds the base shape {values[:2]}.")
+    if min(values[:-1]) <= 0:
+        raise AdapterContentError(f"{source}: {module}.graft_proj.signature holds the base shape {values[:-1]}.")
     return values
 
 
@@ -144,7 +146,7 @@ def _check_module(source: str, config: GraftConfig, module: str, tensors: Mappin
                 )
     if config.stores_projections and config.projection != "trainable":
         A, B = tensors["graft_proj.A"], tensors["graft_proj.B"]
-        if A.dtype == B.dtype == torch.float32 and fingerprint(A, B) != signature[2]:
+        if A.dtype == B.dtype == torch.float32 and fingerprint(A, B) != signature[-1]:
             raise AdapterContentError(
                 f"{source}: the stored projections of {module} do not match the fingerprint saved with them. The "
                 "file is damaged; restore it or save the adapter again."

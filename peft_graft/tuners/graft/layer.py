@@ -100,6 +100,8 @@ class GraftLayer(BaseTunerLayer):
     fan_in_fan_out = False
     # The base layer's parameter that the graft adapts (nn.MultiheadAttention's is in_proj_weight).
     base_weight_name = "weight"
+    # A graft on a stack of E expert matrices (`parameter.ParamWrapper`) has one Φ, A and B per expert.
+    experts: int | None = None
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -123,7 +125,7 @@ class GraftLayer(BaseTunerLayer):
         self.quantization_backend = resolve_backend(base)
         if isinstance(self.quantization_backend, CpuSafeBnb4bitBackend):
             self.quantization_backend.prepare(base)
-        in_features, out_features = graft_dims(base)
+        in_features, out_features = self._graft_dims(base)
         if in_features is None:
             raise UnsupportedLayerError(f"Cannot graft a {type(base).__name__}: its input/output sizes are unknown.")
         self.in_features, self.out_features = in_features, out_features
@@ -138,27 +140,28 @@ class GraftLayer(BaseTunerLayer):
         r, out_f = config.r_for(module_name), self.out_features
         d = self.in_features if config.mode == "additive" else out_f
         scaling = config.scaling_for(r, d, out_f)
-        phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth)
+        phi = build_phi(config.phi, r, config.phi_rank, config.phi_bandwidth, self.experts)
         # A random Φ under the scaling rule gives the ΔW it gives at s = 1; an explicit s scales it, as it says.
         phi.reset(config.init_weights is not False, scaling if config.scaling is None else 1.0)
 
         from_file = config.stores_projections and is_loading_from_file()
         # PEFT creates adapters empty, on meta, to fill from a file (low_cpu_mem_usage): so are the file's tensors here.
         empty = is_loading_from_file() and next(phi.parameters()).is_meta
+        lead = () if self.experts is None else (self.experts,)
         if from_file or config.projection in ("activation", "gradient"):
             # placeholders until the checkpoint or `calibrate()` fills them
             device = "meta" if empty and from_file else None
-            A, B = torch.zeros(out_f, r, device=device), torch.zeros(r, d, device=device)
+            A, B = torch.zeros(*lead, out_f, r, device=device), torch.zeros(*lead, r, d, device=device)
         elif config.projection == "svd":  # one module at a time: a quantized base is dequantized for this one only
             # Under DeepSpeed ZeRO-3 a rank holds a shard of the weight: gather it for reading, as PiSSA's init does.
             with gather_params_ctx(self.base_weight_param(), modifier_rank=None):
-                A, B = svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
+                A, B = self._svd_projections(config, r)
         else:
-            A, B = orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, module_name))
+            A, B = self._seeded_projections(config, out_f, d, r)
         self.graft_proj[adapter_name] = GraftProjection(
             A,
             B,
-            base_shape=(out_f, self.in_features),
+            base_shape=(*lead, out_f, self.in_features),
             trainable=config.projection == "trainable",
             stored=config.stores_projections,
             empty_signature=empty,
@@ -172,6 +175,18 @@ class GraftLayer(BaseTunerLayer):
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _graft_dims(self, base: nn.Module) -> tuple[int | None, int | None]:
+        """(in, out) of the matrix this graft sees in ``base`` (`graft_dims`)."""
+        return graft_dims(base)
+
+    def _svd_projections(self, config: GraftConfig, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B of an svd graft: the top-r singular subspaces of the base weight (`svd_projections`)."""
+        return svd_projections(self._base_weight_out_in(), r, config.mode, *self._solver(config))
+
+    def _seeded_projections(self, config: GraftConfig, out_f: int, d: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B regenerated from (seed, module name) rather than saved (`orthogonal_projections`)."""
+        return orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, self.module_name))
 
     def base_weight_param(self) -> nn.Parameter:
         """The base layer's parameter that this graft adapts (and merges into)."""

@@ -35,6 +35,7 @@ from .layer import CONVOLUTIONS, GraftLayer, graft_dims, is_loading_from_file, l
 from .linear import GraftModule, Linear
 from .lora_export import export_lora
 from .mixed_batch import mixed_batch_hooks
+from .parameter import ParamWrapper
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
 from .replication import LayerMap, apply_layer_replication
@@ -80,6 +81,29 @@ def _check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
             "sparse_residual and data-driven inits on embeddings, convolutions and attention, or target linear layers "
             "only."
         )
+
+
+def _parameter_sites(config: GraftConfig, model: nn.Module) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, experts) of every parameter ``target_parameters`` names, matched as PEFT matches them (the
+    full name or a suffix after a dot, through any graft already wrapping the module); a parameter that is not a
+    2-D weight or a 3-D expert stack is refused here, before anything is grafted."""
+    targets = set(config.target_parameters or ())
+    sites = []
+    for module_name, module in model.named_modules():
+        if not targets or isinstance(module, BaseTunerLayer):
+            continue
+        owner = ".".join(part for part in module_name.split(".") if part != "base_layer")
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{owner}.{param_name}"
+            if key not in targets and not any(key.endswith(f".{target}") for target in targets):
+                continue
+            if param.dim() not in (2, 3):
+                raise UnsupportedLayerError(
+                    f"Cannot graft parameter {key!r} of shape {tuple(param.shape)}: grafts adapt a 2-D weight or a "
+                    "3-D stack of expert matrices (experts, out, in). Remove it from target_parameters."
+                )
+            sites.append((key, param.shape[-1], param.shape[-2], param.shape[0] if param.dim() == 3 else 1))
+    return sites
 
 
 def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
@@ -192,7 +216,7 @@ class GraftModel(BaseTuner):
         but svd and gradient projections are singular vectors of an out×in matrix: at most min(out, in) of them.)
         """
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
-        total, clamped, targets = 0, {}, 0
+        sites = []  # (name, in, out, number of matrices): every graft the adapter will hold
         for key, module in model.named_modules():
             matched = check_target_module_exists(peft_config, key)
             if not matched or isinstance(matched, _ExcludedModule):
@@ -200,24 +224,28 @@ class GraftModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             _check_graftable(key, base, peft_config)
             in_f, out_f = graft_dims(base)
-            sites = [(key, in_f, out_f)]
+            sites.append((key, in_f, out_f, 1))
             if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own
-                sites.append((f"{key}.base_layer.out_proj", in_f, in_f))
-            for site, site_in, site_out in sites:
-                d = site_in if peft_config.mode == "additive" else site_out
-                limit, r = min(site_out, d), peft_config.r_for(site)
-                if peft_config.projection in ("svd", "gradient"):  # singular vectors of an out×in matrix
-                    limit = min(limit, site_in)
-                if r > limit:
-                    if peft_config.rank_pattern_key(site) is not None:
-                        raise GraftRankError(
-                            f"rank_pattern asks for r={r} on {site!r} (weight {site_out}×{site_in}, "
-                            f"mode={peft_config.mode!r}), but its graft space cannot exceed {limit}. Lower that "
-                            "rank_pattern entry."
-                        )
-                    clamped[site] = r = limit
-                total += self._module_trainable_params(peft_config, r, site_out, d)
-            targets += 1
+                sites.append((f"{key}.base_layer.out_proj", in_f, in_f, 1))
+        targets = len({site[0].removesuffix(".base_layer.out_proj") for site in sites})
+        parameters = _parameter_sites(peft_config, model)
+        sites += parameters
+        targets += len(parameters)
+        total, clamped = 0, {}
+        for site, site_in, site_out, matrices in sites:
+            d = site_in if peft_config.mode == "additive" else site_out
+            limit, r = min(site_out, d), peft_config.r_for(site)
+            if peft_config.projection in ("svd", "gradient"):  # singular vectors of an out×in matrix
+                limit = min(limit, site_in)
+            if r > limit:
+                if peft_config.rank_pattern_key(site) is not None:
+                    raise GraftRankError(
+                        f"rank_pattern asks for r={r} on {site!r} (weight {site_out}×{site_in}, "
+                        f"mode={peft_config.mode!r}), but its graft space cannot exceed {limit}. Lower that "
+                        "rank_pattern entry."
+                    )
+                clamped[site] = r = limit
+            total += matrices * self._module_trainable_params(peft_config, r, site_out, d)
         cap = peft_config.max_trainable_params
         if cap is not None and total > cap:
             raise ParameterBudgetExceededError(
@@ -263,10 +291,14 @@ class GraftModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        if isinstance(target, GraftLayer):
+        parameter_name = optional_kwargs.get("parameter_name")  # from target_parameters
+        if isinstance(target, GraftLayer) and getattr(target, "parameter_name", None) == parameter_name:
             target.update_layer(adapter_name, graft_config, current_key)
         else:
-            new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
+            if parameter_name is None:
+                new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
+            else:
+                new_module = ParamWrapper(target, adapter_name, graft_config, current_key, parameter_name)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)

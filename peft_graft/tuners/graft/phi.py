@@ -2,6 +2,9 @@
 
 Each family holds its trainable numbers as direct parameters (no sub-modules), so PEFT's state-dict key mapping
 ``<layer>.graft_phi.<adapter>.<param>`` → ``<layer>.graft_phi.<param>`` applies unchanged.
+
+A graft on a stack of expert matrices (`parameter.ParamWrapper`) has one Φ per expert: built with ``experts=E``,
+every parameter gets a leading axis of E and ``matrix()`` is the E×r×r stack.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ class Phi(nn.Module):
     # Std of random entries; factored families use larger factors so their product is not vanishingly small.
     init_std = 0.1
 
-    def __init__(self, r: int) -> None:
+    def __init__(self, r: int, experts: int | None = None) -> None:
         super().__init__()
         self.r = r
+        self.lead: tuple[int, ...] = () if experts is None else (experts,)
 
     def matrix(self) -> torch.Tensor:
         raise NotImplementedError
@@ -61,9 +65,9 @@ class Phi(nn.Module):
 
 
 class DensePhi(Phi):
-    def __init__(self, r: int) -> None:
-        super().__init__(r)
-        self.weight = nn.Parameter(torch.zeros(r, r))
+    def __init__(self, r: int, experts: int | None = None) -> None:
+        super().__init__(r, experts)
+        self.weight = nn.Parameter(torch.zeros(*self.lead, r, r))
 
     def matrix(self) -> torch.Tensor:
         return self.weight
@@ -80,51 +84,51 @@ class DiagonalPhi(Phi):
     # (PEFT's decoder tests check that generation changes).
     init_std = 0.5
 
-    def __init__(self, r: int) -> None:
-        super().__init__(r)
-        self.weight = nn.Parameter(torch.zeros(r))
+    def __init__(self, r: int, experts: int | None = None) -> None:
+        super().__init__(r, experts)
+        self.weight = nn.Parameter(torch.zeros(*self.lead, r))
 
     def matrix(self) -> torch.Tensor:
-        return torch.diag(self.weight)
+        return torch.diag_embed(self.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.weight
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
-        self.weight.copy_(torch.diagonal(target))
+        self.weight.copy_(torch.diagonal(target, dim1=-2, dim2=-1))
 
 
 class PackedPhi(Phi):
     """Φ restricted to a fixed sparsity pattern; only the pattern's entries are stored and trained."""
 
-    def __init__(self, r: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        super().__init__(r)
-        self.weight = nn.Parameter(torch.zeros(rows.numel()))
+    def __init__(self, r: int, rows: torch.Tensor, cols: torch.Tensor, experts: int | None = None) -> None:
+        super().__init__(r, experts)
+        self.weight = nn.Parameter(torch.zeros(*self.lead, rows.numel()))
         # The pattern is derived from the config, so it is not saved.
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
 
     def matrix(self) -> torch.Tensor:
-        dense = self.weight.new_zeros(self.r, self.r)
-        return dense.index_put((self.rows, self.cols), self.weight)
+        flat = self.weight.new_zeros(*self.lead, self.r * self.r)
+        return flat.index_copy(-1, self.rows * self.r + self.cols, self.weight).unflatten(-1, (self.r, self.r))
 
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
-        self.weight.copy_(target[self.rows, self.cols])
+        self.weight.copy_(target[..., self.rows, self.cols])
 
 
 class TriangularPhi(PackedPhi):
-    def __init__(self, r: int) -> None:
+    def __init__(self, r: int, experts: int | None = None) -> None:
         rows, cols = torch.triu_indices(r, r)
-        super().__init__(r, rows, cols)
+        super().__init__(r, rows, cols, experts)
 
 
 class BandedPhi(PackedPhi):
-    def __init__(self, r: int, bandwidth: int) -> None:
+    def __init__(self, r: int, bandwidth: int, experts: int | None = None) -> None:
         rows, cols = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
         keep = (rows - cols).abs() <= bandwidth
-        super().__init__(r, rows[keep], cols[keep])
+        super().__init__(r, rows[keep], cols[keep], experts)
 
 
 class LowRankPhi(Phi):
@@ -132,13 +136,13 @@ class LowRankPhi(Phi):
 
     init_std = 0.5
 
-    def __init__(self, r: int, rank: int) -> None:
-        super().__init__(r)
-        self.P = nn.Parameter(torch.zeros(r, rank))
-        self.Q = nn.Parameter(torch.zeros(r, rank))
+    def __init__(self, r: int, rank: int, experts: int | None = None) -> None:
+        super().__init__(r, experts)
+        self.P = nn.Parameter(torch.zeros(*self.lead, r, rank))
+        self.Q = nn.Parameter(torch.zeros(*self.lead, r, rank))
 
     def matrix(self) -> torch.Tensor:
-        return self.P @ self.Q.T
+        return self.P @ self.Q.mT
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(h, self.Q.T), self.P)
@@ -152,13 +156,13 @@ class LowRankPhi(Phi):
     @torch.no_grad()
     def fit(self, target: torch.Tensor) -> None:
         # An inner rank k above r (phi_rank > a module's rank_pattern r) fits exactly; the extra columns stay zero.
-        k = min(self.P.shape[1], self.r)
+        k = min(self.P.shape[-1], self.r)
         U, S, Vh = torch.linalg.svd(target.float())
-        root = S[:k].sqrt()
+        root = S[..., None, :k].sqrt()
         self.P.zero_()
         self.Q.zero_()
-        self.P[:, :k] = U[:, :k] * root
-        self.Q[:, :k] = Vh[:k].T * root
+        self.P[..., :k] = U[..., :k] * root
+        self.Q[..., :k] = Vh[..., :k, :].mT * root
 
 
 class HadamardPhi(LowRankPhi):
@@ -166,13 +170,13 @@ class HadamardPhi(LowRankPhi):
 
     init_std = 0.7
 
-    def __init__(self, r: int, rank: int) -> None:
-        super().__init__(r, rank)
-        self.R = nn.Parameter(torch.zeros(r, rank))
-        self.S = nn.Parameter(torch.zeros(r, rank))
+    def __init__(self, r: int, rank: int, experts: int | None = None) -> None:
+        super().__init__(r, rank, experts)
+        self.R = nn.Parameter(torch.zeros(*self.lead, r, rank))
+        self.S = nn.Parameter(torch.zeros(*self.lead, r, rank))
 
     def matrix(self) -> torch.Tensor:
-        return super().matrix() * (self.R @ self.S.T)
+        return super().matrix() * (self.R @ self.S.mT)
 
     forward = Phi.forward  # the Hadamard product needs the r×r matrix
 
@@ -182,24 +186,26 @@ class HadamardPhi(LowRankPhi):
         super().fit(target)
         self.R.zero_()
         self.S.zero_()
-        self.R[:, 0] = 1.0
-        self.S[:, 0] = 1.0
+        self.R[..., 0] = 1.0
+        self.S[..., 0] = 1.0
 
 
-# The one table of Φ families: `GraftConfig.phi` names a key; each entry builds the family from (r, rank, bandwidth).
-PHI_FAMILIES: dict[str, Callable[[int, int, int], Phi]] = {
-    "dense": lambda r, rank, bandwidth: DensePhi(r),
-    "diagonal": lambda r, rank, bandwidth: DiagonalPhi(r),
-    "triangular": lambda r, rank, bandwidth: TriangularPhi(r),
-    "banded": lambda r, rank, bandwidth: BandedPhi(r, bandwidth),
-    "lowrank": lambda r, rank, bandwidth: LowRankPhi(r, rank),
-    "hadamard": lambda r, rank, bandwidth: HadamardPhi(r, rank),
+# The one table of Φ families: `GraftConfig.phi` names a key; each entry builds the family from
+# (r, rank, bandwidth, experts).
+PHI_FAMILIES: dict[str, Callable[[int, int, int, int | None], Phi]] = {
+    "dense": lambda r, rank, bandwidth, experts: DensePhi(r, experts),
+    "diagonal": lambda r, rank, bandwidth, experts: DiagonalPhi(r, experts),
+    "triangular": lambda r, rank, bandwidth, experts: TriangularPhi(r, experts),
+    "banded": lambda r, rank, bandwidth, experts: BandedPhi(r, bandwidth, experts),
+    "lowrank": lambda r, rank, bandwidth, experts: LowRankPhi(r, rank, experts),
+    "hadamard": lambda r, rank, bandwidth, experts: HadamardPhi(r, rank, experts),
 }
 
 
-def build_phi(family: str, r: int, rank: int, bandwidth: int) -> Phi:
-    """Instantiate the Φ family named in `GraftConfig.phi` (the config has checked the name)."""
-    return PHI_FAMILIES[family](r, rank, bandwidth)
+def build_phi(family: str, r: int, rank: int, bandwidth: int, experts: int | None = None) -> Phi:
+    """Instantiate the Φ family named in `GraftConfig.phi` (the config has checked the name); ``experts=E``: one
+    per expert of a stack, in one module."""
+    return PHI_FAMILIES[family](r, rank, bandwidth, experts)
 
 
 def phi_num_params(family: str, r: int, rank: int, bandwidth: int) -> int:

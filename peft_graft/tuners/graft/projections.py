@@ -307,14 +307,15 @@ class GraftProjection(nn.Module):
 
     ``signature`` = [out, in, fingerprint of A and B] (int64) is always saved: loading onto a base with other shapes
     names the module and both shapes, and regenerated (not stored) projections must match the fingerprint. One
-    small tensor rather than two keeps the safetensors header, which dominates tiny artifacts, short.
+    small tensor rather than two keeps the safetensors header, which dominates tiny artifacts, short. A graft on a
+    stack of E expert matrices has A (E, out, r), B (E, r, in) and the signature [E, out, in, fingerprint].
     """
 
     def __init__(
         self,
         A: torch.Tensor,
         B: torch.Tensor,
-        base_shape: tuple[int, int],
+        base_shape: tuple[int, ...],
         trainable: bool,
         stored: bool,
         empty_signature: bool = False,
@@ -333,7 +334,7 @@ class GraftProjection(nn.Module):
             self.register_buffer("A", A, persistent=stored)
             self.register_buffer("B", B, persistent=stored)
         signature = (
-            torch.empty(3, dtype=torch.int64, device="meta")
+            torch.empty(len(base_shape) + 1, dtype=torch.int64, device="meta")
             if empty_signature
             else torch.tensor([*base_shape, own], dtype=torch.int64)
         )
@@ -354,7 +355,7 @@ class GraftProjection(nn.Module):
         """Replace A and B (after calibration) keeping device, dtype and trainability."""
         self.A.copy_(A)
         self.B.copy_(B)
-        self.signature[2] = fingerprint(A, B)
+        self.signature[-1] = fingerprint(A, B)
 
     def _verify_incoming(self, state_dict: dict, prefix: str, *args) -> None:
         incoming = state_dict.get(prefix + "signature")
@@ -362,16 +363,17 @@ class GraftProjection(nn.Module):
             return
         module = prefix.removeprefix("base_model.model.").rpartition(".graft_proj.")[0]
         incoming = incoming.cpu().tolist()
-        if incoming[:2] != list(self.base_shape):
+        if incoming[:-1] != list(self.base_shape):
+            layout = "(out, in)" if len(self.base_shape) == 2 else "(experts, out, in)"
             raise ShapeMismatchError(
-                f"The adapter was trained on a base whose module {module!r} has weight shape {tuple(incoming[:2])} "
-                f"(out, in), but this base has {tuple(self.base_shape)}. Load the adapter onto the base model it was "
+                f"The adapter was trained on a base whose module {module!r} has weight shape {tuple(incoming[:-1])} "
+                f"{layout}, but this base has {tuple(self.base_shape)}. Load the adapter onto the base model it was "
                 "trained for (see base_model_name_or_path in adapter_config.json)."
             )
-        if not self.stored and incoming[2] != self.regenerated_fingerprint:
+        if not self.stored and incoming[-1] != self.regenerated_fingerprint:
             raise ProjectionMismatchError(
                 f"The seeded projections regenerated for {module!r} differ from those the adapter was trained with "
-                f"(fingerprint {incoming[2]:#x} saved, {self.regenerated_fingerprint:#x} now). This happens when "
+                f"(fingerprint {incoming[-1]:#x} saved, {self.regenerated_fingerprint:#x} now). This happens when "
                 "the torch build generates different random numbers or the seed/module names changed. Load it with the torch version it was "
                 "trained with, or retrain with save_projection=True."
             )
