@@ -89,10 +89,22 @@ def _is_saved_embedding(key: str) -> bool:
     return key.endswith(".weight") and parts[-1] in EMBEDDING_LAYER_NAMES
 
 
-def _expected_shapes(config: GraftConfig, module: str, signature: list[int]) -> dict[str, tuple[int, ...]]:
-    """Every tensor a graft module must have in the file, by ``<part>.<name>``, with its shape (a signature of four
-    numbers is a graft on a stack of expert matrices: one Φ, A and B per expert)."""
-    r = config.r_for(module)
+def _candidate_ranks(config: GraftConfig, module: str) -> list[int]:
+    """The graft sizes a module's tensors may have: its own (``rank_pattern`` entry or r), or, for a parameter graft,
+    that of a parameter of it named in ``target_parameters``. The file keys a parameter graft by its module (nested
+    ones by ``…base_layer``), while ``rank_pattern`` keys it by the parameter, as LoRA's does."""
+    ranks = [config.r_for(module)]
+    owner = ".".join(part for part in module.split(".") if part != "base_layer")
+    for target in config.target_parameters or ():
+        key = f"{owner}.{target.rpartition('.')[2]}"
+        if key == target or key.endswith(f".{target}"):
+            ranks.append(config.r_for(key))
+    return list(dict.fromkeys(ranks))
+
+
+def _expected_shapes(config: GraftConfig, r: int, signature: list[int]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a graft module of size ``r`` must have in the file, by ``<part>.<name>``, with its shape (a
+    signature of four numbers is a graft on a stack of expert matrices: one Φ, A and B per expert)."""
     *lead, out_features, in_features = signature[:-1]
     experts = lead[0] if lead else None
     d = in_features if config.mode == "additive" else out_features
@@ -123,7 +135,12 @@ def _check_signature(source: str, module: str, signature: torch.Tensor | None) -
 def _check_module(source: str, config: GraftConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> None:
     """One graft module's tensors (keys relative to the module) against its config."""
     signature = _check_signature(source, module, tensors.get("graft_proj.signature"))
-    expected = _expected_shapes(config, module, signature)
+    ranks = _candidate_ranks(config, module)
+    candidates = [_expected_shapes(config, r, signature) for r in ranks]
+    expected = next(
+        (shapes for shapes in candidates if all(tuple(tensors[n].shape) == s for n, s in shapes.items() if n in tensors)),
+        candidates[0],
+    )
     for name in sorted(set(expected) ^ set(tensors)):
         state = "is missing" if name in expected else "is not part of a graft adapter with this config"
         raise AdapterContentError(
@@ -133,7 +150,7 @@ def _check_module(source: str, config: GraftConfig, module: str, tensors: Mappin
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ShapeMismatchError(
-                f"{source}: {module}.{name} has shape {tuple(tensors[name].shape)}, but r={config.r_for(module)} and "
+                f"{source}: {module}.{name} has shape {tuple(tensors[name].shape)}, but r={ranks[0]} and "
                 f"phi={config.phi!r} in the config give {shape}. The weights or adapter_config.json were changed."
             )
     if config.sparse_residual:

@@ -199,6 +199,14 @@ class GraftModel(BaseTuner):
         applied, _ = self.__dict__.pop("_replication_in_progress", (self._layer_replication, None))
         self._layer_replication = applied
 
+    def _prepare_adapter_config(self, peft_config: GraftConfig, model_config: dict) -> GraftConfig:
+        """Without ``target_modules``, the model type's defaults, as for LoRA; a model without them may still name
+        ``target_parameters`` alone (LoRA's rule too)."""
+        defaults = self.target_module_mapping.get(model_config.get("model_type"))
+        if peft_config.target_modules is None and peft_config.target_parameters and defaults is None:
+            return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
+
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
         """Replicate layers if asked, then check every target before any module is replaced, so a bad config
         leaves the model untouched (replicated layers are put back)."""
