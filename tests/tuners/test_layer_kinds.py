@@ -1,8 +1,8 @@
 """Grafts on embeddings, convolutions, nn.MultiheadAttention and bare parameters (LoRA's other layer kinds), on real
 transformers models from small configs: a Llama's token embedding, GPT-2's tied token embedding, ViT's Conv2d patch
 embedding, Whisper's Conv1d front end, VideoMAE's Conv3d tubelet embedding, ConvNeXt's depthwise (grouped) Conv2d,
-SigLIP's attention-pooling head, and through ``target_parameters`` the fused expert stacks and router weight of
-Mixtral and Qwen3-MoE. Each is checked the way a LoRA on it would be: a no-op at init, merge =
+SigLIP's attention-pooling head, and through ``target_parameters`` the fused expert stacks of Mixtral, Qwen3-MoE
+and gpt-oss (stored transposed) and Mixtral's router weight. Each is checked the way a LoRA on it would be: a no-op at init, merge =
 unmerged forward, unmerge restores the base, get_delta_weight in the base weight's layout, a bit-exact save/load,
 gradients to Φ only, mixed adapter batches, and an exact export to PEFT LoRA."""
 
@@ -33,7 +33,7 @@ class Case:
     output: Callable[[object], torch.Tensor] = lambda out: out.logits
     tied: bool = False  # the grafted weight is also lm_head's
     grouped: bool = False  # a convolution with groups > 1: additive grafts only, no LoRA export
-    parameters: tuple[str, ...] = ()  # target_parameters: additive grafts only, no mixed batches, no LoRA export
+    parameters: tuple[str, ...] = ()  # target_parameters: additive grafts only, no mixed batches
 
     @property
     def additive_only(self) -> bool:
@@ -95,6 +95,15 @@ def _qwen3_moe() -> torch.nn.Module:
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
+def _gpt_oss() -> torch.nn.Module:  # expert stacks stored (experts, in, out): LoRA reads them transposed
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return transformers.GptOssForCausalLM(config).eval()
+
+
 def _gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     return transformers.GPT2LMHeadModel(config).eval()
@@ -150,6 +159,9 @@ CASES = {
         parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
     ),
     "qwen3-moe-experts": Case(_qwen3_moe, [], _ids(64), ParamWrapper, parameters=("mlp.experts.down_proj",)),
+    "gpt-oss-experts": Case(
+        _gpt_oss, [], _ids(64), ParamWrapper, parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    ),
 }
 
 
@@ -330,8 +342,8 @@ def test_lora_export_reproduces_the_graft_in_peft_lora(case, mode, tmp_path):
         pytest.skip("PEFT's LoRA conv layer hides the base's stride, which Whisper's encoder reads (LoRA itself fails)")
     if case.kind is MultiheadAttention:
         pytest.skip("refused: test_attention_grafts_are_not_exported_to_lora")
-    if case.parameters:
-        pytest.skip("refused: test_parameter_grafts_refuse_mixed_batches_and_lora_export")
+    if case.parameters and mode == "output":
+        pytest.skip("refused: test_parameter_grafts_refuse_what_needs_a_known_input_side")
     base, model = _grafted(case, projection="svd", mode=mode, init_weights=False)
     expected = _run(case, model)
     model.to_lora(tmp_path / "lora")
@@ -496,16 +508,33 @@ def test_two_adapters_on_expert_stacks_blend_exactly():
     assert model.peft_config["blend_linear"].target_parameters
 
 
-def test_parameter_grafts_refuse_mixed_batches_and_lora_export(tmp_path):
+def test_parameter_grafts_refuse_mixed_batches_and_sewl():
     case = CASES["mixtral-experts"]
     _, model = _grafted(case, init_weights=False)
     with pytest.raises(TypeError, match="ParamWrapper does not support mixed adapter batches"):
         _run(case, model, adapter_names=["default"] * 3)
-    with pytest.raises(ExportError, match="ParamWrapper"):
-        model.to_lora(tmp_path / "lora")
-    assert not (tmp_path / "lora").exists()
     with pytest.raises(SEWLConfigError, match="experts"):
         SEWL(model, SEWLConfig())
+
+
+@pytest.mark.parametrize("case_name", ["mixtral-experts", "gpt-oss-experts"])
+def test_parameter_grafts_narrower_than_r_save_load_and_export_at_their_clamped_rank(case_name, tmp_path):
+    """r=20 exceeds the router (4 experts × 16) and the expert matrices: each gets the largest graft it holds,
+    recorded in rank_pattern under the parameter's name (as LoRA keys it); the file check, a reload and the LoRA
+    export all follow it."""
+    case = CASES[case_name]
+    base = case.build()
+    with pytest.warns(UserWarning, match="narrower than that"):
+        model = get_peft_model(copy.deepcopy(base), _config(case, r=20, init_weights=False)).eval()
+    pattern = model.peft_config["default"].rank_pattern
+    assert {name.rpartition("layers.0.")[2] for name in pattern} >= {p for p in case.parameters if "gate." not in p}
+    expected = _run(case, model)
+    model.save_pretrained(tmp_path / "graft")
+    assert torch.equal(_run(case, PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "graft")), expected)
+    model.to_lora(tmp_path / "lora")
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    assert set(lora.peft_config["default"].target_parameters) == set(case.parameters)
+    torch.testing.assert_close(_run(case, lora), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,16 @@ Per grafted module, with s the module's scaling and W (out×in) the base weight:
     output:    ΔW = s·A Φ B W   →  lora_A = B W  (r×in),  lora_B = s·A Φ  (out×r)
 
 and ``lora_alpha`` = r for every module (``rank_pattern`` / ``alpha_pattern`` where ranks differ), so PEFT's scale α/r
-is exactly 1. Structured Φ families are materialised as their r×r matrix. GPT-2's `Conv1D` keeps LoRA's usual
+is exactly 1. A graft on a stack of E expert matrices (``target_parameters``) becomes LoRA's parameter layer: expert
+e's lora_A = B_e and lora_B = s·A_e Φ_e, laid out as PEFT's ``ParamWrapper`` reads them (rows e·r … of lora_A,
+columns interleaved by expert in lora_B; transposed for stacks stored (experts, in, out)). Structured Φ families are materialised as their r×r matrix. GPT-2's `Conv1D` keeps LoRA's usual
 (r×in, out×r) layout; ``fan_in_fan_out`` only tells PEFT how to merge. The folder holds ``adapter_config.json``
 (a real `peft.LoraConfig`), ``adapter_model.safetensors`` with PEFT's LoRA key names and a README model card; PEFT,
 vLLM and TGI load it without peft_graft.
 
 What is not exactly a LoRA is refused with `ExportError` before anything is written: sparse residuals (k single
 entries of ΔW are not low-rank), models with merged adapters (the base weights are no longer the base's), layers
-other than graft linears, embeddings and convolutions. The model is only read.
+other than graft linears, embeddings, convolutions and parameters. The model is only read.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .embedding import Embedding
 from .integrity import read_config
 from .layer import GraftLayer
 from .linear import GraftModule, Linear
+from .parameter import ParamWrapper
 from .peft_type import GRAFT_PEFT_TYPE
 
 
@@ -148,14 +151,15 @@ def _exportable_layers(tuner: nn.Module, adapter_name: str) -> dict[str, GraftMo
                 "reproduces the graft there. Merge instead (merge_and_unload) and ship the merged model."
             )
         base = module.get_base_layer()
-        known = isinstance(module, (Embedding, ConvNd)) or (
+        known = isinstance(module, (Embedding, ConvNd, ParamWrapper)) or (
             isinstance(module, Linear)
             and (isinstance(base, (nn.Linear, Conv1D)) or module.quantization_backend is not None)
         )
         if not known:
             raise ExportError(
                 f"{name!r} is a {type(module).__name__} on a {type(base).__name__}: LoRA export knows grafts on "
-                "torch.nn.Linear, transformers' Conv1D, quantized linears, embeddings and convolutions only."
+                "torch.nn.Linear, transformers' Conv1D, quantized linears, embeddings, convolutions and parameters "
+                "only."
             )
         if adapter_name in module.graft_sparse:
             raise ExportError(f"{name!r} carries a sparse residual of {adapter_name!r}, which no LoRA reproduces.")
@@ -199,6 +203,8 @@ def _lora_weights(layer: GraftModule, adapter_name: str) -> tuple[torch.Tensor, 
     lora_A = B  # additive: B reads x, r×in
     if layer.graft_mode[adapter_name] == "output":  # B reads Wx: (r×out)(out×in) = r×in, W dequantized if quantized
         lora_A = B @ layer._base_weight_out_in().double()
+    if layer.experts is not None:
+        lora_A, lora_B = _expert_stack_layout(layer, lora_A, lora_B)
     lora_A, lora_B = lora_A.float().cpu().contiguous(), lora_B.float().cpu().contiguous()
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise NonFiniteWeightsError(
@@ -206,6 +212,17 @@ def _lora_weights(layer: GraftModule, adapter_name: str) -> tuple[torch.Tensor, 
             "or scaling hold NaN/Inf (or overflow float32). Retrain or reload the adapter."
         )
     return lora_A, lora_B
+
+
+def _expert_stack_layout(layer: ParamWrapper, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-expert (E×r×d2, E×d1×r) factors of a (E, d1, d2) stack as PEFT's ``ParamWrapper`` holds them: lora_A
+    (r·E × in) with expert e in rows e·r …, lora_B (out × r·E) with column i·E + e for expert e's i-th direction.
+    PEFT reads a stack as (experts, out, in), or as (experts, in, out) where the module says ``is_transposed``; there
+    it computes ΔW_e as (lora_B_e·lora_A_e)ᵀ, so the two factors are transposed and swapped."""
+    if getattr(layer.get_base_layer(), "is_transposed", False):  # ΔW_eᵀ = B_eᵀ (s·A_e Φ_e)ᵀ
+        lora_A, lora_B = lora_B.mT, lora_A.mT
+    experts, r = lora_A.shape[:2]
+    return lora_A.reshape(experts * r, -1), lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], r * experts)
 
 
 def _lora_tensors(layer: GraftLayer, prefix: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -276,7 +293,10 @@ def _lora_config(
     Prefers the graft's own target patterns and rank_pattern, and falls back to exact module names; every candidate
     is checked by running PEFT's own matching over the model's module names.
     """
-    ranks = {name: layer.graft_phi[adapter_name].r for name, layer in layers.items()}
+    ranks = {name: layer.graft_phi[adapter_name].r for name, layer in layers.items() if not isinstance(layer, ParamWrapper)}
+    parameter_ranks = {
+        layer.module_name: layer.graft_phi[adapter_name].r for layer in layers.values() if isinstance(layer, ParamWrapper)
+    }
     common = dict(
         r=config.r,
         lora_alpha=config.r,
@@ -291,6 +311,8 @@ def _lora_config(
         base_model_name_or_path=config.base_model_name_or_path or getattr(tuner.model, "name_or_path", None) or None,
         revision=config.revision,
         inference_mode=True,
+        # as the graft's, so PEFT matches and nests the same parameters (its own matching: the same wrappers)
+        target_parameters=list(config.target_parameters) if parameter_ranks else None,
     )
     targets = [dict(target_modules=sorted(ranks))]
     if config.target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:
@@ -302,7 +324,7 @@ def _lora_config(
         )
         targets.insert(0, patterns)
     own = dict(config.rank_pattern)
-    exact = {re.escape(name): r for name, r in ranks.items() if r != config.r}
+    exact = {re.escape(name): r for name, r in {**ranks, **parameter_ranks}.items() if r != config.r}
     names = _module_names(tuner.model)
     for target in targets:
         for pattern in (own, exact):
@@ -310,12 +332,23 @@ def _lora_config(
                 lora = LoraConfig(**common, **target, rank_pattern=dict(pattern), alpha_pattern=dict(pattern))
             except ValueError:  # a combination of patterns LoraConfig refuses: try the next form
                 continue
-            if _peft_would_wrap(lora, names) == ranks:
+            # which parameters LoRA wraps is the graft's own target_parameters: only their ranks can differ
+            if _peft_would_wrap(lora, names) == ranks and all(
+                _lora_rank(lora, name) == r for name, r in parameter_ranks.items()
+            ):
                 return lora
     raise ExportError(
         f"No LoraConfig makes PEFT wrap exactly the {len(ranks)} grafted modules at their ranks (e.g. "
         f"{next(iter(ranks))!r}); the module names of this model are ambiguous for PEFT's matching."
     )
+
+
+def _lora_rank(lora: LoraConfig, name: str) -> int:
+    """The r ``lora`` gives the module or parameter ``name`` (LoRA keys rank_pattern by parameter name too), or -1
+    where its α is not r."""
+    r = lora.rank_pattern.get(get_pattern_key(lora.rank_pattern.keys(), name), lora.r)
+    alpha = lora.alpha_pattern.get(get_pattern_key(lora.alpha_pattern.keys(), name), lora.lora_alpha)
+    return r if alpha == r else -1
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -331,15 +364,13 @@ def _module_names(model: nn.Module) -> list[str]:
 
 
 def _peft_would_wrap(lora: LoraConfig, names: Iterable[str]) -> dict[str, int]:
-    """{module: r} of the modules PEFT's LoRA wraps under ``lora``, with α = r checked (else r = -1)."""
+    """{module: r} of the modules PEFT's LoRA wraps under ``lora`` (`_lora_rank`)."""
     wrapped = {}
     for name in names:
         matched = check_target_module_exists(lora, name)
         if not matched or isinstance(matched, _ExcludedModule):
             continue
-        r = lora.rank_pattern.get(get_pattern_key(lora.rank_pattern.keys(), name), lora.r)
-        alpha = lora.alpha_pattern.get(get_pattern_key(lora.alpha_pattern.keys(), name), lora.lora_alpha)
-        wrapped[name] = r if alpha == r else -1
+        wrapped[name] = _lora_rank(lora, name)
     return wrapped
 
 

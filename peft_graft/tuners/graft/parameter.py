@@ -80,10 +80,18 @@ class ParamWrapper(SwapsEffectiveWeights):
 
     @contextmanager
     def _effective_weights(self, adapters: list[str]) -> Iterator[None]:
+        """W + Σ ΔW. On an fp32 parameter each ΔW = (s·AΦ)·B is added by one fused product (addmm / baddbmm), so no
+        second tensor the size of the expert stack is built; a half-precision one adds the fp32 ΔW as a merge does."""
         param = self.base_weight_param()
         weight = param
         for adapter in adapters:
-            weight = weight + self.delta_out_in(adapter).to(param.dtype)
+            if param.dtype == torch.float32:
+                proj, phi = self.graft_proj[adapter], self.graft_phi[adapter]
+                left = self.graft_scaling[adapter] * (proj.A.float() @ phi.matrix().float())
+                fused = torch.addmm if self.experts is None else torch.baddbmm
+                weight = fused(weight, left, proj.B.float())
+            else:
+                weight = weight + self.delta_out_in(adapter).to(param.dtype)
         with replaced(self.get_base_layer(), self.base_weight_name, weight):
             yield
 
