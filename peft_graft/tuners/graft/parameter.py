@@ -12,7 +12,7 @@ side), with projections that need no calibration, as for the other kinds that ar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,6 +45,7 @@ class ParamWrapper(SwapsEffectiveWeights):
         return self.base_weight_name
 
     def _graft_dims(self, base: nn.Module) -> tuple[int | None, int | None]:
+        """(in, out) of one matrix of the parameter, read as it is stored; a 3-D stack also sets ``experts``."""
         param = getattr(base, self.base_weight_name, None)
         if not isinstance(param, torch.Tensor) or param.dim() not in (2, 3):
             found = "none" if param is None else f"shape {tuple(param.shape)}"
@@ -61,17 +62,19 @@ class ParamWrapper(SwapsEffectiveWeights):
             return super()._svd_projections(config, r)
         weights = self._base_weight_out_in()
         niter, oversample, generator = self._solver(config)  # one generator, drawn from expert after expert
-        pairs = [svd_projections(W, r, config.mode, niter, oversample, generator) for W in weights]
-        return torch.stack([A for A, _ in pairs]), torch.stack([B for _, B in pairs])
+        return self._per_expert(lambda e: svd_projections(weights[e], r, config.mode, niter, oversample, generator))
 
     def _seeded_projections(self, config: GraftConfig, out_f: int, d: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.experts is None:
             return super()._seeded_projections(config, out_f, d, r)
-        pairs = [
-            orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, f"{self.module_name}/expert/{e}"))
-            for e in range(self.experts)
-        ]
-        return torch.stack([A for A, _ in pairs]), torch.stack([B for _, B in pairs])
+        return self._per_expert(
+            lambda e: orthogonal_projections(out_f, d, r, derived_seed(config.seed + 1, f"{self.module_name}/expert/{e}"))
+        )
+
+    def _per_expert(self, projections: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """(A, B) stacked over the experts from ``projections(e)``, computed one expert at a time."""
+        As, Bs = zip(*(projections(e) for e in range(self.experts)))
+        return torch.stack(As), torch.stack(Bs)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
         """PEFT reads the base layer's ``weight``; a parameter graft's adapters follow the parameter it adapts."""
