@@ -511,7 +511,7 @@ def test_two_adapters_on_expert_stacks_blend_exactly():
 def test_parameter_grafts_refuse_mixed_batches_and_sewl():
     case = CASES["mixtral-experts"]
     _, model = _grafted(case, init_weights=False)
-    with pytest.raises(TypeError, match="ParamWrapper does not support mixed adapter batches"):
+    with pytest.raises(ValueError, match="ParamWrapper does not support mixed adapter batches"):
         _run(case, model, adapter_names=["default"] * 3)
     with pytest.raises(SEWLConfigError, match="experts"):
         SEWL(model, SEWLConfig())
@@ -549,6 +549,17 @@ def test_a_parameter_that_is_no_matrix_is_refused_before_anything_is_grafted():
     model = _mixtral()
     config = GraftConfig(r=2, target_modules=["q_proj"], target_parameters=["input_layernorm.weight"])
     with pytest.raises(UnsupportedLayerError, match="input_layernorm.weight.*2-D weight or a 3-D stack"):
+        get_peft_model(model, config)
+    assert not any(isinstance(m, GraftLayer) for m in model.modules())
+
+
+def test_a_parametrized_weight_is_refused_before_anything_is_grafted():
+    model = _mixtral()
+    torch.nn.utils.parametrize.register_parametrization(
+        model.model.layers[0].mlp.gate, "weight", torch.nn.Identity()
+    )
+    config = GraftConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    with pytest.raises(UnsupportedLayerError, match="mlp.gate.weight: it is computed by a torch parametrization"):
         get_peft_model(model, config)
     assert not any(isinstance(m, GraftLayer) for m in model.modules())
 

@@ -88,14 +88,25 @@ def _parameter_sites(config: GraftConfig, model: nn.Module) -> list[tuple[str, i
     full name or a suffix after a dot, through any graft already wrapping the module); a parameter that is not a
     2-D weight or a 3-D expert stack is refused here, before anything is grafted."""
     targets = set(config.target_parameters or ())
+
+    def named(key: str) -> bool:
+        return key in targets or any(key.endswith(f".{target}") for target in targets)
+
     sites = []
     for module_name, module in model.named_modules():
         if not targets or isinstance(module, BaseTunerLayer):
             continue
         owner = ".".join(part for part in module_name.split(".") if part != "base_layer")
+        for param_name in getattr(module, "parametrizations", {}):
+            if named(f"{owner}.{param_name}"):
+                raise UnsupportedLayerError(
+                    f"Cannot graft parameter {owner}.{param_name}: it is computed by a torch parametrization "
+                    "(torch.nn.utils.parametrize, e.g. weight_norm), so there is no stored tensor to graft and merge "
+                    "into. Remove the parametrization first (parametrize.remove_parametrizations) or leave it out."
+                )
         for param_name, param in module.named_parameters(recurse=False):
             key = f"{owner}.{param_name}"
-            if key not in targets and not any(key.endswith(f".{target}") for target in targets):
+            if not named(key):
                 continue
             if param.dim() not in (2, 3):
                 raise UnsupportedLayerError(

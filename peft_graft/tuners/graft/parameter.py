@@ -33,6 +33,8 @@ class ParamWrapper(SwapsEffectiveWeights):
     The class carries LoRA's name on purpose: PEFT's parameter injection recognises a wrapper it may nest or add an
     adapter to by that class name."""
 
+    mixed_batch_error = ValueError  # LoRA's ParamWrapper raises ValueError (its attention layer TypeError)
+
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: GraftConfig, module_name: str, parameter_name: str
     ) -> None:

@@ -22,6 +22,9 @@ class SwapsEffectiveWeights(GraftModule):
     """The forward of a graft that swaps W + ΔW into its base layer; subclasses say which weights
     (`_effective_weights`)."""
 
+    # What a mixed adapter batch raises: LoRA's error type for the same layer kind, so callers that catch it still do.
+    mixed_batch_error: type[Exception] = TypeError
+
     def _effective_weights(self, adapters: list[str]) -> AbstractContextManager[None]:
         """Within the block the base layer computes with W + ΔW of ``adapters``."""
         raise NotImplementedError
@@ -29,7 +32,9 @@ class SwapsEffectiveWeights(GraftModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # arguments passed on as given: callers name them (MultiheadAttention's ``query=``, ``key=``, ``value=``)
         if kwargs.pop("adapter_names", None) is not None:
-            raise TypeError(f"graft.{type(self).__name__} does not support mixed adapter batches (nor does LoRA's).")
+            raise self.mixed_batch_error(
+                f"graft.{type(self).__name__} does not support mixed adapter batches (nor does LoRA's)."
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
