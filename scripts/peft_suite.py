@@ -121,6 +121,14 @@ MODELS = {
     "peft-internal-testing/tiny-random-RobertaForSequenceClassification": (
         "Roberta", "RobertaForSequenceClassification", dict(ENCODER, pad_token_id=1)),
     "trl-internal-testing/tiny-LlamaForSequenceClassification-3.2": ("Llama", "LlamaForSequenceClassification", DECODER),
+    # MoE models whose fused expert stacks the target_parameters suite grafts ((experts, out, in) and gpt-oss's
+    # (experts, in, out))
+    "trl-internal-testing/tiny-Llama4ForCausalLM": ("Llama4Text", "Llama4ForCausalLM", dict(
+        DECODER, hidden_size=32, intermediate_size=32, intermediate_size_mlp=48, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=1, interleave_moe_layer_step=1)),
+    "trl-internal-testing/tiny-GptOssForCausalLM": ("GptOss", "GptOssForCausalLM", dict(
+        DECODER, hidden_size=32, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"])),
 }
 # suite file -> the task type of its graft configs
 MODEL_SUITES = {
@@ -139,6 +147,16 @@ ALL_CONFIGS[:] = [
                     "phi": "diagonal"}}),
 ]
 """
+# The target_parameters suite: its LoRA cases (model id, config class, kwargs) as graft cases.
+TARGET_PARAMETER_CONFIGS = """
+import peft_graft  # noqa: E402,F401
+from peft_graft import GraftConfig as _GraftConfig  # noqa: E402
+
+ALL_CONFIGS[:] = [
+    (model_id, _GraftConfig, {k: v for k, v in kwargs.items() if k not in ("lora_alpha", "lora_dropout")})
+    for model_id, _, kwargs in ALL_CONFIGS
+]
+"""
 # PEFT gates these checks by config class; grafts support what they check (Conv1D, mixed adapter batches with and
 # without beam search, add_weighted_adapter), so the gates let GraftConfig through.
 GATES = {
@@ -150,6 +168,20 @@ GATES = {
         ("        if config_cls not in (LoraConfig, RoadConfig):",
          "        if config_cls not in (LoraConfig, RoadConfig, GraftConfig):"),
         ("        if config_cls not in (LoraConfig,):", "        if config_cls not in (LoraConfig, GraftConfig):"),
+    ],
+    # LoRA refuses add_weighted_adapter with target_parameters, grafts blend them (exactly); both refuse mixed batches
+    # on parameter layers with a ValueError, each with its own message
+    "test_target_parameters.py": [
+        (
+            (
+                '        msg = "add_weighted_adapter does not support targeting nn.Parameter"\n'
+                "        with pytest.raises(ValueError, match=msg):\n"
+                "            self._test_weighted_combination_of_adapters("
+            ),
+            "        self._test_weighted_combination_of_adapters(",
+        ),
+        ('msg = "lora.ParamWrapper does not support mixed adapter batches yet."',
+         'msg = "ParamWrapper does not support mixed adapter batches"'),
     ],
     "test_decoder_models.py": [
         ("        if config_cls != LoraConfig:\n            pytest.skip(\"Mixed adapter batches",
@@ -177,6 +209,8 @@ def patch_suites(tests: Path) -> list[Path]:
     for name, task in MODEL_SUITES.items():
         suite = tests / name
         suite.write_text(insert_before(suite.read_text(), "\nclass ", MODEL_SUITE_CONFIGS.format(task=task)))
+    parameters = tests / "test_target_parameters.py"
+    parameters.write_text(insert_before(parameters.read_text(), "\nclass MyAutoModelForCausalLM", TARGET_PARAMETER_CONFIGS))
     common = tests / "testing_common.py"
     common.write_text(insert_before(common.read_text(), "\nclass PeftCommonTester", "from peft_graft import GraftConfig\n"))
     for name, edits in GATES.items():
@@ -185,7 +219,7 @@ def patch_suites(tests: Path) -> list[Path]:
         for old, new in edits:
             text = replace(text, old, new)
         path.write_text(text)
-    return [custom, *(tests / name for name in MODEL_SUITES)]
+    return [custom, *(tests / name for name in MODEL_SUITES), parameters]
 
 
 def main(pytest_args: list[str]) -> int:
