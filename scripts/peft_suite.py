@@ -7,16 +7,16 @@ models.
 Downloads the PEFT sdist of the installed version and diffusers (which PEFT's test helpers import) from the package
 index into a temporary folder. Every LoRA case of the custom-model suite whose keyword arguments a `GraftConfig`
 accepts becomes a graft case (plus grouped convolutions and the two-adapter cases); the model suites run two graft
-configs (dense Φ on svd projections; diagonal Φ on orthogonal ones) on random tiny models rebuilt locally from small
-configs under the Hub ids the suites name (nothing is downloaded from the Hub). A development tool, not part of CI:
-it needs the package index. Last run (PEFT 0.21.2, transformers 5.24): 2,030 passed, 119 skipped, 72 failed:
-69 `*_pickle` tests (peft-graft refuses pickle files on purpose, `UnsafeSerializationError`); 2 merged-vs-unmerged
-checks on `Conv2dGroups2` at PEFT's default 1e-5 (logits reach 3e3 there and the two forwards differ by 2e-3 at -135;
-PEFT gives grouped LoHa/LoKr 1e-3 for the same comparison); 1 check that a random r=4 diagonal graft changes what the
-locally built tiny BART generates in a mixed-adapter batch (for one of the two adapters greedy decoding keeps every
-token of the base's; it passes or not with the random weights of that stand-in model, as an earlier run's failure of
-the single-adapter form of this check did). The
-`target_parameters` cases (bare nn.Parameter weights) pass but for their two pickle tests.
+configs (dense Φ on svd projections; diagonal Φ on orthogonal ones), and the target_parameters suite its own cases as
+graft cases, on random tiny models rebuilt locally from small configs under the Hub ids the suites name (nothing is
+downloaded from the Hub). A development tool, not part of CI: it needs the package index. Last run (PEFT 0.21.2,
+transformers 5.24): 2,238 passed, 127 skipped, 88 failed: 85 `*_pickle` tests (peft-graft refuses pickle files on
+purpose, `UnsafeSerializationError`); 2 merged-vs-unmerged checks on `Conv2dGroups2` at PEFT's default 1e-5 (logits
+reach 3e3 there and the two forwards differ by 2e-3 at -135; PEFT gives grouped LoHa/LoKr 1e-3 for the same
+comparison); 1 check that a random r=4 diagonal graft changes what the locally built tiny BART generates in a
+mixed-adapter batch (for one of the two adapters greedy decoding keeps every token of the base's; it passes or not
+with the random weights of that stand-in model, as an earlier run's failure of the single-adapter form of this check
+did).
 """
 
 from __future__ import annotations
