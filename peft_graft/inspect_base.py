@@ -303,6 +303,9 @@ def _plain(values: Any) -> Any:
 
 
 def _targetable(module: nn.Module) -> bool:
+    """What the tuner wraps (`tuners.graft.model._check_graftable`): attention only with kdim = vdim = embed_dim."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module._qkv_same_embed_dim
     return isinstance(module, (nn.Linear, Conv1D, *NOT_LINEAR)) or resolve_backend(module) is not None
 
 

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from tiny_models import ARCHS
 
 from peft_graft import GraftConfig, GraftLayer, PeftGraftError
-from peft_graft.inspect_base import inspect_base
+from peft_graft.inspect_base import inspect_base, inspect_config
 
 
 PREFIX = "base_model.model."
@@ -150,6 +150,22 @@ def test_a_model_type_without_default_targets_asks_for_them(tmp_path):
     assert report.default_targets is None and report.graft is None and "target_modules" in report.graft_note
     assert any(m.kind == "fc1" for m in report.modules)
     assert inspect_base(tmp_path, GraftConfig(r=4, target_modules=["fc1"])).graft.trainable_params == 2 * 16
+
+
+def test_attention_the_tuner_refuses_is_not_listed(tmp_path):
+    """nn.MultiheadAttention with kdim/vdim unlike embed_dim is refused by the tuner (as by LoRA), so the report
+    does not offer it; one with equal sizes is offered (and its own out_proj is listed as the Linear it is)."""
+
+    class TwoAttentions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cross = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+            self.packed = torch.nn.MultiheadAttention(8, 2)
+
+    config = transformers.BioGptConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+    report = inspect_config(config, GraftConfig(r=2, target_modules=["packed"]), model=TwoAttentions())
+    names = {m.name for m in report.modules}
+    assert "packed" in names and "cross" not in names and "cross.out_proj" in names
 
 
 def test_an_unreadable_source_is_a_typed_error(tmp_path):
