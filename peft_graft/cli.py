@@ -229,7 +229,13 @@ def _graft_config(args: argparse.Namespace) -> GraftConfig:
                 raise GraftConfigError(f"--config {args.config}: not a readable JSON GraftConfig ({err}).") from err
             if not isinstance(values, dict):
                 raise GraftConfigError(f"--config {args.config} holds a JSON {type(values).__name__}, not an object.")
-    flags = {"r": args.r, "phi": args.phi, "projection": args.projection, "target_modules": args.target_modules}
+    flags = {
+        "r": args.r,
+        "phi": args.phi,
+        "projection": args.projection,
+        "target_modules": args.target_modules,
+        "target_parameters": args.target_parameters,
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     values["inference_mode"] = False  # a saved adapter's config says True: count what training it trains
     return config_from_dict(values)
@@ -310,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--projection", help="svd, orthogonal, activation, gradient or trainable.")
     base.add_argument("--target-modules", type=_target_modules, metavar="A,B",
                       help="Comma-separated module names, or all-linear.")
+    base.add_argument("--target-parameters", type=_target_modules, metavar="A,B",
+                      help="Comma-separated parameter names, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj.")
     verify = command("verify", _verify, "Check an adapter folder, or a registry (audit chain, tables, artifacts).", "path")
     verify.add_argument(
         "--expect-head", metavar="FILE", help="An audit head saved by `peft-graft head`: the chain must still hold it."

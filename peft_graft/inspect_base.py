@@ -11,6 +11,7 @@ import copy
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from .tuners.graft import GraftConfig, GraftLayer
 from .tuners.graft.bnb import resolve_backend
 from .tuners.graft.layer import graft_dims, loading_from_file
 from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING, NOT_LINEAR
+from .tuners.graft.parameter import ParamWrapper
 
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -37,7 +39,8 @@ class TargetModule:
     """One module a graft can wrap, and what the inspected `GraftConfig` puts there."""
 
     name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
-    type: str  # Linear, Conv1D, Linear4bit, Linear8bitLt, Embedding, Conv1d/2d/3d or MultiheadAttention
+    type: str  # Linear, Conv1D, Linear4bit, Linear8bitLt, Embedding, Conv1d/2d/3d, MultiheadAttention; for
+    # target_parameters: ExpertStack (a 3-D stack of expert matrices, `name` the parameter's) or Parameter (2-D)
     in_features: int
     out_features: int
     params: int  # base parameters (weight and bias; quantized weights counted unpacked)
@@ -167,18 +170,21 @@ def inspect_config(
     model = meta_model(config) if model is None else model
     output_head = model.get_output_embeddings() if isinstance(model, transformers.PreTrainedModel) else None
     defaults = GRAFT_TARGET_MODULES_MAPPING.get(config.model_type)
-    modules = [
-        TargetModule(
-            name,
-            type(module).__name__,
-            *graft_dims(module),
-            sum(p.numel() for p in module.parameters()),
-            default_target=defaults is not None and name.rpartition(".")[2] in defaults,
-            output_head=module is output_head,
-        )
-        for name, module in model.named_modules()
-        if _targetable(module)
-    ]
+    graft_config = GraftConfig() if graft_config is None else graft_config
+    modules = []
+    for name, module in model.named_modules():
+        if _targetable(module):
+            modules.append(
+                TargetModule(
+                    name,
+                    type(module).__name__,
+                    *graft_dims(module),
+                    sum(p.numel() for p in module.parameters()),
+                    default_target=defaults is not None and name.rpartition(".")[2] in defaults,
+                    output_head=module is output_head,
+                )
+            )
+        modules += _parameter_rows(name, module, graft_config.target_parameters or ())
     quantization = getattr(config, "quantization_config", None)
     report = BaseReport(
         source=source,
@@ -193,8 +199,7 @@ def inspect_config(
         modules=modules,
         graft=None,
     )
-    graft_config = GraftConfig() if graft_config is None else graft_config
-    if graft_config.target_modules is None and defaults is None:
+    if graft_config.target_modules is None and defaults is None and not graft_config.target_parameters:
         note = (
             f"peft-graft knows no default targets for model type {config.model_type!r}: give target_modules "
             "(names from the table, or 'all-linear')."
@@ -260,23 +265,33 @@ def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> Ba
         if not key.endswith((".graft_proj.A", ".graft_proj.B")):
             owner = key.removeprefix(prefix).rpartition(".graft_")[0]
             module_bytes[owner] = module_bytes.get(owner, 0) + tensor.numel() * tensor.element_size()
+    # graft layers by the name of their row, with the module path their saved tensors sit under (a parameter
+    # graft's row is its parameter; nested ones sit under …base_layer)
     layers = {
-        name.removeprefix(prefix): module
+        module.module_name if isinstance(module, ParamWrapper) else name.removeprefix(prefix): (
+            name.removeprefix(prefix),
+            module,
+        )
         for name, module in peft_model.named_modules()
         if isinstance(module, GraftLayer)
     }
     stored = graft_config.stores_projections
     modules, projection_bytes = [], 0
     for m in report.modules:
-        layer = layers.get(m.name)
+        path, layer = layers.get(m.name, (None, None))
         if layer is None:
             modules.append(m)
             continue
         phi, proj = layer.graft_phi[ADAPTER], layer.graft_proj[ADAPTER]
         nbytes = (proj.A.numel() * proj.A.element_size() + proj.B.numel() * proj.B.element_size()) if stored else 0
-        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)  # A and B too if trainable
+        # what trains in it (A and B if trainable, biases with bias="all"), but a nested graft's (an attention's
+        # out_proj, another parameter of the same module): those have rows of their own
+        nested = {
+            id(p) for sub in layer.modules() if sub is not layer and isinstance(sub, GraftLayer) for p in sub.parameters()
+        }
+        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad and id(p) not in nested)
         projection_bytes += nbytes
-        modules.append(replace(m, graft_r=phi.r, graft_params=trainable, graft_bytes=module_bytes[m.name] + nbytes))
+        modules.append(replace(m, graft_r=phi.r, graft_params=trainable, graft_bytes=module_bytes[path] + nbytes))
     trainable = peft_model.get_nb_trainable_parameters()[0]
     plan = GraftPlan(
         config=_plain(resolved.to_dict()),
@@ -300,6 +315,19 @@ def _plain(values: Any) -> Any:
     if isinstance(values, (list, tuple)):
         return [_plain(v) for v in values]
     return getattr(values, "value", values)
+
+
+def _parameter_rows(name: str, module: nn.Module, targets: Iterable[str]) -> list[TargetModule]:
+    """Rows for ``module``'s own parameters that ``target_parameters`` can graft: every 3-D expert stack (the bulk of
+    an MoE model), and any 2-D weight ``targets`` names (an MoE router's)."""
+    rows = []
+    for param_name, param in module.named_parameters(recurse=False):
+        key = f"{name}.{param_name}"
+        named = any(key == t or key.endswith(f".{t}") for t in targets)
+        if param.dim() == 3 or (named and param.dim() == 2):
+            kind = "ExpertStack" if param.dim() == 3 else "Parameter"
+            rows.append(TargetModule(key, kind, param.shape[-1], param.shape[-2], param.numel(), False, False))
+    return rows
 
 
 def _targetable(module: nn.Module) -> bool:

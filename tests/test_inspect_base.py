@@ -210,3 +210,29 @@ def test_smollm2_counts_match_the_loaded_model(smollm2_dir, tmp_path):
     )
     assert (kinds["down_proj"]["in_features"], kinds["down_proj"]["out_features"]) == (1536, 576)
     assert report.default_targets == ["q_proj", "v_proj"] and kinds["lm_head"]["output_head"]
+
+
+def test_expert_stacks_are_listed_and_their_grafts_counted_as_materialised(tmp_path):
+    """An MoE config's fused expert stacks are rows of their own (what target_parameters names); a graft on them,
+    on the router's 2-D weight and on q_proj is counted as the materialised, saved model has it."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )
+    model = transformers.MixtralForCausalLM(config)
+    graft = GraftConfig(r=8, target_modules=["q_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"])
+    report = inspect_base(config_only(model, tmp_path / "base"), graft)
+    rows = {m.name: m for m in report.modules}
+    stack = rows["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (stack.type, stack.in_features, stack.out_features, stack.params) == ("ExpertStack", 16, 48, 4 * 48 * 16)
+    assert rows["model.layers.0.mlp.gate.weight"].graft_r == 4  # 4 experts × 16: r clamped to 4, as the tuner does
+    peft_model = materialise(model, graft, tmp_path / "graft")
+    plan = report.graft
+    assert (plan.trainable_params, plan.all_params) == peft_model.get_nb_trainable_parameters()
+    assert plan.adapter_bytes == saved_tensors(tmp_path / "graft")[0]
+    # per row its own Φs: the nested graft of the other stack (same module) is not counted twice
+    assert stack.graft_params == rows["model.layers.1.mlp.experts.down_proj"].graft_params == 4 * 8 * 8
+    assert plan.other_trainable_params == 0
+    assert plan.clamped == peft_model.peft_config["default"].rank_pattern
