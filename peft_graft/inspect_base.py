@@ -265,16 +265,14 @@ def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> Ba
         if not key.endswith((".graft_proj.A", ".graft_proj.B")):
             owner = key.removeprefix(prefix).rpartition(".graft_")[0]
             module_bytes[owner] = module_bytes.get(owner, 0) + tensor.numel() * tensor.element_size()
-    # graft layers by the name of their row, with the module path their saved tensors sit under (a parameter
-    # graft's row is its parameter; nested ones sit under …base_layer)
-    layers = {
-        module.module_name if isinstance(module, ParamWrapper) else name.removeprefix(prefix): (
-            name.removeprefix(prefix),
-            module,
-        )
-        for name, module in peft_model.named_modules()
-        if isinstance(module, GraftLayer)
-    }
+    # graft layers by the name of their row, with the module path their saved tensors sit under: a parameter
+    # graft's row is its parameter's; a nested graft (an attention's out_proj) sits under …base_layer
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, GraftLayer):
+            path = name.removeprefix(prefix)
+            row = ".".join(part for part in path.split(".") if part != "base_layer")
+            layers[module.module_name if isinstance(module, ParamWrapper) else row] = (path, module)
     stored = graft_config.stores_projections
     modules, projection_bytes = [], 0
     for m in report.modules:

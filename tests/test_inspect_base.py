@@ -164,8 +164,11 @@ def test_attention_the_tuner_refuses_is_not_listed(tmp_path):
 
     config = transformers.BioGptConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
     report = inspect_config(config, GraftConfig(r=2, target_modules=["packed"]), model=TwoAttentions())
-    names = {m.name for m in report.modules}
-    assert "packed" in names and "cross" not in names and "cross.out_proj" in names
+    rows = {m.name: m for m in report.modules}
+    assert "packed" in rows and "cross" not in rows and "cross.out_proj" in rows
+    # the packed projection's graft and its out_proj's, each on its own row (r² = 4 numbers each)
+    assert rows["packed"].graft_params == rows["packed.out_proj"].graft_params == 4
+    assert report.graft.trainable_params == 8 and report.graft.other_trainable_params == 0
 
 
 def test_an_unreadable_source_is_a_typed_error(tmp_path):
