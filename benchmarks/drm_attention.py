@@ -8,13 +8,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 from transformers import DynamicCache
 
 from drm_transformer import DRMConfig, DRMForCausalLM
@@ -23,17 +21,6 @@ from drm_transformer.reference_attention import naive_drm_attention
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
+from timing import median_seconds
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from peft_graft import GraftConfig
@@ -60,16 +60,6 @@ def methods() -> dict[str, PeftConfig]:
             r=16, target_modules=[], target_parameters=EXPERTS, projection="orthogonal"
         ),
     }
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
