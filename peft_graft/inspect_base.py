@@ -25,8 +25,9 @@ from .errors import PeftGraftError
 from .tuners.graft import GraftConfig, GraftLayer
 from .tuners.graft.bnb import resolve_backend
 from .tuners.graft.layer import graft_dims, loading_from_file
-from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING, NOT_LINEAR
+from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING
 from .tuners.graft.parameter import ParamWrapper
+from .tuners.graft.targets import NOT_LINEAR
 
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -329,7 +330,7 @@ def _parameter_rows(name: str, module: nn.Module, targets: Iterable[str]) -> lis
 
 
 def _targetable(module: nn.Module) -> bool:
-    """What the tuner wraps (`tuners.graft.model._check_graftable`): attention only with kdim = vdim = embed_dim."""
+    """What the tuner wraps (`tuners.graft.targets.check_graftable`): attention only with kdim = vdim = embed_dim."""
     if isinstance(module, nn.MultiheadAttention):
         return module._qkv_same_embed_dim
     return isinstance(module, (nn.Linear, Conv1D, *NOT_LINEAR)) or resolve_backend(module) is not None

@@ -19,12 +19,11 @@ from peft.tuners.tuners_utils import (
     find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import _get_input_embeddings_name, _get_module_names_tied_with_embedding
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ...errors import GraftConfigError, GraftRankError, ParameterBudgetExceededError, UnsupportedLayerError
+from ...errors import GraftConfigError, GraftRankError, ParameterBudgetExceededError
 from . import blend
 from .attention import MultiheadAttention
 from .bnb import dequantized_linear, resolve_backend
@@ -39,6 +38,7 @@ from .parameter import ParamWrapper
 from .peft_type import GRAFT_PREFIX
 from .phi import phi_num_params
 from .replication import LayerMap, apply_layer_replication
+from .targets import check_graftable, check_trainable_tokens, parameter_sites
 
 
 # Grafts go where LoRA goes by default. PEFT has no entry for the DRM backbone (drm_transformer), whose attention and
@@ -49,117 +49,6 @@ GRAFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 # Computing svd projections for more modules than this shows a progress bar (tqdm; quiet when stderr is no terminal).
 PROGRESS_MIN_MODULES = 16
-
-
-# Layer kinds other than linear maps that grafts wrap (each in its own module: embedding, conv, attention).
-NOT_LINEAR = (nn.Embedding, *CONVOLUTIONS, nn.MultiheadAttention)
-
-
-def _check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
-    """Refuse a target no graft layer can wrap; `_prepare_model` asks before any module is replaced."""
-    if not (isinstance(base, (nn.Linear, Conv1D, *NOT_LINEAR)) or resolve_backend(base) is not None):
-        raise UnsupportedLayerError(
-            f"Cannot graft {key!r} of type {type(base).__name__}: grafts wrap torch.nn.Linear, transformers' "
-            "Conv1D, bitsandbytes Linear4bit/Linear8bitLt, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and "
-            "torch.nn.MultiheadAttention. Remove it from target_modules."
-        )
-    if isinstance(base, nn.MultiheadAttention) and not base._qkv_same_embed_dim:
-        raise UnsupportedLayerError(
-            f"Cannot graft {key!r}: its query, key and value have different sizes (kdim/vdim), so its projections "
-            "are not one packed matrix. Grafts (like LoRA) wrap MultiheadAttention with kdim = vdim = embed_dim."
-        )
-    if isinstance(base, CONVOLUTIONS) and base.groups != 1 and config.mode == "output":
-        raise UnsupportedLayerError(
-            f"Cannot graft {key!r} in output mode: a {type(base).__name__} with groups={base.groups} maps each group "
-            "of channels on its own, and an output-mode ΔW = AΦB·W mixes the groups, so it could not be merged into "
-            "the grouped kernel. Use mode='additive' for it (grouped convolutions are grafted per group's kernel)."
-        )
-    if isinstance(base, NOT_LINEAR) and config.calibration_needs:
-        raise UnsupportedLayerError(
-            f"Cannot graft {key!r} ({type(base).__name__}) with {', '.join(config.calibration_needs)}: calibration "
-            "records the inputs of linear layers only. Use projection='svd', 'orthogonal' or 'trainable' without "
-            "sparse_residual and data-driven inits on embeddings, convolutions and attention, or target linear layers "
-            "only."
-        )
-
-
-def _parameter_sites(config: GraftConfig, model: nn.Module) -> list[tuple[str, int, int, int]]:
-    """(name, in, out, experts) of every parameter ``target_parameters`` names, matched as PEFT matches them (the
-    full name or a suffix after a dot, through any graft already wrapping the module); a parameter that is not a
-    2-D weight or a 3-D expert stack is refused here, before anything is grafted."""
-    targets = set(config.target_parameters or ())
-
-    def named(key: str) -> bool:
-        return key in targets or any(key.endswith(f".{target}") for target in targets)
-
-    sites = []
-    for module_name, module in model.named_modules():
-        if not targets or isinstance(module, BaseTunerLayer):
-            continue
-        owner = ".".join(part for part in module_name.split(".") if part != "base_layer")
-        for param_name in getattr(module, "parametrizations", {}):
-            if named(f"{owner}.{param_name}"):
-                raise UnsupportedLayerError(
-                    f"Cannot graft parameter {owner}.{param_name}: it is computed by a torch parametrization "
-                    "(torch.nn.utils.parametrize, e.g. weight_norm), so there is no stored tensor to graft and merge "
-                    "into. Remove the parametrization first (parametrize.remove_parametrizations) or leave it out."
-                )
-        for param_name, param in module.named_parameters(recurse=False):
-            key = f"{owner}.{param_name}"
-            if not named(key):
-                continue
-            if param.dim() not in (2, 3):
-                raise UnsupportedLayerError(
-                    f"Cannot graft parameter {key!r} of shape {tuple(param.shape)}: grafts adapt a 2-D weight or a "
-                    "3-D stack of expert matrices (experts, out, in). Remove it from target_parameters."
-                )
-            sites.append((key, param.shape[-1], param.shape[-2], param.shape[0] if param.dim() == 3 else 1))
-    return sites
-
-
-def _check_trainable_tokens(config: GraftConfig, model: nn.Module) -> None:
-    """Refuse ``trainable_token_indices`` that name no embedding of ``model`` or rows past its end, before anything
-    is grafted (PEFT would find out only after the grafts are in place, and leave them there)."""
-    tokens = config.trainable_token_indices
-    if tokens is None:
-        return
-
-    def names(name: str, target: str) -> bool:  # PEFT's matching of trainable-token targets
-        return name == target or name.endswith(f".{target}")
-
-    embedding_name = _get_input_embeddings_name(model, "embed_tokens")  # the name PEFT wraps for a list of ids
-    if not isinstance(tokens, dict):
-        tokens = {embedding_name: tokens}
-    tied = [embedding_name, *_get_module_names_tied_with_embedding(model)]
-    tied_targets = [t for t in tokens if any(names(n, t) for n in tied)]
-    if config.ensure_weight_tying and len(tied_targets) > 1 and len({tuple(tokens[t]) for t in tied_targets}) > 1:
-        raise GraftConfigError(  # PEFT's own check, which comes only after the grafts are in place
-            "Cannot ensure weight tying when different token indices are specified for tied layers: "
-            + ", ".join(f"{t}: {tokens[t]}" for t in tied_targets)
-            + ". Give the tied layers the same indices, or set ensure_weight_tying=False to train them apart."
-        )
-    for target, ids in tokens.items():
-        grafted = [n for n, _ in model.named_modules() if names(n, target) and check_target_module_exists(config, n)]
-        if grafted:
-            raise GraftConfigError(  # PEFT refuses it too, with a TypeError, once the grafts are in place
-                f"trainable_token_indices and target_modules both name {grafted[0]!r}: a layer takes either a graft "
-                "or trainable token rows. Remove it from target_modules (the graft already adapts every row) or "
-                "from trainable_token_indices."
-            )
-        found = [m for n, m in model.named_modules() if names(n, target)]
-        layer = next((m for f in found for m in f.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
-        if layer is None:
-            raise GraftConfigError(  # opens with PEFT's own message for this case
-                f"Target modules {{{target!r}}} not found in the base model. trainable_token_indices names it, but "
-                "this model has no embedding (or linear) module of that name. Pass a list of token ids for the input "
-                "embedding, or the name of an embedding module."
-            )
-        rows = layer.num_embeddings if isinstance(layer, nn.Embedding) else layer.out_features
-        if max(ids) >= rows:
-            raise GraftConfigError(
-                f"trainable_token_indices asks for token {max(ids)} of {target!r}, which has {rows} rows. Resize the "
-                "embeddings first (model.resize_token_embeddings) if you added tokens."
-            )
 
 
 class GraftModel(BaseTuner):
@@ -221,7 +110,7 @@ class GraftModel(BaseTuner):
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
         """Replicate layers if asked, then check every target before any module is replaced, so a bad config
         leaves the model untouched (replicated layers are put back)."""
-        _check_trainable_tokens(peft_config, model)
+        check_trainable_tokens(peft_config, model)
         restore = apply_layer_replication(model, peft_config, self._layer_replication)
         self._replication_in_progress = (peft_config.layer_replication, restore)
         self._check_targets(peft_config, model)
@@ -241,13 +130,13 @@ class GraftModel(BaseTuner):
             if not matched or isinstance(matched, _ExcludedModule):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            _check_graftable(key, base, peft_config)
+            check_graftable(key, base, peft_config)
             in_f, out_f = graft_dims(base)
             sites.append((key, in_f, out_f, 1))
             if isinstance(base, nn.MultiheadAttention):  # its out_proj (E×E) gets a graft of its own
                 sites.append((f"{key}.base_layer.out_proj", in_f, in_f, 1))
         targets = len({site[0].removesuffix(".base_layer.out_proj") for site in sites})
-        parameters = _parameter_sites(peft_config, model)
+        parameters = parameter_sites(peft_config, model)
         sites += parameters
         targets += len(parameters)
         total, clamped = 0, {}
@@ -352,7 +241,7 @@ class GraftModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: GraftConfig, adapter_name: str, target: nn.Module, key: str) -> GraftModule:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        _check_graftable(key, base, config)
+        check_graftable(key, base, config)
         if isinstance(base, nn.Embedding):
             return Embedding(target, adapter_name, config=config, module_name=key)
         if isinstance(base, nn.MultiheadAttention):
