@@ -27,7 +27,7 @@ from .tuners.graft.bnb import resolve_backend
 from .tuners.graft.layer import graft_dims, loading_from_file
 from .tuners.graft.model import GRAFT_TARGET_MODULES_MAPPING
 from .tuners.graft.parameter import ParamWrapper
-from .tuners.graft.targets import NOT_LINEAR
+from .tuners.graft.targets import NOT_LINEAR, names_parameter, unwrapped_name
 
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -272,8 +272,7 @@ def _plan(report: BaseReport, model: nn.Module, graft_config: GraftConfig) -> Ba
     for name, module in peft_model.named_modules():
         if isinstance(module, GraftLayer):
             path = name.removeprefix(prefix)
-            row = ".".join(part for part in path.split(".") if part != "base_layer")
-            layers[module.module_name if isinstance(module, ParamWrapper) else row] = (path, module)
+            layers[module.module_name if isinstance(module, ParamWrapper) else unwrapped_name(path)] = (path, module)
     stored = graft_config.stores_projections
     modules, projection_bytes = [], 0
     for m in report.modules:
@@ -322,7 +321,7 @@ def _parameter_rows(name: str, module: nn.Module, targets: Iterable[str]) -> lis
     rows = []
     for param_name, param in module.named_parameters(recurse=False):
         key = f"{name}.{param_name}"
-        named = any(key == t or key.endswith(f".{t}") for t in targets)
+        named = names_parameter(key, targets)
         if param.dim() == 3 or (named and param.dim() == 2):
             kind = "ExpertStack" if param.dim() == 3 else "Parameter"
             rows.append(TargetModule(key, kind, param.shape[-1], param.shape[-2], param.numel(), False, False))

@@ -273,7 +273,10 @@ def test_training_reaches_phi_only(case):
 
 def test_mixed_adapter_batches_give_each_row_its_adapter(case):
     if case.kind in (MultiheadAttention, ParamWrapper):
-        pytest.skip("refused on attention and parameter grafts, as by LoRA: test_*_refuse*_mixed_batches")
+        pytest.skip(
+            "refused on attention and parameter grafts, as by LoRA: test_attention_refuses_mixed_batches_as_lora_does, "
+            "test_parameter_grafts_refuse_mixed_batches_and_sewl"
+        )
     _, model = _grafted(case, init_weights=False)
     model.add_adapter("other", GraftConfig(r=2, target_modules=case.targets, init_weights=False))
     names = ["default", "__base__", "other"]

@@ -34,6 +34,7 @@ from ...manifest import CONFIG_NAME
 from .config import GraftConfig
 from .phi import build_phi
 from .projections import fingerprint
+from .targets import names_parameter, unwrapped_name
 
 
 # PEFT prefixes every saved key with the path of the base model inside the PeftModel.
@@ -94,10 +95,10 @@ def _candidate_ranks(config: GraftConfig, module: str) -> list[int]:
     that of a parameter of it named in ``target_parameters``. The file keys a parameter graft by its module (nested
     ones by ``…base_layer``), while ``rank_pattern`` keys it by the parameter, as LoRA's does."""
     ranks = [config.r_for(module)]
-    owner = ".".join(part for part in module.split(".") if part != "base_layer")
+    owner = unwrapped_name(module)
     for target in config.target_parameters or ():
         key = f"{owner}.{target.rpartition('.')[2]}"
-        if key == target or key.endswith(f".{target}"):
+        if names_parameter(key, [target]):
             ranks.append(config.r_for(key))
     return list(dict.fromkeys(ranks))
 

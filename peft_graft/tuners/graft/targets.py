@@ -4,6 +4,8 @@ model untouched."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import _get_input_embeddings_name, _get_module_names_tied_with_embedding
 from torch import nn
@@ -47,22 +49,29 @@ def check_graftable(key: str, base: nn.Module, config: GraftConfig) -> None:
         )
 
 
+def unwrapped_name(path: str) -> str:
+    """A module path without the ``base_layer`` steps that graft wrappers insert: the name PEFT matches targets on."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
+
+
+def names_parameter(key: str, targets: Iterable[str]) -> bool:
+    """Whether the ``target_parameters`` entries ``targets`` name the parameter ``key`` as PEFT matches them: the full
+    name, or a suffix after a dot."""
+    return any(key == target or key.endswith(f".{target}") for target in targets)
+
+
 def parameter_sites(config: GraftConfig, model: nn.Module) -> list[tuple[str, int, int, int]]:
     """(name, in, out, experts) of every parameter ``target_parameters`` names, matched as PEFT matches them (the
     full name or a suffix after a dot, through any graft already wrapping the module); a parameter that is not a
     2-D weight or a 3-D expert stack is refused here, before anything is grafted."""
     targets = set(config.target_parameters or ())
-
-    def named(key: str) -> bool:
-        return key in targets or any(key.endswith(f".{target}") for target in targets)
-
     sites = []
     for module_name, module in model.named_modules():
         if not targets or isinstance(module, BaseTunerLayer):
             continue
-        owner = ".".join(part for part in module_name.split(".") if part != "base_layer")
+        owner = unwrapped_name(module_name)
         for param_name in getattr(module, "parametrizations", {}):
-            if named(f"{owner}.{param_name}"):
+            if names_parameter(f"{owner}.{param_name}", targets):
                 raise UnsupportedLayerError(
                     f"Cannot graft parameter {owner}.{param_name}: it is computed by a torch parametrization "
                     "(torch.nn.utils.parametrize, e.g. weight_norm), so there is no stored tensor to graft and merge "
@@ -70,7 +79,7 @@ def parameter_sites(config: GraftConfig, model: nn.Module) -> list[tuple[str, in
                 )
         for param_name, param in module.named_parameters(recurse=False):
             key = f"{owner}.{param_name}"
-            if not named(key):
+            if not names_parameter(key, targets):
                 continue
             if param.dim() not in (2, 3):
                 raise UnsupportedLayerError(
