@@ -1,6 +1,6 @@
 """Run PEFT's own tests (the installed PEFT release's `tests/`) on graft configs: the generic tuner contract on custom
-models (`test_custom_models.py`) and on decoder, encoder-decoder, feature-extraction and sequence-classification
-models.
+models (`test_custom_models.py`) and on decoder, encoder-decoder, feature-extraction, sequence-classification,
+token-classification and question-answering models, the target_parameters suite and the config suite.
 
     .venv/bin/python scripts/peft_suite.py [pytest arguments]      # e.g. -x, or -k "Graft and not pickle"
 
@@ -10,10 +10,11 @@ accepts becomes a graft case (plus grouped convolutions and the two-adapter case
 configs (dense Φ on svd projections; diagonal Φ on orthogonal ones), and the target_parameters suite its own cases as
 graft cases, on random tiny models rebuilt locally from small configs under the Hub ids the suites name (nothing is
 downloaded from the Hub). A development tool, not part of CI: it needs the package index. Last run (PEFT 0.21.2,
-transformers 5.24): 2,238 passed, 127 skipped, 88 failed: 85 `*_pickle` tests (peft-graft refuses pickle files on
-purpose, `UnsafeSerializationError`); 2 merged-vs-unmerged checks on `Conv2dGroups2` at PEFT's default 1e-5 (logits
-reach 3e3 there and the two forwards differ by 2e-3 at -135; PEFT gives grouped LoHa/LoKr 1e-3 for the same
-comparison); 1 check that a random r=4 diagonal graft changes what the locally built tiny BART generates in a
+transformers 5.24): 2,272 passed, 127 skipped, 91 failed: 85 `*_pickle` tests (peft-graft refuses pickle files on
+purpose, `UnsafeSerializationError`); 3 config tests that read `peft-internal-testing/tiny-opt-lora-revision` at
+revision "test" from the Hub (offline they fail for every config class); 2 merged-vs-unmerged checks on
+`Conv2dGroups2` at PEFT's default 1e-5 (logits reach 3e3 there and the two forwards differ by 2e-3 at -135; PEFT
+gives grouped LoHa/LoKr 1e-3 for the same comparison); 1 check that a random r=4 diagonal graft changes what the locally built tiny BART generates in a
 mixed-adapter batch (for one of the two adapters greedy decoding keeps every token of the base's; it passes or not
 with the random weights of that stand-in model, as an earlier run's failure of the single-adapter form of this check
 did).
@@ -157,6 +158,21 @@ ALL_CONFIGS[:] = [
     for model_id, _, kwargs in ALL_CONFIGS
 ]
 """
+# The config suite (save/load, from_peft_type, field handling of every config class) on GraftConfig too; the token
+# classification and question answering suites (PEFT's task models that add their head to modules_to_save) on a graft.
+CONFIG_SUITE = """
+import peft_graft  # noqa: E402,F401
+from peft_graft import GraftConfig as _GraftConfig  # noqa: E402
+
+ALL_CONFIG_CLASSES = (*ALL_CONFIG_CLASSES, (_GraftConfig, {}))
+"""
+TASK_HEAD_CONFIGS = """
+import peft_graft  # noqa: E402,F401
+from peft_graft import GraftConfig as _GraftConfig  # noqa: E402
+
+TOKEN_CLS_CONFIGS[:] = [(_GraftConfig, {"task_type": "TOKEN_CLS", "target_modules": None})]
+QA_CONFIGS[:] = [(_GraftConfig, {"task_type": "QUESTION_ANS", "target_modules": None})]
+"""
 # PEFT gates these checks by config class; grafts support what they check (Conv1D, mixed adapter batches with and
 # without beam search, add_weighted_adapter), so the gates let GraftConfig through.
 GATES = {
@@ -211,6 +227,10 @@ def patch_suites(tests: Path) -> list[Path]:
         suite.write_text(insert_before(suite.read_text(), "\nclass ", MODEL_SUITE_CONFIGS.format(task=task)))
     parameters = tests / "test_target_parameters.py"
     parameters.write_text(insert_before(parameters.read_text(), "\nclass MyAutoModelForCausalLM", TARGET_PARAMETER_CONFIGS))
+    config = tests / "test_config.py"
+    config.write_text(insert_before(config.read_text(), "\n# Config classes that support selecting layers", CONFIG_SUITE))
+    heads = tests / "test_token_classification_qa.py"
+    heads.write_text(insert_before(heads.read_text(), "\n\nclass TestTokenClassificationModels", TASK_HEAD_CONFIGS))
     common = tests / "testing_common.py"
     common.write_text(insert_before(common.read_text(), "\nclass PeftCommonTester", "from peft_graft import GraftConfig\n"))
     for name, edits in GATES.items():
@@ -219,7 +239,7 @@ def patch_suites(tests: Path) -> list[Path]:
         for old, new in edits:
             text = replace(text, old, new)
         path.write_text(text)
-    return [custom, *(tests / name for name in MODEL_SUITES), parameters]
+    return [custom, *(tests / name for name in MODEL_SUITES), parameters, config, heads]
 
 
 def main(pytest_args: list[str]) -> int:
