@@ -33,6 +33,7 @@ from .tuners.graft.targets import NOT_LINEAR, names_parameter, unwrapped_name
 ADAPTER = "default"  # the adapter name get_peft_model gives
 # The first numbered container in a module's name is its layer: model.layers.3, transformer.h.3, encoder.block.3.
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
+PARAMETER_ROWS = ("Parameter", "ExpertStack")  # row types of target_parameters: a 2-D weight, a 3-D expert stack
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class TargetModule:
     def kind(self) -> str:
         """The name ``target_modules`` matches (the last part of the module name)."""
         return self.name.rpartition(".")[2]
+
+    @property
+    def experts(self) -> int:
+        """How many matrices the row holds: the E of an expert stack (each gets its own graft), else 1."""
+        return self.params // (self.in_features * self.out_features) if self.type == "ExpertStack" else 1
 
     @property
     def layer(self) -> str | None:
@@ -323,7 +329,7 @@ def _parameter_rows(name: str, module: nn.Module, targets: Iterable[str]) -> lis
         key = f"{name}.{param_name}"
         named = names_parameter(key, targets)
         if param.dim() == 3 or (named and param.dim() == 2):
-            kind = "ExpertStack" if param.dim() == 3 else "Parameter"
+            kind = PARAMETER_ROWS[param.dim() - 2]
             rows.append(TargetModule(key, kind, param.shape[-1], param.shape[-2], param.numel(), False, False))
     return rows
 

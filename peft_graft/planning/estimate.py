@@ -29,7 +29,7 @@ import transformers
 from torch import nn
 
 from ..errors import GraftConfigError
-from ..inspect_base import _LAYER, BaseReport, TargetModule, inspect_config, meta_model
+from ..inspect_base import _LAYER, PARAMETER_ROWS, BaseReport, TargetModule, inspect_config, meta_model
 from ..tuners.graft import GraftConfig
 from .activations import MODEL_TYPES, ActivationEstimate, AdapterSite, decoder_activations
 
@@ -162,8 +162,9 @@ def estimate_memory(
             projection_bytes=projection_bytes,
         )
 
-    def sites(r_of: Any) -> list[AdapterSite]:
-        return [AdapterSite(m.kind, m.in_features, m.out_features, r_of(m)) for m in grafted if m.layer == first]
+    def sites(r_of: Any) -> list[AdapterSite]:  # the formula models module grafts; parameter grafts swap weights
+        return [AdapterSite(m.kind, m.in_features, m.out_features, r_of(m)) for m in grafted
+                if m.layer == first and m.type not in PARAMETER_ROWS]
 
     graft_config = GraftConfig() if graft_config is None else graft_config
     graft_sites = activations(graft=sites(lambda m: m.graft_r))
@@ -251,11 +252,11 @@ def _graft_memory(
     plan, config = report.graft, report.graft.config
     output_mode, trainable_projection = config["mode"] == "output", config["projection"] == "trainable"
 
-    def numbers(m: TargetModule) -> int:  # A (out×r) and B (r×d)
-        return m.graft_r * (m.out_features + (m.out_features if output_mode else m.in_features))
+    def numbers(m: TargetModule) -> int:  # A (out×r) and B (r×d), per expert of a stack
+        return m.experts * m.graft_r * (m.out_features + (m.out_features if output_mode else m.in_features))
 
-    def frozen(m: TargetModule) -> int:  # A and B as buffers, and the 3-entry int64 signature
-        return (0 if trainable_projection else numbers(m) * projection_bytes) + 3 * 8
+    def frozen(m: TargetModule) -> int:  # A and B as buffers, and the int64 signature ([E,] out, in, fingerprint)
+        return (0 if trainable_projection else numbers(m) * projection_bytes) + (3 + (m.experts > 1)) * 8
 
     # inspect_config counted stored A and B in the config's dtype; the plan's base holds (and saves) them in its own
     restored = 0 if not stored or trainable_projection else projection_bytes - getattr(torch, report.dtype).itemsize
@@ -282,8 +283,8 @@ def _graft_memory(
 def _lora_memory(
     grafted: list[TargetModule], r: int, first: str | None, activations: ActivationEstimate | None
 ) -> AdapterMemory:
-    def params(m: TargetModule) -> int:  # lora_A (r×in) and lora_B (out×r), rank clamped as PEFT does not
-        return r * (m.in_features + m.out_features)
+    def params(m: TargetModule) -> int:  # lora_A (r×in) and lora_B (out×r), per expert of a stack; r is not clamped
+        return m.experts * r * (m.in_features + m.out_features)
 
     total = sum(params(m) for m in grafted)
     layer = sum(params(m) for m in grafted if m.layer == first)

@@ -13,7 +13,8 @@ _ALIASES = {"targets": "target_modules"}
 
 def parse_graft_spec(spec: str) -> GraftConfig:
     """``key=value`` pairs separated by commas, any `GraftConfig` field (``targets`` for ``target_modules``; several
-    module names joined by ``+``). Numbers, ``true``/``false`` and ``none`` are read as such."""
+    module or parameter names joined by ``+``; ``target_parameters`` is always a list, as the config wants it).
+    Numbers, ``true``/``false`` and ``none`` are read as such."""
     values: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, raw = item.partition("=")
@@ -21,8 +22,9 @@ def parse_graft_spec(spec: str) -> GraftConfig:
             raise GraftConfigError(f"--graft {spec!r}: {item!r} is not key=value (e.g. r=16,targets=all-linear).")
         key = _ALIASES.get(key.strip(), key.strip())
         values[key] = _value(raw.strip())
-        if key == "target_modules" and isinstance(values[key], str) and values[key] != "all-linear":
-            values[key] = values[key].split("+")
+        names = values[key]
+        if key in ("target_modules", "target_parameters") and isinstance(names, str) and names != "all-linear":
+            values[key] = names.split("+")
     try:
         return GraftConfig(**values)
     except TypeError as err:  # an unknown field name

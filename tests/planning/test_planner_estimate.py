@@ -124,6 +124,8 @@ def test_graft_spec():
     assert (config.r, config.target_modules, config.phi, config.save_projection) == (16, {"q_proj", "v_proj"},
                                                                                        "diagonal", True)  # fmt: skip
     assert parse_graft_spec("r=4,targets=all-linear").target_modules == "all-linear"
+    one = parse_graft_spec("target_parameters=mlp.experts.down_proj").target_parameters  # a list even for one name
+    assert list(one) == ["mlp.experts.down_proj"]
     with pytest.raises(GraftConfigError, match="key=value"):
         parse_graft_spec("r16")
     with pytest.raises(GraftConfigError, match="field"):
@@ -142,3 +144,28 @@ def test_table_json_and_fits():
     assert any(line.startswith("fits a 8 GB GPU with graft r=16") and line.endswith("reserve)") for line in lines)
     report = json.loads(json.dumps(large.to_dict()))
     assert [a["method"] for a in report["adapters"]] == ["graft", "lora"] and report["adapters"][0]["fits"] is False
+
+
+@pytest.mark.parametrize("projection", ["orthogonal", "svd"])
+def test_expert_stacks_count_as_the_real_adapters(projection, tmp_path):
+    """target_parameters on Mixtral's (experts, out, in) stacks: one graft per expert, LoRA's E·r·(in + out)."""
+    config = saved_config(tiny_decoder("mixtral", num_local_experts=4, num_experts_per_tok=2), tmp_path / "base")
+    spec = f"r=8,targets=q_proj,target_parameters=mlp.experts.gate_up_proj+mlp.experts.down_proj,projection={projection}"
+    graft = parse_graft_spec(spec)
+    plan = estimate_memory(config, graft, lora_r=8, quant="fp32", batch=1, seq_len=16)
+    graft_plan, lora_plan = plan.adapters
+    assert plan.activation_note is not None  # MoE activations are not modelled; the counts and bytes are exact
+
+    def fresh():
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    grafted = adapted(fresh(), graft, tmp_path / "graft")
+    assert graft_plan.modules == 3 * config.num_hidden_layers
+    assert graft_plan.trainable_params == grafted.get_nb_trainable_parameters()[0]
+    assert graft_plan.file_bytes == tensor_data_bytes(tmp_path / "graft" / "adapter_model.safetensors")
+    assert graft_plan.weights_bytes == held_bytes(grafted) - held_bytes(fresh())
+    lora_config = LoraConfig(r=8, target_modules=["q_proj"], target_parameters=list(graft.target_parameters))
+    lora = adapted(fresh(), lora_config, tmp_path / "lora")
+    assert lora_plan.trainable_params == lora.get_nb_trainable_parameters()[0]
+    assert lora_plan.file_bytes == tensor_data_bytes(tmp_path / "lora" / "adapter_model.safetensors")
+    assert lora_plan.weights_bytes == held_bytes(lora) - held_bytes(fresh())
