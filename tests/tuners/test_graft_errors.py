@@ -127,6 +127,14 @@ def test_random_phi_differs_per_adapter_but_projections_do_not(tiny_llama):
     assert torch.equal(layer.graft_proj["default"].A, layer.graft_proj["other"].A)
 
 
+def test_sparse_residual_larger_than_a_weight_is_refused_before_grafting(tiny_llama):
+    """k entries per module cannot exceed the module's out×in: refused up front (it tried to allocate k positions)."""
+    base = tiny_llama()
+    with pytest.raises(GraftConfigError, match=r"sparse_residual=2,049 .*v_proj.*32×64"):
+        get_peft_model(base, GraftConfig(r=4, target_modules=["v_proj"], sparse_residual=32 * 64 + 1))
+    assert not has_grafts(base)
+
+
 def test_parameter_budget_is_enforced_with_the_excess(tiny_llama):
     base = tiny_llama()
     # 2 layers × 2 modules × r² = 4 × 64 = 256 trainable numbers
@@ -234,6 +242,8 @@ def test_unsupported_layer_type_is_refused_before_anything_is_grafted(tiny_llama
         {"rank_pattern": [4]},
         {"sparse_residual": 1.5},
         {"save_projection": "yes"},
+        {"modules_to_save": "lm_head"},
+        {"modules_to_save": [1, 2]},
     ],
     ids=lambda change: "-".join(f"{k}={v!r}" for k, v in change.items()),
 )

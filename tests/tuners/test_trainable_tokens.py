@@ -147,6 +147,15 @@ def test_ensure_weight_tying_with_conflicting_indices_is_refused_before_grafting
     assert not any(isinstance(m, GraftLayer) for m in base.modules())
 
 
+def test_modules_to_tie_without_the_embedding_in_modules_to_save_is_refused_before_grafting() -> None:
+    """modules_to_tie is ensure_weight_tying's record; set by hand without the embedding's trained copy in
+    modules_to_save, PEFT would fail half-way through adding the adapter."""
+    base = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(GraftConfigError, match="modules_to_tie=\\['lm_head'\\].*leave modules_to_tie unset"):
+        get_peft_model(base, config(trainable_token_indices=None, modules_to_tie=["lm_head"]))
+    assert not any(isinstance(m, GraftLayer) for m in base.modules())
+
+
 def test_ensure_weight_tying_shares_one_trained_embedding_copy(tmp_path) -> None:
     """modules_to_save=["embed_tokens"] on a tied model: lm_head uses the same trained copy, before and after a
     save, a reload and a merge (without ensure_weight_tying PEFT would give lm_head no share of the training)."""

@@ -264,6 +264,9 @@ class GraftConfig(PeftConfig):
         names("exclude_modules", self.exclude_modules)
         names("modules_to_tie", self.modules_to_tie)
         names("target_parameters", self.target_parameters)
+        saved = self.modules_to_save  # PEFT iterates it: a plain string would match module names letter by letter
+        if saved is not None and (not isinstance(saved, (list, tuple, set)) or not all(isinstance(v, str) for v in saved)):
+            fail("modules_to_save", "a list of module names or None", saved)
         ranges = self.layer_replication
         if ranges is not None and not (
             isinstance(ranges, list)

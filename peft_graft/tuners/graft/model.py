@@ -124,6 +124,7 @@ class GraftModel(BaseTuner):
         but svd and gradient projections are singular vectors of an out×in matrix: at most min(out, in) of them.)
         """
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
+        self._check_modules_to_tie(peft_config, model)
         sites = []  # (name, in, out, number of matrices): every graft the adapter will hold
         for key, module in model.named_modules():
             matched = check_target_module_exists(peft_config, key)
@@ -141,6 +142,11 @@ class GraftModel(BaseTuner):
         targets += len(parameters)
         total, clamped = 0, {}
         for site, site_in, site_out, matrices in sites:
+            if peft_config.sparse_residual > site_in * site_out:
+                raise GraftConfigError(
+                    f"sparse_residual={peft_config.sparse_residual:,} asks for more entries than {site!r} has "
+                    f"(weight {site_out}×{site_in} = {site_in * site_out:,}). Lower sparse_residual."
+                )
             d = site_in if peft_config.mode == "additive" else site_out
             limit, r = min(site_out, d), peft_config.r_for(site)
             if peft_config.projection in ("svd", "gradient"):  # singular vectors of an out×in matrix
@@ -211,6 +217,21 @@ class GraftModel(BaseTuner):
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
         self._projection_progress.update()
+
+    @staticmethod
+    def _check_modules_to_tie(peft_config: GraftConfig, model: nn.Module) -> None:
+        """``modules_to_tie`` names layers tied to the trained copy of the input embedding, which PEFT looks up in
+        ``modules_to_save`` after the grafts are in place: without it there it fails half-way (an AttributeError)."""
+        if not peft_config.modules_to_tie:
+            return
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        name = None if embeddings is None else find_parameter_name_by_module(model, embeddings)
+        if name is None or not any(name == n or name.endswith(f".{n}") for n in peft_config.modules_to_save or ()):
+            raise GraftConfigError(
+                f"modules_to_tie={sorted(peft_config.modules_to_tie)!r} names layers tied to a trained copy of the "
+                "input embedding, but modules_to_save does not hold the embedding. ensure_weight_tying=True fills it "
+                "in when modules_to_save holds a tied embedding; leave modules_to_tie unset."
+            )
 
     def _add_modules_to_save_to_tie(self, peft_config: GraftConfig, tied_weight_keys: list[str]) -> None:
         """With ``ensure_weight_tying``, one trained copy of a tied embedding serves every layer tied to it.
