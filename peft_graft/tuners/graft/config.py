@@ -194,15 +194,12 @@ class GraftConfig(PeftConfig):
             )
             self.save_projection = save_projections
         self.peft_type = GRAFT_PEFT_TYPE
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.modules_to_tie, list):
-            self.modules_to_tie = set(self.modules_to_tie)
         if isinstance(self.layer_replication, (list, tuple)):  # JSON gives lists, LoRA's examples tuples
             self.layer_replication = [list(pair) if isinstance(pair, tuple) else pair for pair in self.layer_replication]
-        self._validate()
+        self._validate()  # before the name lists become sets: a list holding a list must fail typed, not unhashable
+        for name in ("target_modules", "exclude_modules", "modules_to_tie"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
 
     def _validate(self) -> None:
         """Check every field's type and range, so a bad value (from code or a damaged adapter_config.json) fails
@@ -264,6 +261,7 @@ class GraftConfig(PeftConfig):
         names("exclude_modules", self.exclude_modules)
         names("modules_to_tie", self.modules_to_tie)
         names("target_parameters", self.target_parameters)
+        names("layers_pattern", self.layers_pattern)
         saved = self.modules_to_save  # PEFT iterates it: a plain string would match module names letter by letter
         if saved is not None and (not isinstance(saved, (list, tuple, set)) or not all(isinstance(v, str) for v in saved)):
             fail("modules_to_save", "a list of module names or None", saved)

@@ -222,7 +222,7 @@ class GraftModel(BaseTuner):
     def _check_modules_to_tie(peft_config: GraftConfig, model: nn.Module) -> None:
         """``modules_to_tie`` names layers tied to the trained copy of the input embedding, which PEFT looks up in
         ``modules_to_save`` after the grafts are in place: without it there it fails half-way (an AttributeError)."""
-        if not peft_config.modules_to_tie:
+        if peft_config.modules_to_tie is None:  # PEFT ties whenever it is not None, even when empty
             return
         embeddings = getattr(model, "get_input_embeddings", lambda: None)()
         name = None if embeddings is None else find_parameter_name_by_module(model, embeddings)
