@@ -203,6 +203,11 @@ class SEWLStateError(SEWLError, RuntimeError):
     to predict); nothing was changed."""
 
 
+class SEWLInputError(SEWLError, ValueError):
+    """What was given to `SEWL.step`/`score`/`observe` is not a batch of token ids the model can read (wrong type or
+    dtype, ids outside the vocabulary, a mask or labels of another shape); nothing was changed."""
+
+
 class SEWLSnapshotError(SEWLError, OSError):
     """A SEWL snapshot folder is missing files, holds unreadable ones, or cannot be written where asked."""
 

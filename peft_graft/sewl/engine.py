@@ -12,16 +12,17 @@ import copy
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLStateError
+from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLInputError, SEWLStateError
 from ..registry.fingerprints import base_model_fingerprint
 from ..tuners.graft import GraftConfig, GraftLayer, Linear
 from ..tuners.graft.bnb import unpack_cpu_4bit
+from .batch import Batch, prepare_batch
 from .config import SEWLConfig
 from .loss import summed_nll
 from .rails import SpectralBound, UpdateLog, UpdateRecord, age
@@ -31,7 +32,6 @@ from .state import SEWLState, SiteState
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 def _keep_4bit_layers_differentiable(model: nn.Module) -> None:
@@ -174,21 +174,9 @@ class SEWL:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if isinstance(batch, Mapping):
-            input_ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            labels = batch.get("labels")
-        else:
-            input_ids, mask, labels = batch, None, None
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if mask is None:
-            mask = torch.ones_like(input_ids)
-        mask = mask.reshape(input_ids.shape)
-        if labels is None:
-            labels = input_ids.masked_fill(mask == 0, -100)
-        device = next(self.phi_module(next(iter(self.layers))).parameters()).device
-        return input_ids.to(device), mask.to(device), labels.reshape(input_ids.shape).to(device)
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        return prepare_batch(batch, vocab, next(self.phi_module(next(iter(self.layers))).parameters()).device)
 
     def _nll(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token loss over the chunk's predicted tokens (a fixed per-token reduction) and their count.
@@ -212,6 +200,8 @@ class SEWL:
     def observe(self, text: str) -> float:
         """Tokenize ``text``, learn it chunk by chunk (``config.chunk_tokens``) and return the token-weighted mean loss
         it had *before* each chunk was learnt. No tokens are added to any later prompt: the text lives on in Φ."""
+        if not isinstance(text, str):
+            raise SEWLInputError(f"observe() reads text, got {type(text).__name__}; give token ids to step().")
         ids = self._tokens(text, what="observe")["input_ids"][0]
         size = self.config.chunk_tokens
         chunks = [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) > 1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sewl_models import grafted, token_batch
 
-from peft_graft.errors import SEWLConfigError, SEWLStateError
+from peft_graft.errors import SEWLConfigError, SEWLInputError, SEWLStateError
 from peft_graft.sewl import SEWL, SEWLConfig
 from peft_graft.sewl.rails import SpectralBound
 
@@ -217,3 +217,35 @@ def test_selection_that_matches_nothing_is_a_typed_error():
 def test_spectral_bound_orthonormal_shortcut():
     sewl = SEWL(grafted(), SEWLConfig())
     assert all(isinstance(b, SpectralBound) and b.left is None and b.right is None for b in sewl.bounds.values())
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        ("some text", "integer tensor of token ids, got str"),
+        ([1, 2, 3], "integer tensor of token ids, got list"),
+        (torch.tensor([[1.5, 2.0, 3.0]]), "got a torch.float32 tensor"),
+        (torch.ones(1, 2, 3, dtype=torch.long), r"\[batch, tokens\], got shape \(1, 2, 3\)"),
+        (torch.tensor([[1, 2, 10**6]]), "outside the model's vocabulary"),
+        (torch.tensor([[-1, 2, 3]]), "outside the model's vocabulary"),
+        ({"ids": torch.tensor([[1, 2, 3]])}, "needs 'input_ids'"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1]])}, r"labels has shape \(1, 1\)"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 10**6]])}, "labels hold ids"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 2)}, "attention_mask must be"),
+    ],
+    ids=["text", "list", "float-ids", "3-d", "above-vocab", "negative", "no-input_ids", "labels-shape",
+         "labels-vocab", "float-mask"],
+)
+def test_batches_that_are_not_token_ids_fail_typed_and_change_nothing(batch, match):
+    """step/score refuse what the model cannot read before it runs (these failed inside the embedding or the loss)."""
+    model = grafted()
+    sewl = SEWL(model, SEWLConfig(rule="fisher"))
+    before = snapshot_weights(model)
+    with pytest.raises(SEWLInputError, match=match):
+        sewl.step(batch)
+    with pytest.raises(SEWLInputError, match=match):
+        sewl.score(batch)
+    with pytest.raises(SEWLInputError, match="observe\\(\\) reads text"):
+        sewl.observe(torch.tensor([1, 2, 3]))
+    assert_unchanged(model, before)
+    assert len(sewl.log) == 0
