@@ -93,6 +93,26 @@ class _Recorder:
             self._grad_x = self._add(self._grad_x, g2.T @ x2)  # [out, in]
 
 
+def _check_batch(batch: Any, index: int, vocab_size: int | None) -> None:
+    """A calibration batch is a dict of model inputs whose token ids the model can embed (else the forward fails
+    deep inside the embedding, with the adapter half-recorded)."""
+    if not isinstance(batch, Mapping):
+        raise GraftConfigError(
+            f"Calibration batch {index} is a {type(batch).__name__}, not a dict of model inputs "
+            "(e.g. {'input_ids': ..., 'labels': ...})."
+        )
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise GraftConfigError(f"Calibration batch {index}: input_ids must be integer token ids, got {ids.dtype}.")
+    if vocab_size is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+        raise GraftConfigError(
+            f"Calibration batch {index}: input_ids range from {int(ids.min())} to {int(ids.max())}, outside the "
+            f"model's vocabulary of {vocab_size}; tokenize with the base model's tokenizer."
+        )
+
+
 def _graft_layers(model: nn.Module, adapter: str) -> list[GraftLayer]:
     return [m for m in model.modules() if isinstance(m, GraftLayer) and adapter in m.graft_phi]
 
@@ -181,8 +201,14 @@ def calibrate(
     To spend no extra passes on it, let the first training steps calibrate instead: `peft_graft.calibrating_step`,
     `peft_graft.CalibratingSteps`.
     """
+    if isinstance(dataloader, (str, bytes, Mapping, torch.Tensor)) or not isinstance(dataloader, Iterable):
+        raise GraftConfigError(
+            f"calibrate() takes an iterable of batches (dicts of model inputs, e.g. a DataLoader), got "
+            f"{type(dataloader).__name__}; for a single batch pass [batch]."
+        )
     adapter, config, layers = start_recording(model, adapter_name, grads=False)
     grads = layers[0].graft_recorders[adapter].grads
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -191,6 +217,7 @@ def calibrate(
         for batch in tqdm(dataloader, desc=f"Calibrating graft {adapter!r}", disable=not progress, total=max_batches):
             if max_batches is not None and used >= max_batches:
                 break
+            _check_batch(batch, used, getattr(embeddings, "num_embeddings", None))
             batch = _to_device(batch, device)
             with torch.set_grad_enabled(grads):
                 output = model(**batch)

@@ -6,6 +6,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_graft
 from peft_graft import CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
+from peft_graft.calibration import needs_calibration
 
 
 TARGET = "model.layers.1.self_attn.q_proj"
@@ -122,6 +123,26 @@ def test_gradient_calibration_needs_labels(tiny_llama):
     with pytest.raises(GraftConfigError, match="include `labels`"):
         peft_graft.calibrate(model, [{"input_ids": batches(1)[0]["input_ids"]}], progress=False)
     assert not layer_of(model).graft_recorders  # recorders removed even on failure
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (None, "iterable of batches"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long)}, "for a single batch pass \\[batch\\]"),
+        ("some text", "iterable of batches"),
+        ([torch.ones(1, 4, dtype=torch.long)], "batch 0 is a Tensor, not a dict"),
+        ([{"input_ids": torch.ones(1, 4), "labels": torch.ones(1, 4, dtype=torch.long)}], "integer token ids"),
+        ([{"input_ids": torch.full((1, 4), 10**6), "labels": torch.ones(1, 4, dtype=torch.long)}], "vocabulary"),
+    ],
+    ids=["none", "one-dict", "text", "tensor-batches", "float-ids", "ids-above-vocab"],
+)
+def test_data_that_is_not_batches_of_token_ids_fails_typed(tiny_llama, data, match):
+    """These failed as TypeError/IndexError inside the model's forward; the adapter stays uncalibrated."""
+    model = get_peft_model(tiny_llama(), GraftConfig(r=4, target_modules=["q_proj"], projection="gradient"))
+    with pytest.raises(GraftConfigError, match=match):
+        peft_graft.calibrate(model, data, progress=False)
+    assert not layer_of(model).graft_recorders and needs_calibration(model)
 
 
 def test_empty_dataloader_is_an_error(tiny_llama):
