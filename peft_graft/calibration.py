@@ -93,6 +93,16 @@ class _Recorder:
             self._grad_x = self._add(self._grad_x, g2.T @ x2)  # [out, in]
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's token embedding, or None where it has none to ask (a custom module, a time-series model
+    whose ``get_input_embeddings`` raises, patch embeddings): the token-id range a batch is checked against."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 def _check_batch(batch: Any, index: int, vocab_size: int | None) -> None:
     """A calibration batch is a dict of model inputs whose token ids the model can embed (else the forward fails
     deep inside the embedding, with the adapter half-recorded)."""
@@ -208,7 +218,7 @@ def calibrate(
         )
     adapter, config, layers = start_recording(model, adapter_name, grads=False)
     grads = layers[0].graft_recorders[adapter].grads
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = vocabulary_size(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -217,7 +227,7 @@ def calibrate(
         for batch in tqdm(dataloader, desc=f"Calibrating graft {adapter!r}", disable=not progress, total=max_batches):
             if max_batches is not None and used >= max_batches:
                 break
-            _check_batch(batch, used, getattr(embeddings, "num_embeddings", None))
+            _check_batch(batch, used, vocab)
             batch = _to_device(batch, device)
             with torch.set_grad_enabled(grads):
                 output = model(**batch)

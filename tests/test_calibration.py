@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
 
 import peft_graft
 from peft_graft import CalibrationRequiredError, GraftConfig, GraftConfigError, GraftLayer
-from peft_graft.calibration import needs_calibration
+from peft_graft.calibration import needs_calibration, vocabulary_size
 
 
 TARGET = "model.layers.1.self_attn.q_proj"
@@ -171,3 +172,25 @@ def test_distributed_calibration_gives_every_rank_the_single_process_subspace(tm
         torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0)
         if not key.endswith("signature"):  # a hash of the projections' bytes: summation order changes the last bit
             torch.testing.assert_close(rank0[key], single[key], atol=1e-5, rtol=1e-4)
+
+
+def test_models_without_token_embeddings_calibrate_without_the_id_check():
+    """The token-id check reads the vocabulary where a model has one; a model whose get_input_embeddings raises
+    (transformers' time-series models) or that has none (a plain module) calibrates as before."""
+    series = transformers.TimeSeriesTransformerConfig(
+        prediction_length=4, context_length=4, d_model=8, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, lags_sequence=[1],
+    )  # fmt: skip
+    assert vocabulary_size(transformers.TimeSeriesTransformerModel(series)) is None
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = get_peft_model(Features(), GraftConfig(r=2, target_modules=["lin"], projection="activation"))
+    assert peft_graft.calibrate(model, [{"x": torch.randn(4, 8)}], progress=False) == 1
+    assert not needs_calibration(model)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import vocabulary_size
 from ..errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLInputError, SEWLStateError
 from ..registry.fingerprints import base_model_fingerprint
 from ..tuners.graft import GraftConfig, GraftLayer, Linear
@@ -174,9 +175,8 @@ class SEWL:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        vocab = getattr(embeddings, "num_embeddings", None)
-        return prepare_batch(batch, vocab, next(self.phi_module(next(iter(self.layers))).parameters()).device)
+        device = next(self.phi_module(next(iter(self.layers))).parameters()).device
+        return prepare_batch(batch, vocabulary_size(self.model), device)
 
     def _nll(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token loss over the chunk's predicted tokens (a fixed per-token reduction) and their count.
