@@ -103,6 +103,16 @@ def vocabulary_size(model: nn.Module) -> int | None:
     return getattr(embeddings, "num_embeddings", None)
 
 
+def outside_vocabulary(ids: torch.Tensor, vocab_size: int | None) -> str | None:
+    """Why integer ``ids`` are not token ids of a ``vocab_size`` vocabulary (None: they are, or it is unknown)."""
+    if vocab_size is None or not ids.numel() or 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+        return None
+    return (
+        f"hold ids from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of {vocab_size}: "
+        "tokenize with the base model's tokenizer"
+    )
+
+
 def _check_batch(batch: Any, index: int, vocab_size: int | None) -> None:
     """A calibration batch is a dict of model inputs whose token ids the model can embed (else the forward fails
     deep inside the embedding, with the adapter half-recorded)."""
@@ -116,11 +126,9 @@ def _check_batch(batch: Any, index: int, vocab_size: int | None) -> None:
         return
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise GraftConfigError(f"Calibration batch {index}: input_ids must be integer token ids, got {ids.dtype}.")
-    if vocab_size is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
-        raise GraftConfigError(
-            f"Calibration batch {index}: input_ids range from {int(ids.min())} to {int(ids.max())}, outside the "
-            f"model's vocabulary of {vocab_size}; tokenize with the base model's tokenizer."
-        )
+    problem = outside_vocabulary(ids, vocab_size)
+    if problem:
+        raise GraftConfigError(f"Calibration batch {index}: input_ids {problem}.")
 
 
 def _graft_layers(model: nn.Module, adapter: str) -> list[GraftLayer]:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..calibration import outside_vocabulary
 from ..errors import SEWLInputError
 
 
@@ -44,11 +45,9 @@ def _token_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def _in_vocabulary(name: str, ids: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    if vocab_size is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
-        raise SEWLInputError(
-            f"{name} hold ids from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of "
-            f"{vocab_size}: tokenize with the base model's tokenizer."
-        )
+    problem = outside_vocabulary(ids, vocab_size)
+    if problem:
+        raise SEWLInputError(f"{name} {problem}.")
     return ids
 
 
