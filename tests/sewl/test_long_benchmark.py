@@ -54,3 +54,26 @@ def test_quick_long_benchmark(tmp_path):
     table = (tmp_path / "sewl_long.md").read_text()
     assert table.count("| PASS |") + table.count("| MISS |") == 6
     assert (tmp_path / "sewl_long.png").stat().st_size > 0
+
+
+def test_quick_ceiling_benchmark(tmp_path):
+    """`benchmarks/sewl_ceiling.py --quick`: all-weights SGD at the best finite lr the dev streams tried, read beside
+    context alone; the SEWL rows come from the committed sewl_long report, compared with that run's own reference."""
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sewl_ceiling.py"), "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads((tmp_path / "sewl_ceiling.json").read_text())
+    results = report["results"]
+    assert set(results) == {"C256|context only", "C256|all weights, SGD"}
+    assert all(math.isfinite(r["nll"]) for r in results.values())
+    assert results["C256|context only"]["cost_vs_forward"] == 1.0
+    assert results["C256|all weights, SGD"]["cost_vs_forward"] > 1.0  # a backward pass over every weight
+    tried = {float(lr): nll for lr, nll in report["tuning"].items() if nll is not None}
+    assert report["lr"] == min(tried, key=tried.get)
+    long_report = json.loads((BENCHMARKS / "results" / "sewl_long.json").read_text())
+    cited = {row["arm"] for row in report["sewl_long_rows"]}
+    assert cited == {r["arm"] for r in long_report["results"].values() if r["setting"] == "C256"}
+    table = (tmp_path / "sewl_ceiling.md").read_text()
+    assert all(f"| {arm} (sewl_long run) |" in table for arm in cited - {"context only"})
