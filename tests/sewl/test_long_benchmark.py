@@ -57,8 +57,9 @@ def test_quick_long_benchmark(tmp_path):
 
 
 def test_quick_ceiling_benchmark(tmp_path):
-    """`benchmarks/sewl_ceiling.py --quick`: all-weights SGD at the best finite lr the dev streams tried, read beside
-    context alone; the SEWL rows come from the committed sewl_long report, compared with that run's own reference."""
+    """`benchmarks/sewl_ceiling.py --quick`: all-weights SGD and calibrated SEWL, each at the best finite lr its dev
+    streams tried, read beside context alone and judged (SEWL) against the C256 target; the sewl_long rows come from
+    the committed report, compared with that run's own reference."""
     subprocess.run(
         [sys.executable, str(BENCHMARKS / "sewl_ceiling.py"), "--quick", "--out", str(tmp_path)],
         check=True,
@@ -66,14 +67,17 @@ def test_quick_ceiling_benchmark(tmp_path):
     )
     report = json.loads((tmp_path / "sewl_ceiling.json").read_text())
     results = report["results"]
-    assert set(results) == {"C256|context only", "C256|all weights, SGD"}
+    sgd, sewl = "all weights, SGD", "SEWL kfac, calibrated r=32, layers 10-29"
+    assert set(results) == {"C256|context only", f"C256|{sgd}", f"C256|{sewl}"}
     assert all(math.isfinite(r["nll"]) for r in results.values())
     assert results["C256|context only"]["cost_vs_forward"] == 1.0
-    assert results["C256|all weights, SGD"]["cost_vs_forward"] > 1.0  # a backward pass over every weight
-    tried = {float(lr): nll for lr, nll in report["tuning"].items() if nll is not None}
-    assert report["lr"] == min(tried, key=tried.get)
+    assert results[f"C256|{sgd}"]["cost_vs_forward"] > 1.0  # a backward pass over every weight
+    for arm in (sgd, sewl):
+        tried = {float(lr): nll for lr, nll in report["tuning"][arm].items() if nll is not None}
+        assert report["lrs"][arm] == min(tried, key=tried.get)
     long_report = json.loads((BENCHMARKS / "results" / "sewl_long.json").read_text())
     cited = {row["arm"] for row in report["sewl_long_rows"]}
     assert cited == {r["arm"] for r in long_report["results"].values() if r["setting"] == "C256"}
     table = (tmp_path / "sewl_ceiling.md").read_text()
     assert all(f"| {arm} (sewl_long run) |" in table for arm in cited - {"context only"})
+    assert table.count("| PASS |") + table.count("| MISS |") == 1 and f"best: {sewl}," in table
