@@ -44,6 +44,7 @@ from sewl_stream import (
     batches,
     c0_target,
     c256_target,
+    centred,
     general_text,
     gradient_arm,
     grafted,
@@ -148,7 +149,9 @@ def run(sizes: Sizes, lrs: dict[str, float]) -> dict:
                 continue
             arms[key] = sewl_arm(name, cal[name], "kfac", last_k=None, max_step_fraction=0.1)
             if seed == 0:
-                tuning[key] = tune(arms[key], [batches(d, sizes, setting == "C256") for d in dev], sizes.grid)
+                tuning[key] = tune(
+                    arms[key], [batches(d, sizes, setting == "C256") for d in dev], centred(arms[key], sizes.grid)
+                )
                 chosen[key] = arms[key].lr
             arms[key].set_lr(chosen[key])
         for source in sizes.sources:

@@ -263,16 +263,21 @@ def read(arm: Arm, chunks: list[Batch], after: list[Batch] = ()) -> tuple[list[f
     return losses, seconds, final
 
 
-def tune(arm: Arm, dev: list[list[Batch]], grid: tuple[float, ...]) -> dict[float, float]:
-    """Set the arm's lr to the grid value with the lowest mean dev NLL; returns every tried value's NLL."""
+def tune(arm: Arm, dev: list[list[Batch]], lrs: list[float]) -> dict[float, float]:
+    """Set the arm's lr to the tried lr with the lowest mean dev NLL, among those that did not diverge; returns every
+    tried lr's NLL (not finite where the arm diverged)."""
     tried = {}
-    for factor in grid:
-        lr = LR_CENTRE[arm.family] * factor
+    for lr in lrs:
         arm.set_lr(lr)
         tried[lr] = statistics.mean(loss for chunks in dev for loss in read(arm, chunks)[0])
-    arm.lr = min(tried, key=tried.get)
+    arm.lr = min((lr for lr, nll in tried.items() if math.isfinite(nll)), key=tried.get)
     arm.set_lr(arm.lr)
     return tried
+
+
+def centred(arm: Arm, grid: tuple[float, ...]) -> list[float]:
+    """The lrs of a grid of multipliers around the arm family's centre."""
+    return [LR_CENTRE[arm.family] * factor for factor in grid]
 
 
 def run(sizes: Sizes, out: Path) -> dict:
@@ -311,7 +316,7 @@ def run(sizes: Sizes, out: Path) -> dict:
         ]
         for arm in arms[1:]:
             if seed == 0:
-                report["tuning"][arm.name] = tune(arm, dev, sizes.grid)
+                report["tuning"][arm.name] = tune(arm, dev, centred(arm, sizes.grid))
                 tuned[arm.name] = arm.lr
             else:
                 arm.lr = tuned[arm.name]

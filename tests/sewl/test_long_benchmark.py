@@ -81,3 +81,35 @@ def test_quick_ceiling_benchmark(tmp_path):
     table = (tmp_path / "sewl_ceiling.md").read_text()
     assert all(f"| {arm} (sewl_long run) |" in table for arm in cited - {"context only"})
     assert table.count("| PASS |") + table.count("| MISS |") == 1 and f"best: {sewl}," in table
+
+
+def test_quick_ceiling_benchmark_without_context(tmp_path):
+    """`sewl_ceiling.py --quick --setting C0`: both updaters read each chunk alone beside static scoring (the
+    reference) and context alone (the gain to recover); SEWL is judged against the C0 target with this run's SGD as
+    the cost yardstick, and the per-position pass scores exactly what the timed pass scored (one seed, one stream:
+    the mean over positions is the stream's NLL)."""
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sewl_ceiling.py"), "--quick", "--setting", "C0", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads((tmp_path / "sewl_ceiling_c0.json").read_text())
+    results, positions = report["results"], report["positions"]
+    sgd, sewl = "all weights, SGD", "SEWL kfac, calibrated r=32, layers 10-29"
+    assert set(results) == {"C0|static", "C256|context only", f"C0|{sgd}", f"C0|{sewl}"}
+    assert results["C0|static"]["cost_vs_forward"] == results["C256|context only"]["cost_vs_forward"] == 1.0
+    assert results["C256|context only"]["nll"] < results["C0|static"]["nll"]
+    for arm in (sgd, sewl):
+        tried = {float(lr): nll for lr, nll in report["tuning"][arm].items() if nll is not None}
+        assert report["lrs"][arm] == min(tried, key=tried.get)
+    assert set(positions) == {"static", "context only", sgd, sewl}
+    for row in results.values():
+        scored = positions[row["arm"]]
+        assert len(scored) == report["sizes"]["chunk"] - 1
+        assert sum(scored) / len(scored) == pytest.approx(row["nll"], abs=1e-4)
+    long_report = json.loads((BENCHMARKS / "results" / "sewl_long.json").read_text())
+    cited = {row["arm"] for row in report["sewl_long_rows"]}
+    assert cited == {r["arm"] for r in long_report["results"].values() if r["setting"] == "C0"}
+    table = (tmp_path / "sewl_ceiling_c0.md").read_text()
+    assert table.count("| PASS |") + table.count("| MISS |") == 1 and "C0: SEWL recovers" in table
+    assert f"{sewl} recovers" in table and "\n| all | " in table
