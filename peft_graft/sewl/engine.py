@@ -209,9 +209,9 @@ class SEWL:
         return sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)
 
     def step(self, batch: Batch) -> float:
-        """Score ``batch`` (token ids, or a dict with ``input_ids`` and optional ``attention_mask``/``labels``) with
-        the current state, then fold what it teaches into Φ unless a rail rejects it. Returns the loss scored
-        before the update; what happened is in `log`."""
+        """Score ``batch`` (token ids, or a dict with ``input_ids`` and optional ``attention_mask`` of 0/1 integers or
+        booleans and ``labels``, -100 where not predicted) with the current state, then fold what it teaches into Φ
+        unless a rail rejects it. Returns the loss scored before the update; what happened is in `log`."""
         self._check_live()
         input_ids, mask, labels = self._prepare(batch)
         signal = GraftSignal({name: self.phi_module(name) for name in self.layers}, self.model, mask[:, :-1])

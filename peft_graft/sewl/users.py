@@ -72,17 +72,14 @@ class SEWLUsers:
     def blend(self, weights: Mapping[str, float], user: str) -> None:
         """Store for ``user`` the persona Σ wᵢ·state(userᵢ): Φ, anchors and statistics summed with the weights,
         counters reset. Exact in ΔW because the users share projections (checked)."""
-        if not weights:
-            raise SEWLBlendError("blend() needs at least one user and weight.")
-        for name, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w):
-                raise SEWLBlendError(f"The weight of user {name!r} must be a finite number, got {w!r}.")
+        _check_weights(weights, weights)
         states = {name: self.state(name) for name in weights}  # unknown users raise here
         self.add(user, blend_states(states, weights))
 
 
 def blend_states(states: Mapping[str, SEWLState], weights: Mapping[str, float]) -> SEWLState:
     """Σ wᵢ·stateᵢ over states that share their grafts and projections (`SEWLBlendError` otherwise)."""
+    _check_weights(states, weights)
     first_name, first = next(iter(states.items()))
     for name, state in states.items():
         if state.projections != first.projections:
@@ -104,3 +101,16 @@ def blend_states(states: Mapping[str, SEWLState], weights: Mapping[str, float]) 
         phi = sum(w * part.phi for w, part in parts)
         sites[site] = SiteState(phi, sum(w * part.anchor for w, part in parts), stats)
     return SEWLState(sites, dict(first.projections))
+
+
+def _check_weights(states: Mapping[str, object], weights: Mapping[str, float]) -> None:
+    """One finite weight per state, at least one state: checked before anything is summed."""
+    if not states:
+        raise SEWLBlendError("A blend needs at least one user and weight.")
+    if set(states) != set(weights):
+        raise SEWLBlendError(
+            f"A blend needs one weight per user: users {sorted(states)}, weights given for {sorted(weights)}."
+        )
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w):
+            raise SEWLBlendError(f"The weight of user {name!r} must be a finite number, got {w!r}.")

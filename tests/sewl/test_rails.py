@@ -231,10 +231,13 @@ def test_spectral_bound_orthonormal_shortcut():
         ({"ids": torch.tensor([[1, 2, 3]])}, "needs 'input_ids'"),
         ({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1]])}, r"labels has shape \(1, 1\)"),
         ({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 10**6]])}, "labels hold ids"),
-        ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 2)}, "attention_mask must be"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}, "0/1 integers or booleans"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)},
+         r"attention_mask has shape \(1, 2\)"),
+        ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 2, 1]])}, "only 0 and 1"),
     ],
     ids=["text", "list", "float-ids", "3-d", "above-vocab", "negative", "no-input_ids", "labels-shape",
-         "labels-vocab", "float-mask"],
+         "labels-vocab", "float-mask", "mask-shape", "mask-values"],
 )
 def test_batches_that_are_not_token_ids_fail_typed_and_change_nothing(batch, match):
     """step/score refuse what the model cannot read before it runs (these failed inside the embedding or the loss)."""
@@ -249,3 +252,19 @@ def test_batches_that_are_not_token_ids_fail_typed_and_change_nothing(batch, mat
         sewl.observe(torch.tensor([1, 2, 3]))
     assert_unchanged(model, before)
     assert len(sewl.log) == 0
+
+
+def test_bool_attention_mask_reads_like_the_integer_mask():
+    """Pipelines often build masks as booleans: SEWL reads them as tokenizers' 0/1 masks (same loss, same Φ)."""
+    ids = token_batch(5)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded second row
+    runs = []
+    for given in (mask, mask.bool()):
+        sewl = SEWL(grafted(), SEWLConfig(rule="kfac"))
+        loss = sewl.step({"input_ids": ids, "attention_mask": given})
+        runs.append((loss, sewl.state.clone()))
+    (loss_int, state_int), (loss_bool, state_bool) = runs
+    assert loss_bool == loss_int and math.isfinite(loss_int)
+    assert all(torch.equal(state_int.sites[k].phi, state_bool.sites[k].phi) for k in state_int.sites)
+    assert any(not torch.equal(site.phi, site.anchor) for site in state_int.sites.values())  # it did learn

@@ -7,7 +7,7 @@ from peft import PeftModel
 from sewl_models import base_model, grafted, token_batch
 
 from peft_graft.errors import BlendError, SEWLBlendError, SEWLUnknownUserError
-from peft_graft.sewl import SEWL, SEWLConfig, SEWLUsers
+from peft_graft.sewl import SEWL, SEWLConfig, SEWLUsers, blend_states
 
 
 CONFIG = SEWLConfig(lr=3e-3, spectral_clip=0.5, max_step_fraction=None, outlier_z=None)
@@ -80,6 +80,23 @@ def test_blending_states_over_other_projections_is_refused(two_users):
     assert all(torch.equal(sewl.state.sites[n].phi, p) for n, p in before.items())
     with pytest.raises(SEWLBlendError, match="finite"):
         users.blend({"alice": float("inf")}, "mix")
+
+
+@pytest.mark.parametrize(
+    ("names", "weights", "match"),
+    [
+        ((), {}, "at least one user"),
+        (("alice", "bob"), {"alice": 1.0}, "one weight per user"),
+        (("alice", "bob"), {"alice": 0.5, "bob": float("nan")}, "finite"),
+    ],
+    ids=["empty", "missing-weight", "nan-weight"],
+)
+def test_blend_states_checks_its_weights_before_summing(two_users, names, weights, match):
+    """The public blend_states refuses what blend() refuses, typed (it raised StopIteration or KeyError)."""
+    _, users, _, _ = two_users
+    states = {name: users.state(name) for name in names}
+    with pytest.raises(SEWLBlendError, match=match):
+        blend_states(states, weights)
 
 
 def test_user_state_is_r_by_r_only(two_users):
