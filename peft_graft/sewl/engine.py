@@ -77,9 +77,15 @@ class SEWL:
         self.adapter = adapter_name or getattr(model, "active_adapter", None)
         peft_config = getattr(model, "peft_config", {}).get(self.adapter)
         if not isinstance(peft_config, GraftConfig):
+            grafts = [name for name, c in getattr(model, "peft_config", {}).items() if isinstance(c, GraftConfig)]
+            hint = (
+                f"It has graft adapter(s) {grafts}: name one with adapter_name= (SEWL(...) and SEWL.load(...) take it)."
+                if grafts
+                else "Wrap the model with peft.get_peft_model(base, peft_graft.GraftConfig(...)) or load a graft adapter."
+            )
             raise SEWLConfigError(
                 f"SEWL evolves a graft adapter, but {type(model).__name__} has no graft adapter named {self.adapter!r}. "
-                "Wrap the model with peft.get_peft_model(base, peft_graft.GraftConfig(...)) or load a graft adapter."
+                + hint
             )
         self.layers = self._select_layers()
         self._check_live()

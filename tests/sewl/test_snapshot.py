@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from sewl_models import base_model, grafted, token_batch
+from sewl_models import ARCHS, base_model, grafted, token_batch
 
-from peft_graft.errors import SEWLForeignSnapshotError, SEWLIntegrityError, SEWLSnapshotError
+from peft_graft import GraftConfig
+from peft_graft.errors import SEWLConfigError, SEWLForeignSnapshotError, SEWLIntegrityError, SEWLSnapshotError
 from peft_graft.sewl import SEWL, SEWLConfig
 from peft_graft.sewl.snapshot import MANIFEST_FILE, STATE_FILE
 
@@ -60,6 +61,21 @@ def test_snapshot_loads_like_any_graft_adapter_and_resumes_exactly(tmp_path):
     for name, phi in phis(sewl).items():
         assert torch.equal(resumed.state.sites[name].phi, phi)
         assert torch.equal(resumed.state.sites[name].stats["fisher"], sewl.state.sites[name].stats["fisher"])
+
+
+def test_snapshot_resumes_under_another_adapter_name(tmp_path):
+    """A snapshot saved from adapter 'default' resumes on a model whose graft adapter is named otherwise once
+    adapter_name= names it; without it the error lists the model's graft adapters."""
+    sewl = evolved()
+    sewl.save(tmp_path / "alice")
+    _, targets, r = ARCHS["llama"]
+    model = get_peft_model(base_model(), GraftConfig(r=r, target_modules=targets), adapter_name="alice")
+    with pytest.raises(SEWLConfigError, match=r"graft adapter\(s\) \['alice'\]: name one with adapter_name="):
+        SEWL.load(model, tmp_path / "alice")
+    resumed = SEWL.load(model, tmp_path / "alice", adapter_name="alice")
+    assert resumed.adapter == "alice" and resumed.state.updates == 3
+    torch.testing.assert_close(logits(model), logits(sewl.model), atol=0, rtol=0)
+    assert resumed.step(token_batch(3)) == sewl.step(token_batch(3))
 
 
 def test_int8_snapshot_is_smaller_and_within_quantisation_error(tmp_path):
