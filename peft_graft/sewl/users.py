@@ -72,8 +72,7 @@ class SEWLUsers:
     def blend(self, weights: Mapping[str, float], user: str) -> None:
         """Store for ``user`` the persona Σ wᵢ·state(userᵢ): Φ, anchors and statistics summed with the weights,
         counters reset. Exact in ΔW because the users share projections (checked)."""
-        _check_weights(weights, weights)
-        states = {name: self.state(name) for name in weights}  # unknown users raise here
+        states = {name: self.state(name) for name in weights}  # unknown users raise here; blend_states the rest
         self.add(user, blend_states(states, weights))
 
 
