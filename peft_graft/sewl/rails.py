@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..tuners.graft import GraftLayer
+from ..tuners.graft.projections import spectral_norm
 from .config import SEWLConfig
 
 
@@ -47,7 +48,7 @@ class SpectralBound:
         right = None if _orthonormal_columns(B.T) else torch.linalg.qr(B.T)[1]
         tau = config.spectral_clip
         if tau is not None and config.spectral_clip_relative and layer.graft_mode[adapter] == "additive":
-            tau = tau * torch.linalg.matrix_norm(layer.get_base_weight().detach().float(), ord=2).item()
+            tau = tau * spectral_norm(layer.get_base_weight().detach())
         return cls(layer.graft_scaling[adapter], tau, left, right)
 
     def _core(self, phi: torch.Tensor) -> torch.Tensor:

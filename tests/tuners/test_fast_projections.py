@@ -17,6 +17,7 @@ from peft_graft.tuners.graft import layer as graft_layer
 from peft_graft.tuners.graft.projections import (
     captured_energy,
     product_dtype,
+    spectral_norm,
     svd_projections,
     top_eigenvectors,
     top_singular_subspaces,
@@ -122,6 +123,25 @@ def test_gram_eigenvectors_match_eigh():
     assert largest_angle(top, exact) < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(300, 900), (900, 300), (40, 30)])  # wide, tall, small enough for the exact path
+def test_spectral_norm_is_a_tight_lower_bound_of_the_exact_norm(shape):
+    """The SEWL rail's ‖W‖₂: never above the exact norm (so the relative clip is never looser than configured),
+    within 1e-6 of it on a decaying spectrum, and the same number on every call."""
+    W = spectrum_matrix(*shape, 3.0 * 0.97 ** torch.arange(min(shape))).float()
+    exact = torch.linalg.matrix_norm(W.double(), ord=2).item()
+    norm = spectral_norm(W)
+    assert exact * (1 - 1e-6) <= norm <= exact * (1 + 1e-6)
+    assert spectral_norm(W) == norm
+    assert spectral_norm(W.to(torch.bfloat16)) == pytest.approx(exact, rel=1e-2)  # bf16 weights: bf16 products
+
+
+def test_spectral_norm_of_a_crowded_top_spectrum_stays_below_the_norm():
+    """Gaussian matrices crowd their top singular values together, the hardest case for a Krylov estimate."""
+    W = torch.randn(500, 2000, generator=generator())
+    exact = torch.linalg.matrix_norm(W.double(), ord=2).item()
+    assert exact * (1 - 1e-3) <= spectral_norm(W) <= exact * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("field", ["projection_niter", "projection_oversample"])
 @pytest.mark.parametrize("value", [-1, 1.5, True, "4"])
 def test_solver_settings_are_validated(field, value):
@@ -178,6 +198,15 @@ def test_default_svd_projections_capture_the_exact_top_r_energy_of_smollm2(smoll
         proj = layer.graft_proj["default"]
         energy = captured_energy(layer.get_base_layer().weight, proj.A, proj.B, r)
         assert energy >= THRESHOLD, f"{name}: {energy:.6f} of the exact top-{r} energy"
+
+
+@pytest.mark.slow
+def test_spectral_norm_of_real_smollm2_weights_matches_the_exact_norm(smollm2):
+    modules = dict(smollm2().named_modules())
+    for name in [*HARDEST[16], "model.layers.12.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]:
+        W = modules[name].weight.detach()
+        exact = torch.linalg.matrix_norm(W.double(), ord=2).item()
+        assert exact * (1 - 1e-5) <= spectral_norm(W) <= exact * (1 + 1e-6), name
 
 
 @pytest.mark.slow

@@ -255,6 +255,24 @@ def top_eigenvectors(
     return top
 
 
+# A spectral norm needs only the top singular value, whose Ritz value converges much faster than the top-r subspace:
+# 8 iterations with blocks of 16 meet every SmolLM2 projection's exact ‖W‖₂ to 6e-7 relative (random Gaussian
+# matrices, whose top singular values crowd together, to ~5e-4) in about a fifth of the time of the full SVD that
+# torch.linalg.matrix_norm(ord=2) runs on a 576×1536 module, and a thirtieth on a 1024×4096 one.
+_NORM_NITER, _NORM_BLOCK = 8, 16
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """‖M‖₂ from a block Krylov space: ‖M v‖ for the top right Ritz vector v, so never above the exact norm.
+
+    Why not ``torch.linalg.matrix_norm(ord=2)``: that is a full SVD, minutes on the 8192×28672 modules of a 70B base.
+    Deterministic (a fixed sketch seed); products in `product_dtype`, the last one in ``matrix``'s dtype.
+    """
+    generator = torch.Generator().manual_seed(0)
+    V = top_singular_subspaces(matrix, 1, _NORM_NITER, _NORM_BLOCK - 1, generator, product_dtype(matrix))[1]
+    return torch.linalg.vector_norm((matrix @ V[:, 0].to(matrix.dtype)).float()).item()
+
+
 def captured_energy(matrix: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r: int) -> float:
     """‖Aᵀ W Bᵀ‖²_F / Σ_{i≤r} σᵢ²: the share of W's best rank-r energy that the graft space (A, B) sees (1 at the
     exact top-r subspaces, by Ky Fan's theorem never more). Exact SVD inside: for measuring, not for the hot path."""
