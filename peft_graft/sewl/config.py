@@ -48,7 +48,8 @@ class SEWLConfig:
         last_k (`int`): Only grafts in the last k layer indices adapt. Autograd starts at the lowest adapting graft,
             so an update on the last layers costs little more than a forward.
         spectral_clip (`float`): τ of the rail ‖ΔW‖₂ ≤ τ on every selected graft after every update (None: off).
-            With ``spectral_clip_relative`` (the default) τ is a fraction of the base weight's ‖W‖₂ (additive grafts)
+            With ``spectral_clip_relative`` (the default) τ is a fraction of the base weight's ‖W‖₂ (additive grafts;
+            a block Krylov estimate from below, not a full SVD per module)
             or the bound on ‖s·AΦB‖₂ itself (output-mode grafts, whose ΔW = s·AΦB·W), so one number suits every layer.
         spectral_clip_relative (`bool`): See ``spectral_clip``.
         max_step_fraction (`float`): Shorten (same direction) a graft's step whose own ‖s·A ΔΦ B‖₂ exceeds this

@@ -15,6 +15,9 @@ from benchmarks import drm_growth as bench
 from drm_transformer.sizes import count_parameters
 
 
+pytestmark = pytest.mark.benchmark  # runs a benchmarks/ script end to end (see .ci/run)
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -19,6 +19,9 @@ from benchmarks.graft_vs_lora.protocol import Protocol
 from benchmarks.graft_vs_lora.targets import load_targets
 
 
+pytestmark = pytest.mark.benchmark  # runs a benchmarks/ script end to end (see .ci/run)
+
+
 QUICK = Protocol.load(quick=True)
 
 

@@ -20,6 +20,9 @@ import peft_graft
 from benchmarks import lr_sensitivity as bench
 
 
+pytestmark = pytest.mark.benchmark  # runs a benchmarks/ script end to end (see .ci/run)
+
+
 QUICK = bench.QUICK
 METHODS = [m.name for m in bench.methods()]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sewl_stream.py"
 
 
