@@ -29,6 +29,16 @@ def dense_delta_norm(sewl: SEWL, name: str) -> float:
     return torch.linalg.matrix_norm(sewl.layers[name].get_delta_weight("default"), ord=2).item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relative_clip_scales_each_base_weights_spectral_norm(dtype):
+    """τ = spectral_clip · ‖W‖₂ per graft, ‖W‖₂ estimated (no full SVD) to within the rounding of the base's dtype."""
+    sewl = SEWL(grafted().to(dtype), SEWLConfig(spectral_clip=0.05))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, layer in sewl.layers.items():
+        exact = torch.linalg.matrix_norm(layer.get_base_weight().double(), ord=2).item()
+        assert sewl.bounds[name].tau == pytest.approx(0.05 * exact, rel=tolerance), name
+
+
 def test_spectral_clip_bounds_the_dense_delta_exactly(batches):
     sewl = SEWL(grafted(), SEWLConfig(rule="ema", lr=5.0, spectral_clip=0.05, max_step_fraction=None))
     for batch in batches[:3]:
