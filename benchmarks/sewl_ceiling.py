@@ -145,7 +145,7 @@ def run(sizes: Sizes, names: list[str], setting: str) -> dict:
             readers[setting, name] = (arm, model)
         for source in sizes.sources:
             stream = make_stream(tokenizer, source, "test", seed, sizes, sizes.chunks)
-            chunks = {where: batches(stream, sizes, where == "C256") for where in REFERENCE}
+            chunks = {where: batches(stream, sizes, where == "C256") for where in {where for where, _ in readers}}
             for (where, name), (arm, model) in readers.items():
                 losses, seconds, final = read(arm, chunks[where], after=general)
                 tally.nll[where, name].append(statistics.mean(losses))
@@ -169,7 +169,7 @@ def run(sizes: Sizes, names: list[str], setting: str) -> dict:
     }
 
 
-def sewl_rows(path: Path, setting: str) -> list[dict]:
+def long_rows(path: Path, setting: str) -> list[dict]:
     """The rows of a sewl_long report in ``setting`` (its reference and its updaters), with their lr."""
     report = json.loads(path.read_text(encoding="utf-8"))
     return [
@@ -273,7 +273,7 @@ def main() -> None:
     if not keys or set(keys) - set(UPDATERS):
         parser.error(f"--arms takes a comma-separated subset of {', '.join(UPDATERS)}")
     report = run(QUICK if args.quick else FULL, [UPDATERS[key] for key in keys], args.setting)
-    write({**report, "arms": keys}, sewl_rows(args.long, args.setting), args.out)
+    write({**report, "arms": keys}, long_rows(args.long, args.setting), args.out)
 
 
 if __name__ == "__main__":
