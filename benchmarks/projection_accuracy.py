@@ -98,6 +98,20 @@ def target_modules(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
 # ------------------------------------------------------------------ svd projections
 
 
+def timed(
+    solver: Solver, W: torch.Tensor, r: int, name: str, seed: int = 0
+) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """Seconds the solver takes on module ``name``'s weight, with the generator its graft layer would seed, and A, B."""
+    start = time.perf_counter()
+    result = solver(W, r, generator(seed, name))
+    return time.perf_counter() - start, result
+
+
+def svd_energy(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, top: float) -> float:
+    """‖Aᵀ W B‖²_F over the exact top-r energy ``top`` (A: m×r, B: n×r)."""
+    return (A.double().T @ W.double() @ B.double()).pow(2).sum().item() / top
+
+
 def svd_rows(model: PreTrainedModel) -> list[dict]:
     rows = []
     for name, module in target_modules(model).items():
@@ -110,10 +124,8 @@ def svd_rows(model: PreTrainedModel) -> list[dict]:
             top = S[:r].pow(2).sum().item()
             default = next(iter(SVD_SOLVERS))
             for label, seed in [(label, 0) for label in SVD_SOLVERS] + [(default, seed) for seed in SEEDS[1:]]:
-                start = time.perf_counter()
-                A, B = SVD_SOLVERS[label](W, r, generator(seed, name))
-                seconds = time.perf_counter() - start
-                energy = (A.double().T @ W.double() @ B.double()).pow(2).sum().item() / top
+                seconds, (A, B) = timed(SVD_SOLVERS[label], W, r, name, seed)
+                energy = svd_energy(W, A, B, top)
                 rows.append(
                     dict(
                         kind="svd",
@@ -140,17 +152,11 @@ ORACLE_OVERSAMPLES = (8, 16, 32)
 ORACLE_MAX_NITER = 12
 
 
-def timed(solver: Solver, W: torch.Tensor, r: int, seed_name: str) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
-    start = time.perf_counter()
-    result = solver(W, r, generator(0, seed_name))
-    return time.perf_counter() - start, result
-
-
 def fewest_iterations(W: torch.Tensor, name: str, top: float, oversample: int) -> tuple[int | None, float]:
     """The fewest passes at which the solver keeps the threshold on W, and its time at exactly that many."""
     for niter in range(1, ORACLE_MAX_NITER + 1):
         seconds, (A, B) = timed(krylov(niter, oversample), W, ORACLE_R, name)
-        if (A.double().T @ W.double() @ B.double()).pow(2).sum().item() / top >= THRESHOLD:
+        if svd_energy(W, A, B, top) >= THRESHOLD:
             return niter, seconds
     return None, seconds
 
